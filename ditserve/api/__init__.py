@@ -1,0 +1,17 @@
+"""Request, output and error types. Plain Python: no torch import here."""
+
+from ditserve.api.errors import DitserveError, EngineError, InvalidRequest, Overloaded
+from ditserve.api.request import GenerationRequest, ModelLimits, RequestDefaults
+from ditserve.api.output import GenerationOutput, Timings
+
+__all__ = [
+    "DitserveError",
+    "EngineError",
+    "GenerationOutput",
+    "GenerationRequest",
+    "InvalidRequest",
+    "ModelLimits",
+    "Overloaded",
+    "RequestDefaults",
+    "Timings",
+]

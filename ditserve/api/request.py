@@ -1,0 +1,131 @@
+"""GenerationRequest: one frozen, validated description of what to generate."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, fields, replace
+
+from ditserve.api.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    """A family's defaults, as its diffusers pipeline has them."""
+
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5
+    true_cfg_scale: float = 1.0
+    max_sequence_length: int = 512
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a loaded model accepts; requests are checked against it before any model work."""
+
+    size_multiple: int = 16
+    min_size: int = 16
+    max_size: int = 4096
+    max_pixels: int = 4096 * 4096
+    max_steps: int = 1000
+    max_num_images: int = 16
+    max_sequence_length: int = 512
+    max_prompt_chars: int = 10_000
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One text-to-image request. Unset fields (None) take the family's defaults via `resolve`."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    max_sequence_length: int | None = None
+
+    def resolve(self, defaults: RequestDefaults, limits: ModelLimits) -> "GenerationRequest":
+        """Fill unset fields from `defaults`, pick a seed if none, and validate against `limits`."""
+        filled = {
+            f.name: getattr(defaults, f.name)
+            for f in fields(RequestDefaults)
+            if getattr(self, f.name) is None
+        }
+        if self.seed is None:
+            filled["seed"] = random.randrange(2**31)
+        req = replace(self, **filled)
+        req.validate(limits)
+        return req
+
+    def validate(self, limits: ModelLimits) -> None:
+        """Raise InvalidRequest naming the first bad field."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidRequest("prompt must be a non-empty string", "prompt")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name)
+            if text is not None and len(text) > limits.max_prompt_chars:
+                raise InvalidRequest(
+                    f"{name} is {len(text)} characters; the limit is {limits.max_prompt_chars}", name
+                )
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check_int(name, value)
+            if value % limits.size_multiple:
+                raise InvalidRequest(
+                    f"{name} must be a multiple of {limits.size_multiple}, got {value}", name
+                )
+            if not limits.min_size <= value <= limits.max_size:
+                raise InvalidRequest(
+                    f"{name} must be between {limits.min_size} and {limits.max_size}, got {value}", name
+                )
+        if self.height * self.width > limits.max_pixels:
+            raise InvalidRequest(
+                f"{self.width}x{self.height} is {self.height * self.width} pixels; "
+                f"the limit is {limits.max_pixels}",
+                "size",
+            )
+        _check_int("num_inference_steps", self.num_inference_steps)
+        if not 1 <= self.num_inference_steps <= limits.max_steps:
+            raise InvalidRequest(
+                f"num_inference_steps must be between 1 and {limits.max_steps}, "
+                f"got {self.num_inference_steps}",
+                "num_inference_steps",
+            )
+        _check_int("num_images", self.num_images)
+        if not 1 <= self.num_images <= limits.max_num_images:
+            raise InvalidRequest(
+                f"num_images must be between 1 and {limits.max_num_images}, got {self.num_images}",
+                "n",
+            )
+        for name in ("guidance_scale", "true_cfg_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value!r}", name)
+            if value < 0:
+                raise InvalidRequest(f"{name} must be >= 0, got {value}", name)
+        _check_int("seed", self.seed)
+        if not 0 <= self.seed < 2**63:
+            raise InvalidRequest(f"seed must be between 0 and 2**63-1, got {self.seed}", "seed")
+        _check_int("max_sequence_length", self.max_sequence_length)
+        if not 1 <= self.max_sequence_length <= limits.max_sequence_length:
+            raise InvalidRequest(
+                f"max_sequence_length must be between 1 and {limits.max_sequence_length}, "
+                f"got {self.max_sequence_length}",
+                "max_sequence_length",
+            )
+
+    @property
+    def do_true_cfg(self) -> bool:
+        """True CFG runs when a negative prompt is given and true_cfg_scale > 1 (as diffusers)."""
+        return self.negative_prompt is not None and (self.true_cfg_scale or 0) > 1
+
+
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be an integer, got {value!r}", name)

@@ -1,0 +1,112 @@
+"""`ditserve generate`: one request from the command line, images to files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from ditserve.api import GenerationRequest, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by generate and serve."""
+    p.add_argument("--model-path", default=None,
+                   help="diffusers model directory or Hugging Face id (default: the bundled demo model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from a prompt")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-inference-steps", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--true-cfg-scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--output", default="output.png",
+                   help="image file (.png, .jpg, .webp); several images get _0, _1, ... suffixes")
+    p.add_argument("--perf-dump-path", default=None, help="write stage and step times as JSON here")
+    p.set_defaults(run=run)
+
+
+def default_model_path(given: str | None) -> str:
+    from ditserve.config import env
+
+    if given:
+        return given
+    override = env.demo_model_path()
+    if override:
+        return override
+    raise InvalidRequest("--model-path is required (no default model is installed)", "model")
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    path = Path(output)
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise InvalidRequest(f"output {output} must end in one of {', '.join(IMAGE_FORMATS)}", "output")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
+
+
+def check_writable(path: Path, flag: str) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InvalidRequest(f"{flag} {path} is a directory", flag)
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InvalidRequest(f"{flag} {path} is not writable (no such directory or no permission)", flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InvalidRequest(f"{flag} {path} is not writable", flag)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything a user can get wrong is checked before any weights load.
+    from ditserve.runtime.loader import inspect_model
+
+    source = inspect_model(default_model_path(args.model_path))
+    pipe_cls = source.pipeline_cls
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        true_cfg_scale=args.true_cfg_scale, seed=args.seed, num_images=args.num_images,
+        max_sequence_length=args.max_sequence_length,
+    ).resolve(pipe_cls.defaults, pipe_cls.limits)
+    paths = output_paths(args.output, request.num_images)
+    for path in paths:
+        check_writable(path, "--output")
+    if args.perf_dump_path:
+        check_writable(Path(args.perf_dump_path), "--perf-dump-path")
+
+    import torch
+
+    from ditserve.config import parse_device, parse_dtype
+    from ditserve.pipelines.base import RunControl
+    from ditserve.runtime.engine import Engine
+    from ditserve.runtime.loader import load_pipeline
+
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    engine = Engine(load_pipeline(source, torch.device(device), dtype), source)
+    out = engine.run_batch([request], RunControl(progress_bar=True))[0]
+    for image, path in zip(out.images, paths):
+        image.save(path, format=IMAGE_FORMATS[path.suffix.lower()])
+        log.info("wrote %s", path)
+    if args.perf_dump_path:
+        dump = {"model": str(source.path), "request": request.__dict__, **out.timings.to_dict()}
+        Path(args.perf_dump_path).write_text(json.dumps(dump, indent=2))
+    log.info("seed %d, total %.3f s", out.seed, out.timings.total_s)
+    return 0

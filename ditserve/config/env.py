@@ -1,0 +1,14 @@
+"""The only reader of os.environ in ditserve."""
+
+from __future__ import annotations
+
+import os
+
+
+def log_level() -> str:
+    return os.environ.get("DITSERVE_LOG_LEVEL", "INFO").upper()
+
+
+def demo_model_path() -> str | None:
+    """An override for the default model when `--model-path` is not given."""
+    return os.environ.get("DITSERVE_DEFAULT_MODEL")

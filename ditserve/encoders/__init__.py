@@ -1,0 +1,1 @@
+"""Text and image encoders (transformers classes) behind small, typed wrappers."""

@@ -1,0 +1,1 @@
+"""Our DiTs in plain PyTorch. No imports from parallel/, accel/, runtime/ or server/."""

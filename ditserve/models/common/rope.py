@@ -1,0 +1,30 @@
+"""Rotary position embeddings over several position axes (FLUX-style, interleaved pairs)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [S, sum(axes_dim)] in float32 for integer positions `ids` [S, n_axes].
+
+    Frequencies are computed in float64 (float32 on MPS, which lacks it), each repeated for the
+    (real, imaginary) pair it rotates, as in the reference implementation.
+    """
+    f64 = torch.float32 if ids.device.type == "mps" else torch.float64
+    pos = ids.float()
+    cos, sin = [], []
+    for i, dim in enumerate(axes_dim):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=f64, device=ids.device) / dim))
+        angles = torch.outer(pos[:, i], freqs)
+        cos.append(angles.cos().repeat_interleave(2, dim=1).float())
+        sin.append(angles.sin().repeat_interleave(2, dim=1).float())
+    return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+
+
+def apply_rope(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive (real, imag) pairs of the head dim by the position's angle."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    real, imag = x_BSHD.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (x_BSHD.float() * cos + rotated.float() * sin).to(x_BSHD.dtype)

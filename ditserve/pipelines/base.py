@@ -1,0 +1,109 @@
+"""What every family pipeline shares: its typed batch, stage timing and the run contract."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults, Timings
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """Raised between denoising steps when the caller no longer wants the result."""
+
+
+@dataclass
+class RunControl:
+    """How a run reports progress and learns it should stop (checked between steps)."""
+
+    progress_bar: bool = False
+    should_stop: Callable[[], bool] = lambda: False
+    on_step: Callable[[int, int], None] = lambda step, total: None
+
+
+@dataclass
+class Pixels:
+    """Decoded images, uint8 [N, H, W, 3], in request order (num_images per request)."""
+
+    images: np.ndarray
+
+
+@dataclass
+class StageTimer:
+    """Records each stage's wall time (synchronising the device first) and per-step times."""
+
+    device: torch.device
+    timings: Timings = field(default_factory=Timings)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        elapsed = time.perf_counter() - start
+        self.timings.stages[name] = self.timings.stages.get(name, 0.0) + elapsed
+        log.info("stage %-16s %.3f s", name, elapsed)
+
+    def step_clock(self) -> "StepClock":
+        return StepClock(self.device)
+
+
+class StepClock:
+    """Per-step wall times without a host sync per step: CUDA events on GPU, a clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.tick()
+
+    def tick(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+class Pipeline:
+    """A loaded model family. Subclasses set the class-level spec and implement `run`."""
+
+    class_names: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[RequestDefaults] = RequestDefaults()
+    limits: ClassVar[ModelLimits] = ModelLimits()
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "Pipeline":
+        raise NotImplementedError
+
+    def batch_key(self, req: GenerationRequest) -> tuple:
+        """Requests with equal keys can run as one batch."""
+        return (req.height, req.width, req.num_inference_steps, req.do_true_cfg, req.max_sequence_length)
+
+    def run(self, requests: list[GenerationRequest], control: RunControl) -> tuple[Pixels, Timings]:
+        """Generate for resolved, validated, batch-compatible requests."""
+        raise NotImplementedError

@@ -1,0 +1,162 @@
+"""FLUX.1 (dev and schnell): CLIP + T5 text, packed 2x2 latents, embedded guidance or true CFG."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults, Timings
+from ditserve.encoders.text import ClipPooledEncoder, T5SequenceEncoder
+from ditserve.models.flux.model import FluxDiT, FluxInputs
+from ditserve.models.flux.weights import load_flux_dit
+from ditserve.pipelines.base import Pipeline, Pixels, RunControl, StageTimer
+from ditserve.pipelines.stages import denoise, initial_noise
+from ditserve.sampling.flow_match import FlowMatchConfig, Schedule, schedule
+from ditserve.sampling.guidance import true_cfg
+from ditserve.vae.kl import decode_kl, load_autoencoder_kl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FluxText:
+    """T5 tokens [N, T, Dt], CLIP pooled vector [N, P] and text positions [T, 3]; N = images."""
+
+    txt: torch.Tensor
+    pooled: torch.Tensor
+    txt_ids: torch.Tensor
+
+
+@dataclass
+class FluxLatents:
+    """Packed latents [N, (h/2)(w/2), 4C] on an (h, w) latent grid, and image positions [L, 3]."""
+
+    x: torch.Tensor
+    img_ids: torch.Tensor
+    grid: tuple[int, int]
+
+
+def pack(latents_BCHW: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents_BCHW.shape
+    x = latents_BCHW.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x_BLC: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    (b, _, c), (h, w) = x_BLC.shape, grid
+    x = x_BLC.view(b, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c // 4, h, w)
+
+
+def image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
+    """Positions (0, row, col) of each 2x2 latent patch."""
+    ids = torch.zeros(h2, w2, 3)
+    ids[..., 1] += torch.arange(h2)[:, None]
+    ids[..., 2] += torch.arange(w2)[None, :]
+    return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
+
+
+def repeat_per_image(t: torch.Tensor, requests: list[GenerationRequest]) -> torch.Tensor:
+    counts = torch.tensor([r.num_images for r in requests], device=t.device)
+    return t.repeat_interleave(counts, dim=0)
+
+
+class FluxPipeline(Pipeline):
+    class_names = ("FluxPipeline",)
+    defaults = RequestDefaults(height=1024, width=1024, num_inference_steps=28,
+                               guidance_scale=3.5, true_cfg_scale=1.0, max_sequence_length=512)
+    limits = ModelLimits(size_multiple=16, max_sequence_length=512)
+
+    def __init__(self, dit: FluxDiT, clip: ClipPooledEncoder, t5: T5SequenceEncoder, vae,
+                 scheduler: FlowMatchConfig, device: torch.device, dtype: torch.dtype):
+        self.dit, self.clip, self.t5, self.vae = dit, clip, t5, vae
+        self.scheduler = scheduler
+        self.device, self.dtype = device, dtype
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = dit.cfg.in_channels // 4
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "FluxPipeline":
+        return cls(
+            dit=load_flux_dit(path / "transformer", device, dtype),
+            clip=ClipPooledEncoder(path / "text_encoder", path / "tokenizer", device, dtype),
+            t5=T5SequenceEncoder(path / "text_encoder_2", path / "tokenizer_2", device, dtype),
+            vae=load_autoencoder_kl(path / "vae", device, dtype),
+            scheduler=FlowMatchConfig.from_json(path / "scheduler" / "scheduler_config.json"),
+            device=device,
+            dtype=dtype,
+        )
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], requests: list[GenerationRequest]) -> FluxText:
+        """Each request's prompt encoded once, then repeated for its images."""
+        pooled = self.clip(prompts)
+        txt = self.t5(prompts, requests[0].max_sequence_length)
+        txt_ids = torch.zeros(txt.shape[1], 3, device=self.device, dtype=txt.dtype)
+        return FluxText(repeat_per_image(txt, requests), repeat_per_image(pooled, requests), txt_ids)
+
+    def prepare_latents(self, requests: list[GenerationRequest]) -> FluxLatents:
+        req = requests[0]
+        h = 2 * (req.height // (self.vae_scale * 2))
+        w = 2 * (req.width // (self.vae_scale * 2))
+        noise = initial_noise(requests, (self.latent_channels, h, w), self.device, self.dtype)
+        return FluxLatents(pack(noise), image_ids(h // 2, w // 2, self.device, self.dtype), (h, w))
+
+    def timesteps(self, latents: FluxLatents, num_steps: int) -> Schedule:
+        return schedule(num_steps, latents.x.shape[1], self.scheduler)
+
+    def denoise(self, latents: FluxLatents, cond: FluxText, uncond: FluxText | None,
+                sched: Schedule, requests: list[GenerationRequest], control: RunControl,
+                timer: StageTimer) -> FluxLatents:
+        n = latents.x.shape[0]
+        guidance = None
+        if self.dit.cfg.guidance_embeds:
+            scales = torch.tensor([r.guidance_scale for r in requests], dtype=torch.float32)
+            guidance = repeat_per_image(scales, requests).to(self.device)
+        text = cond
+        if uncond is not None:  # cond and uncond as one batch of 2N
+            text = FluxText(torch.cat([cond.txt, uncond.txt]), torch.cat([cond.pooled, uncond.pooled]),
+                            cond.txt_ids)
+            guidance = None if guidance is None else torch.cat([guidance, guidance])
+            cfg_scale = repeat_per_image(torch.tensor([r.true_cfg_scale for r in requests]), requests)
+        pe = self.dit.positional_tables(latents.img_ids, text.txt_ids)
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if uncond is not None:
+                x, t = torch.cat([x, x]), torch.cat([t, t])
+            v = self.dit(FluxInputs(img=x, txt=text.txt, pooled=text.pooled, timesteps=t,
+                                    img_ids=latents.img_ids, txt_ids=text.txt_ids, guidance=guidance), pe)
+            if uncond is not None:
+                v_cond, v_uncond = v.split(n)
+                v = true_cfg(v_cond, v_uncond, cfg_scale.to(v.device))
+            return v
+
+        with torch.no_grad():
+            x = denoise(latents.x, sched, predict, control, timer)
+        return FluxLatents(x, latents.img_ids, latents.grid)
+
+    def decode(self, latents: FluxLatents) -> Pixels:
+        return Pixels(decode_kl(self.vae, unpack(latents.x, latents.grid)))
+
+    # -- composition ----------------------------------------------------------------------
+
+    def run(self, requests: list[GenerationRequest], control: RunControl) -> tuple[Pixels, Timings]:
+        timer = StageTimer(self.device)
+        with timer.stage("encode_prompt"):
+            cond = self.encode_prompt([r.prompt for r in requests], requests)
+            uncond = None
+            if requests[0].do_true_cfg:
+                uncond = self.encode_prompt([r.negative_prompt for r in requests], requests)
+        with timer.stage("prepare_latents"):
+            latents = self.prepare_latents(requests)
+        with timer.stage("timesteps"):
+            sched = self.timesteps(latents, requests[0].num_inference_steps)
+        with timer.stage("denoise"):
+            latents = self.denoise(latents, cond, uncond, sched, requests, control, timer)
+        with timer.stage("decode"):
+            pixels = self.decode(latents)
+        return pixels, timer.timings

@@ -1,0 +1,28 @@
+"""`model_index.json` `_class_name` -> our pipeline class. Families import lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from ditserve.api import InvalidRequest
+
+# _class_name -> "module:Class"
+_PIPELINES: dict[str, str] = {
+    "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
+}
+
+
+def supported_class_names() -> list[str]:
+    return sorted(_PIPELINES)
+
+
+def pipeline_class(class_name: str):
+    """The pipeline class for a diffusers `_class_name`, or InvalidRequest naming what we support."""
+    target = _PIPELINES.get(class_name)
+    if target is None:
+        raise InvalidRequest(
+            f"unsupported pipeline {class_name!r}; supported: {', '.join(supported_class_names())}",
+            "model",
+        )
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)

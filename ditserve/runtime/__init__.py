@@ -1,0 +1,1 @@
+"""Engine, loader and the in-process Python API."""

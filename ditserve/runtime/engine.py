@@ -1,0 +1,56 @@
+"""The engine: validates requests against the loaded model and runs batches through its pipeline.
+
+In-process and synchronous here; the server puts it inside a worker process behind a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from PIL import Image
+
+from ditserve.api import EngineError, GenerationOutput, GenerationRequest, InvalidRequest
+from ditserve.config import EngineConfig, parse_device, parse_dtype
+from ditserve.pipelines.base import Cancelled, Pipeline, RunControl
+from ditserve.runtime.loader import ModelSource, inspect_model, load_pipeline
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, pipeline: Pipeline, source: ModelSource):
+        self.pipeline = pipeline
+        self.source = source
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> "Engine":
+        device = parse_device(cfg.model.device)
+        dtype = parse_dtype(cfg.model.dtype, device)
+        source = inspect_model(cfg.model.path)
+        return cls(load_pipeline(source, torch.device(device), dtype), source)
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """Fill the family's defaults and validate; raises InvalidRequest before any model work."""
+        return request.resolve(self.pipeline.defaults, self.pipeline.limits)
+
+    def run_batch(self, requests: list[GenerationRequest], control: RunControl | None = None) -> list[GenerationOutput]:
+        """Run resolved, batch-compatible requests as one pipeline call; one output per request."""
+        keys = {self.pipeline.batch_key(r) for r in requests}
+        if len(keys) != 1:
+            raise InvalidRequest("requests in one batch must share size, steps and guidance mode")
+        try:
+            pixels, timings = self.pipeline.run(requests, control or RunControl())
+        except (Cancelled, InvalidRequest):
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            raise EngineError(f"out of GPU memory: {exc}") from exc
+        outputs, start = [], 0
+        for req in requests:
+            images = [Image.fromarray(a) for a in pixels.images[start:start + req.num_images]]
+            start += req.num_images
+            outputs.append(GenerationOutput(images=images, timings=timings, seed=req.seed))
+        return outputs
+
+    def generate(self, request: GenerationRequest, control: RunControl | None = None) -> GenerationOutput:
+        return self.run_batch([self.resolve(request)], control)[0]

@@ -1,0 +1,87 @@
+"""Resolve a model directory or Hugging Face id, read `model_index.json`, load its pipeline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ditserve.api import InvalidRequest
+from ditserve.pipelines.base import Pipeline
+from ditserve.pipelines.registry import pipeline_class
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model directory and the pipeline class its `model_index.json` names."""
+
+    path: Path
+    class_name: str
+    pipeline_cls: type[Pipeline]
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A local directory as is; otherwise a Hugging Face repo id, from the local cache first."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    text = str(model)
+    if path.exists():
+        raise InvalidRequest(f"model path {text} is not a directory", "model")
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise InvalidRequest(f"model path {text} does not exist", "model")
+    from huggingface_hub import snapshot_download
+
+    try:  # the offline cache first, so a cached model never needs the network
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss falls through to a download attempt
+        pass
+    try:
+        return Path(snapshot_download(text))
+    except Exception as exc:  # noqa: BLE001 - network, auth, not found: all the user's to fix
+        raise InvalidRequest(
+            f"model {text} is neither a local directory nor a reachable Hugging Face repo "
+            f"({type(exc).__name__})", "model"
+        ) from None
+
+
+def inspect_model(model: str | Path) -> ModelSource:
+    """Everything about a model that can be known without loading weights."""
+    path = resolve_model_path(model)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise InvalidRequest(f"{path} has no model_index.json (not a diffusers model directory)", "model")
+    try:
+        index = json.loads(index_file.read_text())
+        class_name = index["_class_name"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{index_file} is malformed: {type(exc).__name__}: {exc}", "model") from None
+    cls = pipeline_class(class_name)
+    missing = [name for name in index if not name.startswith("_") and _needed(index[name])
+               and not (path / name).is_dir()]
+    if missing:
+        raise InvalidRequest(f"{path} lacks component folders {missing}", "model")
+    return ModelSource(path, class_name, cls)
+
+
+def _needed(entry) -> bool:
+    # components listed as [null, null] are optional and absent (e.g. FLUX's image_encoder)
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+
+
+def load_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    start = time.perf_counter()
+    try:
+        pipe = source.pipeline_cls.load(source.path, device, dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidRequest(f"cannot load model from {source.path}: {first_line}", "model") from None
+    log.info("loaded %s from %s on %s (%s) in %.2f s", source.class_name, source.path, device,
+             str(dtype).removeprefix("torch."), time.perf_counter() - start)
+    return pipe

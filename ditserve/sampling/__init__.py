@@ -1,0 +1,1 @@
+"""Pure schedules and solvers: no state outside the arguments."""

@@ -1,0 +1,103 @@
+"""Flow-matching schedule and Euler step, reproducing diffusers' FlowMatchEulerDiscreteScheduler.
+
+`sigmas = schedule(num_steps, image_seq_len, cfg)` is pure; so is `euler_step`. Per-request state
+(the sigma table) lives with the request, so concurrent requests never share a mutable scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class FlowMatchConfig:
+    """The fields of diffusers' `scheduler_config.json` that shape a flow-match schedule."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift_terminal: float | None = None
+    time_shift_type: str = "exponential"
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "FlowMatchConfig":
+        raw = json.loads(Path(path).read_text())
+        unsupported = [
+            k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                        "invert_sigmas", "stochastic_sampling") if raw.get(k)
+        ]
+        if unsupported:
+            raise ValueError(f"{path}: unsupported scheduler options {unsupported}")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """`sigmas` has num_steps + 1 entries (ending in 0); `timesteps` = sigmas[:-1] * T."""
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def dynamic_shift_mu(image_seq_len: int, cfg: FlowMatchConfig) -> float:
+    """Linear interpolation of the shift `mu` in the image sequence length (FLUX's rule)."""
+    m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    b = cfg.base_shift - m * cfg.base_image_seq_len
+    return image_seq_len * m + b
+
+
+def schedule(
+    num_steps: int,
+    image_seq_len: int,
+    cfg: FlowMatchConfig,
+    mu: float | None = None,
+) -> Schedule:
+    """Sigmas and timesteps for `num_steps` Euler steps, as the diffusers pipelines compute them.
+
+    The pipelines pass `linspace(1, 1/N, N)` as sigmas; the scheduler then shifts them
+    (static `shift`, or dynamic with `mu` from the image sequence length), optionally stretches
+    them to end at `shift_terminal`, and appends a final 0.
+    """
+    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    if cfg.use_dynamic_shifting:
+        if mu is None:
+            mu = dynamic_shift_mu(image_seq_len, cfg)
+        sigmas = _time_shift(cfg.time_shift_type, mu, sigmas)
+    else:
+        sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
+    if cfg.shift_terminal:
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
+    sig = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
+    timesteps = sig * cfg.num_train_timesteps
+    return Schedule(sigmas=torch.cat([sig, torch.zeros(1)]), timesteps=timesteps)
+
+
+def _time_shift(kind: str, mu: float, t: np.ndarray) -> np.ndarray:
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
+    if kind == "linear":
+        return mu / (mu + (1 / t - 1) ** 1.0)
+    raise ValueError(f"unknown time_shift_type {kind!r}")
+
+
+def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
+               sigma_next: torch.Tensor) -> torch.Tensor:
+    """x_{next} = x + (sigma_next - sigma) * v, computed in float32, returned in v's dtype."""
+    dt = sigma_next - sigma
+    return (x.to(torch.float32) + dt * velocity).to(velocity.dtype)

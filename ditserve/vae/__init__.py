@@ -1,0 +1,1 @@
+"""VAE loading and decoding (diffusers classes)."""
