@@ -1,0 +1,47 @@
+"""Shared pytest fixtures.
+
+Tiny checkpoints are built offline (see ``tests/tiny``) once per session, on
+first use. To add one, write a builder in ``tests/tiny`` and a session fixture
+that calls ``_build_once``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# ``tests/`` on sys.path so ``tiny.*`` imports under any pytest import mode
+# (the default "prepend" mode already does this for a rootdir conftest).
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+
+def _build_once(tmp_path_factory: pytest.TempPathFactory, name: str, builder, **kwargs) -> Path:
+    return builder(tmp_path_factory.mktemp(name, numbered=True), **kwargs)
+
+
+# --- tiny FLUX (diffusers format) --------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev(tmp_path_factory) -> Path:
+    """FLUX.1-dev-like: guidance embedding, dynamic-shift scheduler."""
+    from tiny.flux import build_tiny_flux
+    return _build_once(tmp_path_factory, "tiny_flux_dev", build_tiny_flux, guidance_embeds=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory) -> Path:
+    """FLUX.1-schnell-like: no guidance embedding, shift 1.0, static schedule."""
+    from tiny.flux import build_tiny_flux
+    return _build_once(tmp_path_factory, "tiny_flux_schnell", build_tiny_flux, guidance_embeds=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev_sharded(tmp_path_factory) -> Path:
+    """As ``tiny_flux_dev`` but the transformer is split into several safetensors shards."""
+    from tiny.flux import build_tiny_flux
+    return _build_once(tmp_path_factory, "tiny_flux_dev_sharded", build_tiny_flux,
+                       guidance_embeds=True, sharded=True)
