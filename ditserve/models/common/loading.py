@@ -40,38 +40,46 @@ def load_into(
     key_map: KeyMap,
     device: torch.device | str,
     dtype: torch.dtype,
-    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Assign each parameter of `model` (on meta) from the checkpoint in `folder`, strictly."""
     files = checkpoint_files(folder)
+    handles: dict[Path, object] = {}
+
+    def get_tensor(key: str) -> torch.Tensor:
+        path = files[key]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path].get_tensor(key)
+
+    assign_mapped(model, key_map, set(files), get_tensor, device, dtype, where=str(folder))
+    log.debug("loaded %d tensors from %s", len(key_map), folder)
+    return model
+
+
+def assign_mapped(
+    model: nn.Module,
+    key_map: KeyMap,
+    available: set[str],
+    get_tensor: Callable[[str], torch.Tensor],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    where: str = "state dict",
+) -> nn.Module:
+    """Fill every parameter of `model` from `get_tensor` through `key_map`; nothing may be left over."""
     ours = dict(model.named_parameters())
-    missing = sorted(set(ours) - set(key_map))
-    unused = sorted(set(files) - {k for srcs in key_map.values() for k in srcs})
-    absent = sorted({k for srcs in key_map.values() for k in srcs} - set(files))
+    wanted = {k for srcs in key_map.values() for k in srcs}
+    missing, unused, absent = sorted(set(ours) - set(key_map)), sorted(available - wanted), sorted(wanted - available)
     if missing or unused or absent:
         raise ValueError(
-            f"checkpoint in {folder} does not match the model: "
+            f"checkpoint in {where} does not match the model: "
             f"unmapped parameters {missing[:5]}, unused tensors {unused[:5]}, absent tensors {absent[:5]}"
         )
-    handles: dict[Path, object] = {}
-    try:
-        for name, sources in key_map.items():
-            parts = []
-            for src in sources:
-                path = files[src]
-                if path not in handles:
-                    handles[path] = safe_open(str(path), framework="pt")
-                parts.append(handles[path].get_tensor(src))
-            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            if transform is not None:
-                tensor = transform(name, tensor)
-            expected = ours[name].shape
-            if tensor.shape != expected:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected)}")
-            _assign(model, name, tensor.to(device=device, dtype=dtype))
-    finally:
-        handles.clear()
-    log.debug("loaded %d tensors from %s", len(key_map), folder)
+    for name, sources in key_map.items():
+        parts = [get_tensor(src) for src in sources]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tensor.shape != ours[name].shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(ours[name].shape)}")
+        _assign(model, name, tensor.to(device=device, dtype=dtype))
     return model
 
 

@@ -1,0 +1,1 @@
+"""Side-by-side GPU benchmarks against diffusers, with random weights at real architecture sizes."""

@@ -1,0 +1,63 @@
+"""Timing, floors and result rows shared by the benchmarks."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import subprocess
+from importlib import resources
+
+import torch
+
+# Measured on one H200 (../shared/GPU.md): bf16 dense matmul 8192^3, fp8 via torch._scaled_mm.
+MATMUL_TFLOPS = {"bfloat16": 790.0, "fp8": 1437.0}
+
+
+def architectures() -> dict:
+    return json.loads(resources.files("ditserve.bench").joinpath("architectures.json").read_text())
+
+
+def arch_kwargs(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "cls"}
+
+
+def median_time(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median wall time of `fn()` in seconds, timed with CUDA events after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def base_row(model: str, dtype: str, shape: str) -> dict:
+    return {
+        "model": model,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dtype": dtype,
+        "shape": shape,
+        "torch": torch.__version__,
+        "commit": commit(),
+        "date": datetime.date.today().isoformat(),
+    }

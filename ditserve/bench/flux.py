@@ -1,0 +1,118 @@
+"""FLUX DiT step: ditserve vs diffusers (eager and compile_repeated_blocks), same random weights."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from ditserve.bench.common import MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, rel_l2
+from ditserve.models.common.loading import assign_mapped
+from ditserve.models.flux.config import FluxConfig
+from ditserve.models.flux.model import FluxDiT, FluxInputs
+from ditserve.models.flux.weights import flux_key_map
+from ditserve.pipelines.flux import image_ids
+
+log = logging.getLogger(__name__)
+GUARD_REL_L2 = 1e-2
+
+
+def step_flops(cfg: FluxConfig, img_len: int, txt_len: int) -> float:
+    """Matmul + attention FLOPs of one forward (batch 1); embeddings and modulation are negligible."""
+    d, s = cfg.hidden_size, img_len + txt_len
+    mlp = int(d * cfg.mlp_ratio)
+    attn = 4 * s * s * d
+    per_token_double = 2 * d * (3 * d + d + 2 * mlp)
+    double = per_token_double * s + attn
+    single = 2 * s * d * (3 * d + mlp) + 2 * s * (d + mlp) * d + attn
+    return cfg.num_layers * double + cfg.num_single_layers * single
+
+
+def build(model: str, device: str, dtype: torch.dtype, weight_scale: float = 0.5):
+    """diffusers' FluxTransformer2DModel with random weights, and our FluxDiT holding the same values."""
+    from diffusers import FluxTransformer2DModel
+
+    arch = arch_kwargs(architectures()[model]["transformer"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = FluxTransformer2DModel(**arch).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(weight_scale)
+    ref.eval().requires_grad_(False)
+    cfg = FluxConfig.from_dict(arch)
+    with torch.device("meta"):
+        ours = FluxDiT(cfg)
+    sd = ref.state_dict()
+    assign_mapped(ours, flux_key_map(cfg), set(sd), sd.__getitem__, device, dtype, where="diffusers model")
+    return ref, ours.eval()
+
+
+def inputs(cfg: FluxConfig, height: int, width: int, txt_len: int, device, dtype, batch: int = 1) -> FluxInputs:
+    gen = torch.Generator(device).manual_seed(1)
+    h2, w2 = height // 16, width // 16
+    return FluxInputs(
+        img=torch.randn(batch, h2 * w2, cfg.in_channels, generator=gen, device=device, dtype=dtype),
+        txt=torch.randn(batch, txt_len, cfg.joint_attention_dim, generator=gen, device=device, dtype=dtype),
+        pooled=torch.randn(batch, cfg.pooled_projection_dim, generator=gen, device=device, dtype=dtype),
+        timesteps=torch.full((batch,), 0.6, device=device, dtype=dtype),
+        img_ids=image_ids(h2, w2, device, dtype),
+        txt_ids=torch.zeros(txt_len, 3, device=device, dtype=dtype),
+        guidance=torch.full((batch,), 3.5, device=device) if cfg.guidance_embeds else None,
+    )
+
+
+def ref_call(ref, inp: FluxInputs):
+    return ref(hidden_states=inp.img, encoder_hidden_states=inp.txt, pooled_projections=inp.pooled,
+               timestep=inp.timesteps, img_ids=inp.img_ids, txt_ids=inp.txt_ids, guidance=inp.guidance,
+               return_dict=False)[0]
+
+
+@torch.no_grad()
+def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024, txt_len: int = 512,
+               quantization: str | None = None, compare: bool = True, compile_mode: str | None = None) -> dict:
+    from ditserve.accel.compile import apply_compile
+    from ditserve.accel.cudagraph import CudaGraphDiT
+
+    device, dtype = "cuda", torch.bfloat16
+    ref, ours = build(model, device, dtype)
+    inp = inputs(ours.cfg, height, width, txt_len, device, dtype)
+    pe = ours.positional_tables(inp.img_ids, inp.txt_ids)
+    flops = step_flops(ours.cfg, inp.img.shape[1], txt_len)
+    row = base_row(model, "bfloat16", f"{width}x{height}, {inp.img.shape[1]}+{txt_len} tokens")
+    row["step_tflop"] = flops / 1e12
+    row["floor_step_s"] = flops / (MATMUL_TFLOPS["bfloat16"] * 1e12)
+
+    expected = ref_call(ref, inp)
+    row["ditserve_eager_step_s"] = median_time(lambda: ours(inp, pe))
+    row["rel_l2_eager"] = rel_l2(ours(inp, pe), expected)
+    if compare:
+        row["diffusers_eager_step_s"] = median_time(lambda: ref_call(ref, inp))
+    log.info("eager: %s", row)
+
+    fast = CudaGraphDiT(apply_compile(ours, compile_mode))
+    row["ditserve_step_s"] = median_time(lambda: fast(inp, pe), warmup=3, reps=20)
+    row["rel_l2_vs_diffusers"] = rel_l2(fast(inp, pe), expected)
+    row["guard_ok"] = row["rel_l2_vs_diffusers"] <= GUARD_REL_L2
+    log.info("compiled+graph: %.4f s (rel L2 %.2e)", row["ditserve_step_s"], row["rel_l2_vs_diffusers"])
+    del fast
+    if compare:
+        ref.compile_repeated_blocks(fullgraph=True)
+        row["diffusers_compiled_step_s"] = median_time(lambda: ref_call(ref, inp), warmup=3, reps=10)
+        row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
+        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_step_s"]
+    row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
+
+    if quantization == "fp8":
+        from ditserve.accel.fp8 import apply_fp8
+
+        torch._dynamo.reset()
+        del ref
+        gc.collect()
+        bf16_out = ours(inp, pe)
+        fast8 = CudaGraphDiT(apply_compile(apply_fp8(ours), compile_mode))
+        row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp, pe), warmup=3, reps=20)
+        row["fp8_rel_l2_vs_bf16"] = rel_l2(fast8(inp, pe), bf16_out)
+        row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
+    return row

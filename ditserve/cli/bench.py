@@ -1,0 +1,58 @@
+"""`ditserve bench`: time ditserve against diffusers on this GPU with random weights at real size."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ditserve.api import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark a DiT step (and end to end) against diffusers on a GPU")
+    p.add_argument("--model", default="flux.1-dev", help="an entry of ditserve/bench/architectures.json")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=28, help="denoising steps for --end-to-end")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"])
+    p.add_argument("--quantization", default=None, choices=["fp8"])
+    p.add_argument("--compare", default="diffusers", choices=["diffusers", "none"])
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for ditserve's blocks")
+    p.add_argument("--end-to-end", action="store_true", help="time all stages, ditserve vs diffusers")
+    p.add_argument("--json", default=None, help="append the result row(s) to this JSON file")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ditserve.bench.common import architectures
+
+    if args.model not in architectures() or args.model.startswith("_"):
+        names = [k for k in architectures() if not k.startswith("_")]
+        raise InvalidRequest(f"unknown model {args.model!r}; known: {', '.join(names)}", "model")
+    if not args.model.startswith("flux"):
+        raise InvalidRequest(f"bench supports the flux.1 models so far, not {args.model}", "model")
+    if not torch.cuda.is_available():
+        raise InvalidRequest("ditserve bench needs a CUDA GPU", "device")
+    if args.end_to_end:
+        from ditserve.bench.flux_e2e import bench_end_to_end
+
+        row = bench_end_to_end(args.model, args.height, args.width, args.steps, args.quantization)
+    else:
+        from ditserve.bench.flux import bench_step
+
+        row = bench_step(args.model, args.height, args.width, quantization=args.quantization,
+                         compare=args.compare == "diffusers", compile_mode=args.compile_mode)
+    sys.stdout.write(json.dumps(row, indent=2) + "\n")  # the result is the output
+    if args.json:
+        path = Path(args.json)
+        rows = json.loads(path.read_text()) if path.exists() else []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows + [row], indent=2))
+    return 0
