@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
 
 
 def default_model_path(given: str | None) -> str:
+    """`--model-path` if given, else $DITSERVE_DEFAULT_MODEL, else the bundled demo model."""
+    from ditserve import demo
     from ditserve.config import env
 
     if given:
@@ -51,7 +53,11 @@ def default_model_path(given: str | None) -> str:
     override = env.demo_model_path()
     if override:
         return override
-    raise InvalidRequest("--model-path is required (no default model is installed)", "model")
+    bundled = demo.model_path()
+    if bundled is None:
+        raise InvalidRequest("--model-path is required (the bundled demo model is not installed)", "model")
+    log.info("no --model-path: using the bundled demo model (64x64 shapes; try %r)", demo.EXAMPLE_PROMPT)
+    return str(bundled)
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale, seed=args.seed, num_images=args.num_images,
         max_sequence_length=args.max_sequence_length,
-    ).resolve(pipe_cls.defaults, pipe_cls.limits)
+    ).resolve(source.defaults, pipe_cls.limits)
     paths = output_paths(args.output, request.num_images)
     for path in paths:
         check_writable(path, "--output")

@@ -31,8 +31,8 @@ class Engine:
         return cls(load_pipeline(source, torch.device(device), dtype), source)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """Fill the family's defaults and validate; raises InvalidRequest before any model work."""
-        return request.resolve(self.pipeline.defaults, self.pipeline.limits)
+        """Fill the model's defaults and validate; raises InvalidRequest before any model work."""
+        return request.resolve(self.source.defaults, self.pipeline.limits)
 
     def run_batch(self, requests: list[GenerationRequest], control: RunControl | None = None) -> list[GenerationOutput]:
         """Run resolved, batch-compatible requests as one pipeline call; one output per request."""

@@ -4,26 +4,37 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from ditserve.api import InvalidRequest
+from ditserve.api import InvalidRequest, RequestDefaults
 from ditserve.pipelines.base import Pipeline
 from ditserve.pipelines.registry import pipeline_class
 
 log = logging.getLogger(__name__)
 
+# Optional, beside model_index.json: {"defaults": {"height": 64, "num_inference_steps": 20, ...}}.
+# A model made for one resolution or step count says so here; requests still override it.
+MODEL_DEFAULTS_FILE = "ditserve.json"
+
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved model directory and the pipeline class its `model_index.json` names."""
+    """A resolved model directory, the pipeline class its `model_index.json` names, and the
+    request defaults for it: the family's, with any the folder's `ditserve.json` sets."""
 
     path: Path
     class_name: str
     pipeline_cls: type[Pipeline]
+    defaults: RequestDefaults | None = None
+
+    def __post_init__(self):
+        if self.defaults is None:
+            object.__setattr__(self, "defaults", self.pipeline_cls.defaults)
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -67,7 +78,32 @@ def inspect_model(model: str | Path) -> ModelSource:
                and not (path / name).is_dir()]
     if missing:
         raise InvalidRequest(f"{path} lacks component folders {missing}", "model")
-    return ModelSource(path, class_name, cls)
+    return ModelSource(path, class_name, cls, read_model_defaults(path, cls.defaults))
+
+
+def read_model_defaults(path: Path, base: RequestDefaults) -> RequestDefaults:
+    """`base` with the values of `path/ditserve.json`'s "defaults" (if the file exists)."""
+    file = path / MODEL_DEFAULTS_FILE
+    if not file.is_file():
+        return base
+    try:
+        given = json.loads(file.read_text()).get("defaults", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise InvalidRequest(f"{file} is malformed: {type(exc).__name__}: {exc}", "model") from None
+    if not isinstance(given, dict):
+        raise InvalidRequest(f"{file}: \"defaults\" must be an object", "model")
+    types = {f.name: type(getattr(base, f.name)) for f in fields(RequestDefaults)}
+    unknown = sorted(set(given) - set(types))
+    if unknown:
+        raise InvalidRequest(f"{file}: unknown defaults {unknown} (known: {sorted(types)})", "model")
+    for name, value in given.items():
+        integral = types[name] is int
+        ok = isinstance(value, int) if integral else isinstance(value, (int, float)) and math.isfinite(value)
+        if isinstance(value, bool) or not ok:
+            kind = "an integer" if integral else "a finite number"
+            raise InvalidRequest(f"{file}: default {name} must be {kind}, got {value!r}", "model")
+    log.debug("model defaults from %s: %s", file, given)
+    return replace(base, **{k: types[k](v) for k, v in given.items()})
 
 
 def _needed(entry) -> bool:
