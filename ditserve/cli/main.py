@@ -21,9 +21,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ditserve", description="Inference and serving for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    from ditserve.cli import bench, generate
+    from ditserve.cli import bench, generate, serve
 
     generate.add_parser(sub)
+    serve.add_parser(sub)
     bench.add_parser(sub)
     return parser
 

@@ -1,0 +1,125 @@
+"""The FastAPI app: its state, lifespan (worker, dispatch loop, output sweeping) and system routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import ditserve
+from ditserve.api import DitserveError
+from ditserve.config import EngineConfig
+from ditserve.config.server import ServerConfig
+from ditserve.runtime.loader import ModelSource
+from ditserve.runtime.scheduler import Scheduler, batch_key_for
+from ditserve.runtime.worker import WorkerHandle
+from ditserve.server import images
+from ditserve.server.errors import documented, error_response, install_error_handlers
+from ditserve.server.metrics import Metrics
+from ditserve.server.middleware import Guard
+from ditserve.server.schemas import ModelCard, ModelList
+from ditserve.server.state import ServerState, model_not_found, state_of
+from ditserve.server.store import OutputStore
+
+log = logging.getLogger(__name__)
+
+
+def create_app(source: ModelSource, model_id: str, engine: EngineConfig, config: ServerConfig,
+               log_level: str = "INFO") -> FastAPI:
+    """An app serving `source`; its worker starts with the app's lifespan, not here."""
+    worker = WorkerHandle(engine, slots=engine.max_batch_size, threads=config.worker_threads,
+                          log_level=log_level)
+    scheduler = Scheduler(worker, batch_key_for(source.pipeline_cls), max_queue=config.max_queue,
+                          max_batch_size=engine.max_batch_size)
+    metrics = Metrics(scheduler)
+    state = ServerState(source=source, model_id=model_id, config=config,
+                        limits=config.limits_for(source.pipeline_cls.limits), worker=worker,
+                        scheduler=scheduler, store=OutputStore(config.output_ttl_s, config.output_dir),
+                        metrics=metrics, created=int(time.time()))
+    app = FastAPI(title="ditserve", version=ditserve.__version__, lifespan=_lifespan,
+                  description="OpenAI-compatible image generation with diffusion transformers.")
+    app.state.ditserve = state
+    install_error_handlers(app)
+    app.include_router(system)
+    app.include_router(images.router)
+    app.add_middleware(Guard, metrics=metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       max_upload_bytes=config.max_upload_bytes, upload_paths=images.UPLOAD_PATHS)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state: ServerState = app.state.ditserve
+    tasks = [asyncio.create_task(state.scheduler.run(), name="ditserve-dispatch"),
+             asyncio.create_task(_start_worker(state), name="ditserve-worker-start"),
+             asyncio.create_task(_sweep(state.store), name="ditserve-sweep")]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await state.worker.stop()
+        state.store.close()
+
+
+async def _start_worker(state: ServerState) -> None:
+    try:
+        await state.worker.start()
+    except DitserveError as exc:
+        log.error("the worker could not load the model: %s", exc)
+        state.on_fatal(str(exc))
+
+
+async def _sweep(store: OutputStore) -> None:
+    while True:
+        await asyncio.sleep(min(60.0, store.ttl_s / 2))
+        if removed := store.sweep():
+            log.info("removed %d expired outputs", removed)
+
+
+system = APIRouter()
+
+
+@system.get("/health", summary="The server process is alive")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@system.get("/ready", summary="The model is loaded and the server is not draining",
+            responses=documented(503))
+async def ready(request: Request):
+    state = state_of(request)
+    if state.draining:
+        return error_response(503, "the server is draining for shutdown", "server_error", None, "draining")
+    if not state.worker.ready:
+        return error_response(503, f"the worker is {state.worker.state}", "server_error", None,
+                              "not_ready", retry_after=5)
+    return JSONResponse({"status": "ready", "model": state.model_id})
+
+
+@system.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _card(state: ServerState) -> ModelCard:
+    return ModelCard(id=state.model_id, created=state.created)
+
+
+@system.get("/v1/models", response_model=ModelList, responses=documented(401))
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_card(state_of(request))])
+
+
+@system.get("/v1/models/{model:path}", response_model=ModelCard, responses=documented(401, 404))
+async def get_model(model: str, request: Request):
+    state = state_of(request)
+    if model != state.model_id:
+        return model_not_found(model, state)
+    return _card(state)

@@ -1,0 +1,118 @@
+"""`/v1/images/*`: generations, edits (refused until an editing family exists), stored content."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ditserve.api import GenerationOutput, InvalidRequest
+from ditserve.runtime.scheduler import Ticket
+from ditserve.server.errors import RequestTimedOut, documented, error_response
+from ditserve.server.schemas import (EDITS_BODY, MEDIA_TYPES, ImageData, ImageGenerationBody, ImagesResponse,
+                                     TimingsBody)
+from ditserve.server.state import ServerState, model_not_found, state_of
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+UPLOAD_PATHS = frozenset({"/v1/images/edits"})
+CLIENT_GONE = 499  # nginx's "client closed request": nobody reads this answer
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
+             responses=documented(400, 401, 404, 413, 429, 500, 503, 504))
+async def generations(body: ImageGenerationBody, request: Request):
+    """Generate images from a prompt (OpenAI's Images API)."""
+    state = state_of(request)
+    if body.model is not None and body.model != state.model_id:
+        return model_not_found(body.model, state)
+    resolved = body.to_request().resolve(state.source.defaults, state.limits)
+    ticket = state.scheduler.submit(resolved)
+    output = await _wait(request, state, ticket)
+    if output is None:
+        return Response(status_code=CLIENT_GONE)
+    state.metrics.observe_generation(ticket, output.timings.stages)
+    fmt = body.output_format or "png"
+    encoded = await asyncio.to_thread(_encode_all, output, fmt, body.output_compression)
+    if body.response_format == "url":
+        stored = [state.store.put(b, MEDIA_TYPES[fmt]) for b in encoded]
+        data = [ImageData(url=str(request.url_for("image_content", image_id=s.id))) for s in stored]
+    else:
+        data = [ImageData(b64_json=base64.b64encode(b).decode("ascii")) for b in encoded]
+    timings = output.timings
+    return ImagesResponse(
+        created=int(time.time()), data=data, output_format=fmt, size=f"{resolved.width}x{resolved.height}",
+        seed=output.seed,
+        timings=TimingsBody(queue_s=ticket.queue_s, total_s=timings.total_s, stages=timings.stages,
+                            mean_step_s=timings.to_dict()["mean_step_s"], batch_images=ticket.batch_images),
+    )
+
+
+async def _wait(request: Request, state: ServerState, ticket: Ticket) -> GenerationOutput | None:
+    """The ticket's output; None if the client went away; RequestTimedOut after the timeout.
+
+    Either way the ticket is cancelled, so the worker stops between denoising steps.
+    """
+    gone = asyncio.ensure_future(_disconnected(request))
+    timeout = state.config.request_timeout_s
+    try:
+        done, _ = await asyncio.wait({ticket.future, gone}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        state.scheduler.cancel(ticket)
+        raise
+    finally:
+        gone.cancel()
+    if ticket.future.done() and not ticket.future.cancelled():
+        return ticket.future.result()  # raises the engine's error, if any
+    state.scheduler.cancel(ticket)
+    if gone in done:
+        log.info("client went away; request %d cancelled", ticket.seq)
+        return None
+    raise RequestTimedOut(f"the request did not finish within {timeout:g} s (--request-timeout)")
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _encode_all(output: GenerationOutput, fmt: str, compression: int | None) -> list[bytes]:
+    encoded = []
+    for image in output.images:
+        buffer = io.BytesIO()
+        if fmt == "png":
+            image.save(buffer, format="PNG")
+        else:
+            image.save(buffer, format=fmt.upper(), quality=95 if compression is None else compression)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+@router.post("/v1/images/edits", responses=documented(400, 401, 413), openapi_extra=EDITS_BODY)
+async def edits(request: Request):
+    """Edit images (OpenAI's Images API); answered before the upload is read."""
+    name = state_of(request).source.class_name
+    raise InvalidRequest(f"the loaded model does not edit images ({name} generates from text only); "
+                         "serve an image-editing model for /v1/images/edits", "image")
+
+
+@router.get("/v1/images/{image_id}/content", name="image_content",
+            responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **documented(404)})
+async def image_content(image_id: str, request: Request) -> Response:
+    """A stored image from a `response_format=url` answer, until its time to live runs out."""
+    state = state_of(request)
+    stored = state.store.get(image_id)
+    if stored is None:
+        return error_response(404, "no such image (unknown or expired id)", "invalid_request_error",
+                              "image_id", "not_found")
+    # Read now: the sweeper may delete the file once it expires.
+    return Response(stored.path.read_bytes(), media_type=stored.media_type,
+                    headers={"Cache-Control": f"private, max-age={int(state.config.output_ttl_s)}"})

@@ -1,0 +1,143 @@
+"""OpenAI image API schemas (pydantic) and their conversion to a GenerationRequest.
+
+Unknown fields are refused (OpenAI answers "Unrecognized request argument"), types are strict
+(no "3" for 3), and everything that depends on the loaded model is checked by
+`GenerationRequest.resolve` against its limits, before any model work.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ditserve.api import GenerationRequest, InvalidRequest
+
+_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class ImageGenerationBody(BaseModel):
+    """`POST /v1/images/generations`: OpenAI's fields plus ditserve's sampling extensions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(description="What to draw.")
+    model: str | None = Field(None, description="The served model's id (see /v1/models); optional.")
+    n: int | None = Field(None, ge=1, description="Number of images (default 1).")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT" in pixels, or "auto" for the model default.',
+                             examples=["1024x1024"])
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (default) or url: a link to GET /v1/images/{id}/content, valid for a TTL.")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Default png.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="JPEG/WebP quality 0-100 (default 95); PNG is lossless.")
+    # Accepted for compatibility; they do not change the picture.
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="transparent is refused: the image models served here draw opaque images.")
+    moderation: Literal["auto", "low"] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    # ditserve extensions (the openai client sends them with `extra_body`)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same image.")
+    negative_prompt: str | None = Field(None, description="Used when true_cfg_scale > 1.")
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    true_cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    max_sequence_length: int | None = Field(None, ge=1, description="Text tokens for the T5 encoder.")
+
+    def to_request(self) -> GenerationRequest:
+        """The unresolved request; `Engine.resolve`-style validation follows at the edge."""
+        _check_text("prompt", self.prompt)
+        _check_text("negative_prompt", self.negative_prompt)
+        if self.background == "transparent":
+            raise InvalidRequest("the loaded model draws opaque images; background 'transparent' is not "
+                                 "supported (use 'opaque' or 'auto')", "background")
+        width, height = parse_size(self.size)
+        return GenerationRequest(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, height=height, width=width,
+            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+            true_cfg_scale=self.true_cfg_scale, seed=self.seed, num_images=self.n or 1,
+            max_sequence_length=self.max_sequence_length,
+        )
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """'WIDTHxHEIGHT' → (width, height); None or 'auto' → the model's default."""
+    if size is None or size == "auto":
+        return None, None
+    match = _SIZE.fullmatch(size)
+    if match is None:
+        raise InvalidRequest(f"size must be 'WIDTHxHEIGHT' (e.g. 1024x1024) or 'auto', got {size!r}", "size")
+    return int(match[1]), int(match[2])
+
+
+def _check_text(name: str, text: str | None) -> None:
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{name} is not valid Unicode text (it has a lone surrogate)", name) from None
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+
+
+class TimingsBody(BaseModel):
+    """ditserve's timings for the request, in seconds."""
+
+    queue_s: float = Field(description="waiting in the queue")
+    total_s: float = Field(description="the pipeline call (all stages)")
+    stages: dict[str, float]
+    mean_step_s: float | None = None
+    batch_images: int = Field(description="images in the pipeline call that ran this request")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: Literal["png", "jpeg", "webp"]
+    size: str
+    seed: int = Field(description="the seed used (given or drawn)")
+    timings: TimingsBody
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ditserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# The multipart body of /v1/images/edits, for the OpenAPI document only: the handler answers
+# before reading it while no loaded family edits images.
+EDITS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {
+                "image": {"type": "string", "format": "binary"},
+                "image[]": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "mask": {"type": "string", "format": "binary"},
+                "prompt": {"type": "string"},
+                "model": {"type": "string"},
+                "n": {"type": "integer", "minimum": 1},
+                "size": {"type": "string"},
+                "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+            },
+        }}},
+    }
+}

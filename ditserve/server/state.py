@@ -1,0 +1,45 @@
+"""What the routes share: the server's state, and the answers more than one route gives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from ditserve.api import ModelLimits
+from ditserve.config.server import ServerConfig
+from ditserve.runtime.loader import ModelSource
+from ditserve.runtime.scheduler import Scheduler
+from ditserve.runtime.worker import WorkerHandle
+from ditserve.server.errors import error_response
+from ditserve.server.metrics import Metrics
+from ditserve.server.store import OutputStore
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share; one per app, built by `create_app`."""
+
+    source: ModelSource
+    model_id: str
+    config: ServerConfig
+    limits: ModelLimits
+    worker: WorkerHandle
+    scheduler: Scheduler
+    store: OutputStore
+    metrics: Metrics
+    created: int
+    draining: bool = False
+    # Called when the first worker cannot load the model; the runner then stops the server.
+    on_fatal: Callable[[str], None] = lambda message: None
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.ditserve
+
+
+def model_not_found(model: str, state: ServerState) -> JSONResponse:
+    return error_response(404, f"The model '{model[:200]}' does not exist; this server serves "
+                               f"'{state.model_id}'", "invalid_request_error", "model", "model_not_found")
