@@ -1,1 +1,37 @@
-"""Speed transforms applied to a loaded DiT from outside: compile, CUDA graphs, FP8 linears."""
+"""Speed transforms applied to a loaded DiT from outside: fused epilogues, FP8, compile, CUDA graphs."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ditserve.config import AccelConfig
+
+log = logging.getLogger(__name__)
+
+
+def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> nn.Module:
+    """Apply the configured transforms in the one order that composes: fuse, quantise, compile, graph."""
+    on_cuda = device.type == "cuda"
+    if accel.quantization == "fp8" and not on_cuda:
+        log.warning("fp8 quantization needs a CUDA GPU; running unquantised")
+    # FP8 swaps nn.Linear layers; the fused GELU epilogue is a bf16 cuBLASLt path, so one or the other
+    if on_cuda and accel.fused_epilogues and accel.quantization is None and hasattr(dit, "single_blocks"):
+        from ditserve.accel.fused import apply_fused_epilogues
+
+        dit = apply_fused_epilogues(dit)
+    if on_cuda and accel.quantization == "fp8":
+        from ditserve.accel.fp8 import apply_fp8
+
+        dit = apply_fp8(dit)
+    if accel.compile:
+        from ditserve.accel.compile import apply_compile
+
+        dit = apply_compile(dit)
+        if on_cuda and accel.cuda_graphs:
+            from ditserve.accel.cudagraph import CudaGraphDiT
+
+            dit = CudaGraphDiT(dit)
+    return dit

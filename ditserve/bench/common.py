@@ -44,6 +44,10 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def commit() -> str:
+    from ditserve.config import env
+
+    if env.commit_override():
+        return env.commit_override()
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

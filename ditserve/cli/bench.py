@@ -22,7 +22,6 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"])
     p.add_argument("--quantization", default=None, choices=["fp8"])
     p.add_argument("--compare", default="diffusers", choices=["diffusers", "none"])
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode for ditserve's blocks")
     p.add_argument("--end-to-end", action="store_true", help="time all stages, ditserve vs diffusers")
     p.add_argument("--json", default=None, help="append the result row(s) to this JSON file")
     p.set_defaults(run=run)
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         from ditserve.bench.flux import bench_step
 
         row = bench_step(args.model, args.height, args.width, quantization=args.quantization,
-                         compare=args.compare == "diffusers", compile_mode=args.compile_mode)
+                         compare=args.compare == "diffusers")
     sys.stdout.write(json.dumps(row, indent=2) + "\n")  # the result is the output
     if args.json:
         path = Path(args.json)

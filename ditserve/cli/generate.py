@@ -22,6 +22,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--enable-torch-compile", action="store_true",
+                   help="compile the DiT per block (and replay steps as CUDA graphs on GPU); warms up at start")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: e4m3 linear layers through torch._scaled_mm (CUDA)")
+
+
+def accel_config(args: argparse.Namespace):
+    from ditserve.config import AccelConfig
+
+    return AccelConfig(compile=args.enable_torch_compile, quantization=args.quantization)
 
 
 def add_parser(sub) -> None:
@@ -97,16 +107,12 @@ def run(args: argparse.Namespace) -> int:
     if args.perf_dump_path:
         check_writable(Path(args.perf_dump_path), "--perf-dump-path")
 
-    import torch
-
-    from ditserve.config import parse_device, parse_dtype
+    from ditserve.config import EngineConfig, ModelConfig
     from ditserve.pipelines.base import RunControl
     from ditserve.runtime.engine import Engine
-    from ditserve.runtime.loader import load_pipeline
 
-    device = parse_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
-    engine = Engine(load_pipeline(source, torch.device(device), dtype), source)
+    config = EngineConfig(ModelConfig(str(source.path), args.device, args.dtype), accel=accel_config(args))
+    engine = Engine.from_config(config, source)
     out = engine.run_batch([request], RunControl(progress_bar=True))[0]
     for image, path in zip(out.images, paths):
         image.save(path, format=IMAGE_FORMATS[path.suffix.lower()])

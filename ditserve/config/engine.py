@@ -52,6 +52,21 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AccelConfig:
+    """Speed transforms for the DiT. GPU-only ones are skipped on CPU."""
+
+    compile: bool = False  # torch.compile per block, warmed up at start
+    cuda_graphs: bool = True  # with compile on CUDA: replay each step as one CUDA graph
+    fused_epilogues: bool = True  # on CUDA: GELU in the GEMM epilogue, split single-block GEMMs
+    quantization: str | None = None  # "fp8": e4m3 linears via torch._scaled_mm (CUDA)
+
+    def __post_init__(self):
+        if self.quantization not in (None, "fp8"):
+            raise InvalidRequest(f"unsupported quantization {self.quantization!r}; use fp8", "quantization")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     max_batch_size: int = 1
+    accel: AccelConfig = AccelConfig()

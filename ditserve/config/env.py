@@ -12,3 +12,8 @@ def log_level() -> str:
 def demo_model_path() -> str | None:
     """An override for the default model when `--model-path` is not given."""
     return os.environ.get("DITSERVE_DEFAULT_MODEL")
+
+
+def commit_override() -> str | None:
+    """The commit a benchmark reports when it runs from a copy without git metadata."""
+    return os.environ.get("DITSERVE_COMMIT")

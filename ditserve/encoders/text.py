@@ -29,10 +29,14 @@ def _warn_truncated(tokenizer, prompts: list[str], ids: torch.Tensor, max_length
 class ClipPooledEncoder:
     """CLIP text model; its pooled output conditions the DiT's modulation vector."""
 
-    def __init__(self, folder: Path, tokenizer_folder: Path, device, dtype: torch.dtype):
-        self.tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_folder))
-        self.model = load_pretrained(transformers.CLIPTextModel, folder, device, dtype)
-        self.max_length = self.tokenizer.model_max_length
+    def __init__(self, tokenizer, model):
+        self.tokenizer, self.model = tokenizer, model
+        self.max_length = tokenizer.model_max_length
+
+    @classmethod
+    def load(cls, folder: Path, tokenizer_folder: Path, device, dtype: torch.dtype) -> "ClipPooledEncoder":
+        return cls(transformers.CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
+                   load_pretrained(transformers.CLIPTextModel, folder, device, dtype))
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
@@ -46,9 +50,13 @@ class ClipPooledEncoder:
 class T5SequenceEncoder:
     """T5 encoder; its last hidden states are the DiT's text tokens, padded to a fixed length."""
 
-    def __init__(self, folder: Path, tokenizer_folder: Path, device, dtype: torch.dtype):
-        self.tokenizer = transformers.T5TokenizerFast.from_pretrained(str(tokenizer_folder))
-        self.model = load_pretrained(transformers.T5EncoderModel, folder, device, dtype)
+    def __init__(self, tokenizer, model):
+        self.tokenizer, self.model = tokenizer, model
+
+    @classmethod
+    def load(cls, folder: Path, tokenizer_folder: Path, device, dtype: torch.dtype) -> "T5SequenceEncoder":
+        return cls(transformers.T5TokenizerFast.from_pretrained(str(tokenizer_folder)),
+                   load_pretrained(transformers.T5EncoderModel, folder, device, dtype))
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:

@@ -82,8 +82,8 @@ class FluxPipeline(Pipeline):
     def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "FluxPipeline":
         return cls(
             dit=load_flux_dit(path / "transformer", device, dtype),
-            clip=ClipPooledEncoder(path / "text_encoder", path / "tokenizer", device, dtype),
-            t5=T5SequenceEncoder(path / "text_encoder_2", path / "tokenizer_2", device, dtype),
+            clip=ClipPooledEncoder.load(path / "text_encoder", path / "tokenizer", device, dtype),
+            t5=T5SequenceEncoder.load(path / "text_encoder_2", path / "tokenizer_2", device, dtype),
             vae=load_autoencoder_kl(path / "vae", device, dtype),
             scheduler=FlowMatchConfig.from_json(path / "scheduler" / "scheduler_config.json"),
             device=device,

@@ -6,10 +6,12 @@ In-process and synchronous here; the server puts it inside a worker process behi
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from PIL import Image
 
+from ditserve.accel import accelerate_dit
 from ditserve.api import EngineError, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, parse_device, parse_dtype
 from ditserve.pipelines.base import Cancelled, Pipeline, RunControl
@@ -24,11 +26,23 @@ class Engine:
         self.source = source
 
     @classmethod
-    def from_config(cls, cfg: EngineConfig) -> "Engine":
-        device = parse_device(cfg.model.device)
-        dtype = parse_dtype(cfg.model.dtype, device)
-        source = inspect_model(cfg.model.path)
-        return cls(load_pipeline(source, torch.device(device), dtype), source)
+    def from_config(cls, cfg: EngineConfig, source: ModelSource | None = None) -> "Engine":
+        """Load the model, apply the speed transforms and, when compiling, warm up at the default size."""
+        device = torch.device(parse_device(cfg.model.device))
+        dtype = parse_dtype(cfg.model.dtype, device.type)
+        source = source or inspect_model(cfg.model.path)
+        pipeline = load_pipeline(source, device, dtype)
+        pipeline.dit = accelerate_dit(pipeline.dit, cfg.accel, device)
+        engine = cls(pipeline, source)
+        if cfg.accel.compile:
+            engine.warmup()
+        return engine
+
+    def warmup(self) -> None:
+        """One short generation at the default size: compilation and graph capture happen here."""
+        start = time.perf_counter()
+        self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=2, seed=0))
+        log.info("warm-up done in %.1f s", time.perf_counter() - start)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """Fill the model's defaults and validate; raises InvalidRequest before any model work."""

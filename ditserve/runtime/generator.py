@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ditserve.api import GenerationOutput, GenerationRequest
-from ditserve.config import EngineConfig, ModelConfig
+from ditserve.config import AccelConfig, EngineConfig, ModelConfig
 from ditserve.pipelines.base import RunControl
 from ditserve.runtime.engine import Engine
 
@@ -22,9 +22,11 @@ class Generator:
         self.engine = engine
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, device: str | None = None, dtype=None) -> "Generator":
+    def from_pretrained(cls, model: str | Path, device: str | None = None, dtype=None, *,
+                        enable_torch_compile: bool = False, quantization: str | None = None) -> "Generator":
         """`model` is a diffusers directory or a Hugging Face id; `dtype` a name or torch dtype."""
-        return cls(Engine.from_config(EngineConfig(ModelConfig(str(model), device, dtype))))
+        accel = AccelConfig(compile=enable_torch_compile, quantization=quantization)
+        return cls(Engine.from_config(EngineConfig(ModelConfig(str(model), device, dtype), accel=accel)))
 
     def generate(
         self,
