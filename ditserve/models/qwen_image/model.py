@@ -1,0 +1,112 @@
+"""Qwen-Image: a dual-stream MMDiT (60 double-stream blocks) over packed 2x2 latent patches and
+Qwen2.5-VL text tokens, with multi-scale rotary positions (MSRoPE).
+
+Forward = embed -> blocks -> head; every block maps (img, txt, vec, pe) -> (img, txt).
+Shapes: img [B, L, D] (the target image's patches, then any condition images'), txt [B, T, D],
+vec [B, D]; pe = (cos, sin) over the joint (txt, img) sequence, plus a key mask [B, T + L] when
+some text is padding (cond and uncond prompts of different lengths in one batch).
+
+MSRoPE, as diffusers' `QwenEmbedRope` places positions (frame, row, column):
+- image k (0 = the image being generated, 1.. = edit conditions) sits on frame k; its rows and
+  columns are centred on 0: -(h - h//2) .. h//2 - 1 for h patch rows, likewise columns;
+- text token j continues on the diagonal after the largest image: (m + j, m + j, m + j) with
+  m = max over images of max(h//2, w//2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
+from ditserve.models.common.mmdit import EPS, DoubleStreamBlock, LastLayer
+from ditserve.models.common.rope import rope_tables
+from ditserve.models.qwen_image.config import QwenImageConfig
+
+Grid = tuple[int, int]  # (rows, columns) of 2x2 patches
+
+
+def _centred(n: int) -> torch.Tensor:
+    return torch.arange(n) - (n - n // 2)
+
+
+def image_ids(grids: Sequence[Grid], device=None) -> torch.Tensor:
+    """Positions [sum(h * w), 3] of the packed patches of each image, row-major, image after image."""
+    ids = []
+    for frame, (h, w) in enumerate(grids):
+        pos = torch.zeros(h, w, 3)
+        pos[..., 0] = frame
+        pos[..., 1] = _centred(h)[:, None]
+        pos[..., 2] = _centred(w)[None, :]
+        ids.append(pos.reshape(h * w, 3))
+    return torch.cat(ids).to(device)
+
+
+def text_ids(grids: Sequence[Grid], txt_len: int, device=None) -> torch.Tensor:
+    """Positions [T, 3] of the text tokens: on the diagonal, after the largest image grid."""
+    start = max(max(h // 2, w // 2) for h, w in grids)
+    return (torch.arange(start, start + txt_len)[:, None].expand(txt_len, 3)).float().to(device)
+
+
+@dataclass
+class QwenImageInputs:
+    """Per-step inputs; `timesteps` are in [0, 1] (sigma units); `txt_mask` [B, T] (True = token)
+    is None when no text is padding."""
+
+    img: torch.Tensor
+    txt: torch.Tensor
+    timesteps: torch.Tensor
+    img_ids: torch.Tensor
+    txt_ids: torch.Tensor
+    txt_mask: torch.Tensor | None = None
+
+
+class QwenImageDiT(nn.Module):
+    def __init__(self, cfg: QwenImageConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, heads = cfg.hidden_size, cfg.num_attention_heads
+        self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.time_in = MLPEmbedder(256, dim)
+        self.txt_norm = nn.RMSNorm(cfg.joint_attention_dim, eps=EPS)
+        self.txt_in = nn.Linear(cfg.joint_attention_dim, dim)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(dim, heads, cfg.mlp_ratio) for _ in range(cfg.num_layers)
+        )
+        self.final_layer = LastLayer(dim, cfg.out_dim)
+
+    def positional_tables(self, img_ids: torch.Tensor, txt_ids: torch.Tensor,
+                          txt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(cos, sin) over (txt, img), plus the joint key mask when some text is padding."""
+        cos, sin = rope_tables(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.cfg.theta)
+        if txt_mask is None:
+            return cos, sin
+        img_mask = txt_mask.new_ones(txt_mask.shape[0], img_ids.shape[0])
+        return cos, sin, torch.cat([txt_mask.bool(), img_mask.bool()], dim=1)
+
+    def embed(self, inp: QwenImageInputs, pe=None):
+        """Patch/text projections, the timestep vector and the rotary tables (+ mask)."""
+        img = self.img_in(inp.img)
+        # as diffusers: the timestep is rounded to the model dtype, then embedded at scale 1000
+        t = inp.timesteps.to(img.dtype)
+        vec = self.time_in(timestep_embedding(t, scale=1000.0).to(img.dtype))
+        txt = self.txt_in(self.txt_norm(inp.txt))
+        if pe is None:
+            pe = self.positional_tables(inp.img_ids, inp.txt_ids, inp.txt_mask)
+        return img, txt, vec, pe
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.double_blocks)
+
+    def head(self, img: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        return self.final_layer(img, vec)
+
+    def forward(self, inp: QwenImageInputs, pe=None) -> torch.Tensor:
+        img, txt, vec, pe = self.embed(inp, pe)
+        for block in self.blocks:
+            img, txt = block(img, txt, vec, pe)
+        return self.head(img, vec)
