@@ -1,4 +1,4 @@
-"""Speed transforms applied to a loaded DiT from outside: fused epilogues, FP8, compile, CUDA graphs."""
+"""Speed transforms applied to a loaded DiT from outside: FP8 linears, compile, CUDA graphs."""
 
 from __future__ import annotations
 
@@ -13,15 +13,10 @@ log = logging.getLogger(__name__)
 
 
 def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> nn.Module:
-    """Apply the configured transforms in the one order that composes: fuse, quantise, compile, graph."""
+    """Apply the configured transforms in the one order that composes: quantise, compile, graph."""
     on_cuda = device.type == "cuda"
     if accel.quantization == "fp8" and not on_cuda:
         log.warning("fp8 quantization needs a CUDA GPU; running unquantised")
-    # FP8 swaps nn.Linear layers; the fused GELU epilogue is a bf16 cuBLASLt path, so one or the other
-    if on_cuda and accel.fused_epilogues and accel.quantization is None and hasattr(dit, "single_blocks"):
-        from ditserve.accel.fused import apply_fused_epilogues
-
-        dit = apply_fused_epilogues(dit)
     if on_cuda and accel.quantization == "fp8":
         from ditserve.accel.fp8 import apply_fp8
 

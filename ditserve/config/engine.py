@@ -57,7 +57,6 @@ class AccelConfig:
 
     compile: bool = False  # torch.compile per block, warmed up at start
     cuda_graphs: bool = True  # with compile on CUDA: replay each step as one CUDA graph
-    fused_epilogues: bool = True  # on CUDA: GELU in the GEMM epilogue, split single-block GEMMs
     quantization: str | None = None  # "fp8": e4m3 linears via torch._scaled_mm (CUDA)
 
     def __post_init__(self):
