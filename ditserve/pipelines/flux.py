@@ -13,7 +13,7 @@ from ditserve.encoders.text import ClipPooledEncoder, T5SequenceEncoder
 from ditserve.models.flux.model import FluxDiT, FluxInputs
 from ditserve.models.flux.weights import load_flux_dit
 from ditserve.pipelines.base import Pipeline, Pixels, RunControl, StageTimer
-from ditserve.pipelines.stages import denoise, initial_noise
+from ditserve.pipelines.stages import denoise, initial_noise, pack, repeat_per_image, unpack
 from ditserve.sampling.flow_match import FlowMatchConfig, Schedule, schedule
 from ditserve.sampling.guidance import true_cfg
 from ditserve.vae.kl import decode_kl, load_autoencoder_kl
@@ -39,29 +39,12 @@ class FluxLatents:
     grid: tuple[int, int]
 
 
-def pack(latents_BCHW: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = latents_BCHW.shape
-    x = latents_BCHW.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(x_BLC: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    (b, _, c), (h, w) = x_BLC.shape, grid
-    x = x_BLC.view(b, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c // 4, h, w)
-
-
 def image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
     """Positions (0, row, col) of each 2x2 latent patch."""
     ids = torch.zeros(h2, w2, 3)
     ids[..., 1] += torch.arange(h2)[:, None]
     ids[..., 2] += torch.arange(w2)[None, :]
     return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
-
-
-def repeat_per_image(t: torch.Tensor, requests: list[GenerationRequest]) -> torch.Tensor:
-    counts = torch.tensor([r.num_images for r in requests], device=t.device)
-    return t.repeat_interleave(counts, dim=0)
 
 
 class FluxPipeline(Pipeline):
