@@ -108,7 +108,7 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
         gc.collect()
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-        _, fresh = build(model, device, dtype)  # same seed: the same weights, unfused
+        _, fresh = build(model, device, dtype)  # same seed: the same weights
         fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8"), torch.device(device))
         row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp, pe), warmup=3, reps=20)
         row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp, pe), expected)

@@ -1,7 +1,7 @@
 """FLUX end to end (CLIP-L + T5-XXL + DiT + VAE, random weights at real size): ditserve vs diffusers.
 
 Both pipelines share the same text encoders, VAE and transformer weights; ditserve runs its fast
-configuration (fused epilogues, per-block compile, CUDA graphs; FP8 when asked). Reports totals,
+configuration (per-block compile, CUDA graphs; FP8 when asked). Reports totals,
 ditserve's stage split, and for FP8 the PSNR of its image against the bf16 image for the same seed.
 """
 
