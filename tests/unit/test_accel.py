@@ -1,0 +1,60 @@
+"""Speed transforms on the CPU: what can run here runs, GPU-only paths fall back cleanly."""
+
+import torch
+from torch import nn
+
+from ditserve.accel import accelerate_dit
+from ditserve.accel.cudagraph import CudaGraphDiT
+from ditserve.accel.fp8 import E4M3_MAX, FP8Linear, apply_fp8, quantize_rows
+from ditserve.config import AccelConfig
+from ditserve.models.flux import FluxConfig, FluxDiT
+from ditserve.models.flux.model import FluxInputs
+
+
+def tiny_dit() -> FluxDiT:
+    torch.manual_seed(0)
+    cfg = FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                     num_attention_heads=16, joint_attention_dim=24, pooled_projection_dim=20,
+                     guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    return FluxDiT(cfg).eval()
+
+
+def tiny_inputs() -> FluxInputs:
+    g = torch.Generator().manual_seed(1)
+    return FluxInputs(img=torch.randn(1, 6, 16, generator=g), txt=torch.randn(1, 4, 24, generator=g),
+                      pooled=torch.randn(1, 20, generator=g), timesteps=torch.tensor([0.5]),
+                      img_ids=torch.zeros(6, 3), txt_ids=torch.zeros(4, 3), guidance=torch.tensor([3.5]))
+
+
+def test_quantize_rows_round_trip_within_e4m3_precision():
+    x = torch.randn(64, 256) * torch.logspace(-2, 2, 64)[:, None]  # rows of very different scale
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    assert float(q.float().abs().amax()) <= E4M3_MAX
+    back = q.float() * scale
+    rel = (back - x).norm(dim=1) / x.norm(dim=1)
+    assert float(rel.max()) < 0.05  # e4m3 has a 3-bit mantissa: a few percent per row at most
+
+
+def test_apply_fp8_swaps_only_large_block_projections():
+    dit = apply_fp8(tiny_dit(), min_features=256)
+    swapped = [n for n, m in dit.named_modules() if isinstance(m, FP8Linear)]
+    assert swapped and all(n.startswith(("double_blocks", "single_blocks")) for n in swapped)
+    assert not any(n.endswith(("mod.lin", "modulation.lin")) for n in swapped)
+    assert isinstance(dit.img_in, nn.Linear)
+
+
+def test_cpu_accelerate_is_a_no_op_without_compile():
+    dit = tiny_dit()
+    assert accelerate_dit(dit, AccelConfig(quantization="fp8"), torch.device("cpu")) is dit
+    assert not any(isinstance(m, FP8Linear) for m in dit.modules())
+
+
+def test_cuda_graph_wrapper_falls_back_on_cpu():
+    dit = tiny_dit()
+    inp = tiny_inputs()
+    pe = dit.positional_tables(inp.img_ids, inp.txt_ids)
+    wrapped = CudaGraphDiT(dit)
+    with torch.no_grad():
+        assert torch.equal(wrapped(inp, pe), dit(inp, pe))
+    assert wrapped.cfg is dit.cfg and not wrapped.graphs
