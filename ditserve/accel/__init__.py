@@ -7,16 +7,25 @@ import logging
 import torch
 from torch import nn
 
+from ditserve.api import InvalidRequest
 from ditserve.config import AccelConfig
 
 log = logging.getLogger(__name__)
 
 
 def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> nn.Module:
-    """Apply the configured transforms in the one order that composes: quantise, compile, graph."""
+    """Apply the configured transforms in the one order that composes: attention op, quantise,
+    compile, graph."""
     on_cuda = device.type == "cuda"
     if accel.quantization == "fp8" and not on_cuda:
         log.warning("fp8 quantization needs a CUDA GPU; running unquantised")
+    if accel.attention not in ("auto", "sdpa"):
+        from ditserve.accel.attention import apply_attention, select_attention
+
+        try:
+            dit = apply_attention(dit, select_attention(accel.attention, device))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), "attention") from None
     if on_cuda and accel.quantization == "fp8":
         from ditserve.accel.fp8 import apply_fp8
 

@@ -58,10 +58,13 @@ class AccelConfig:
     compile: bool = False  # torch.compile per block, warmed up at start
     cuda_graphs: bool = True  # with compile on CUDA: replay each step as one CUDA graph
     quantization: str | None = None  # "fp8": e4m3 linears via torch._scaled_mm (CUDA)
+    attention: str = "auto"  # sdpa | fa3 | sage (the latter two when installed; CUDA)
 
     def __post_init__(self):
         if self.quantization not in (None, "fp8"):
             raise InvalidRequest(f"unsupported quantization {self.quantization!r}; use fp8", "quantization")
+        if self.attention not in ("auto", "sdpa", "fa3", "sage"):
+            raise InvalidRequest(f"unsupported attention backend {self.attention!r}", "attention")
 
 
 @dataclass(frozen=True)

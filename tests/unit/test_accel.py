@@ -58,3 +58,28 @@ def test_cuda_graph_wrapper_falls_back_on_cpu():
     with torch.no_grad():
         assert torch.equal(wrapped(inp, pe), dit(inp, pe))
     assert wrapped.cfg is dit.cfg and not wrapped.graphs
+
+
+def test_attention_backend_selection_and_fallbacks():
+    import pytest
+
+    from ditserve.accel.attention import apply_attention, select_attention
+    from ditserve.models.common.attention import sdpa_attention
+
+    cpu = torch.device("cpu")
+    assert select_attention("auto", cpu) is sdpa_attention
+    assert select_attention("fa3", cpu) is sdpa_attention  # GPU-only kernels fall back on CPU
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        select_attention("xformers", cpu)
+    dit = tiny_dit()
+
+    def marked(q, k, v, mask=None):
+        marked.calls += 1
+        return sdpa_attention(q, k, v, mask)
+
+    marked.calls = 0
+    apply_attention(dit, marked)
+    inp = tiny_inputs()
+    with torch.no_grad():
+        dit(inp)
+    assert marked.calls == len(dit.blocks)

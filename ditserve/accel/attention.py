@@ -1,0 +1,58 @@
+"""Attention backends: torch SDPA (default; cuDNN on Hopper), FlashAttention 3 or SageAttention
+(8-bit) when installed. Chosen once at load time and set on every layer's `attn_op`."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from torch import nn
+
+from ditserve.models.common.attention import sdpa_attention
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "fa3", "sage")
+
+
+def _fa3(q, k, v, mask=None):
+    if mask is not None:  # padded keys: FA3's dense path has no key mask
+        return sdpa_attention(q, k, v, mask=mask)
+    from flash_attn_interface import flash_attn_func
+
+    out = flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _sage(q, k, v, mask=None):
+    if mask is not None:
+        return sdpa_attention(q, k, v, mask=mask)
+    from sageattention import sageattn
+
+    return sageattn(q, k, v, tensor_layout="NHD")
+
+
+def available(name: str) -> bool:
+    module = {"fa3": "flash_attn_interface", "sage": "sageattention"}.get(name)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def select_attention(name: str, device: torch.device):
+    """The op for `name`; "auto" keeps SDPA, which on an H200 already runs cuDNN's fast kernel
+    (FA3 and SageAttention are opt-in until measured here)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if name in ("auto", "sdpa") or device.type != "cuda":
+        return sdpa_attention
+    if not available(name):
+        raise ValueError(f"attention backend {name} is not installed")
+    return {"fa3": _fa3, "sage": _sage}[name]
+
+
+def apply_attention(dit: nn.Module, op) -> nn.Module:
+    """Set `op` on every block that has an `attn_op` (the sequence-parallel wrappers do the same)."""
+    for block in dit.blocks:
+        block.attn_op = op
+    log.info("attention op: %s", getattr(op, "__name__", op))
+    return dit
