@@ -9,6 +9,9 @@ from ditserve.api import InvalidRequest
 # _class_name -> "module:Class"
 _PIPELINES: dict[str, str] = {
     "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
+    "QwenImagePipeline": "ditserve.pipelines.qwen_image:QwenImagePipeline",
+    "QwenImageEditPipeline": "ditserve.pipelines.qwen_image_edit:QwenImageEditPipeline",
+    "QwenImageEditPlusPipeline": "ditserve.pipelines.qwen_image_edit:QwenImageEditPlusPipeline",
 }
 
 

@@ -1,0 +1,139 @@
+"""Qwen2.5-VL prompt encoding for Qwen-Image: the prompt in the family's chat template, the
+language model's last hidden states, the template's system part dropped from the front.
+
+For editing, the input images go through the Qwen2-VL image processor and the vision tower: each
+`<|image_pad|>` in the template becomes one token per merged patch group, as `Qwen2VLProcessor`
+expands it. We compose the processor from its image processor and tokenizer rather than load
+`Qwen2VLProcessor` itself, which transformers 5 builds only together with a video processor
+(needing torchvision) that image editing never uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+
+from ditserve.encoders.text import load_pretrained
+
+log = logging.getLogger(__name__)
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+_SYSTEM_EDIT = ("Describe the key features of the input image (color, shape, size, texture, objects, background), "
+                "then explain how the user's text instruction should alter or modify the image. Generate a new "
+                "image that meets the user's requirements while maintaining consistency with the original input "
+                "where appropriate.")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A chat template around the prompt. The first `drop` tokens (the system part, in the real
+    tokenizer) are cut from the hidden states. `image_slot` is written before the prompt once per
+    input image (numbered from 1). `max_tokens` truncates the tokenised text at `max_tokens + drop`
+    (text-to-image only; the edit pipelines do not truncate)."""
+
+    text: str
+    drop: int
+    image_slot: str = ""
+    max_tokens: int | None = None
+
+    def format(self, prompt: str, num_images: int = 0) -> str:
+        slots = "".join(self.image_slot.format(i + 1) for i in range(num_images))
+        return self.text.format(slots + prompt)
+
+
+T2I_TEMPLATE = PromptTemplate(
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n", drop=34, max_tokens=1024)
+EDIT_TEMPLATE = PromptTemplate(
+    f"<|im_start|>system\n{_SYSTEM_EDIT}<|im_end|>\n<|im_start|>user\n{VISION_SLOT}{{}}<|im_end|>\n"
+    "<|im_start|>assistant\n", drop=64)
+EDIT_PLUS_TEMPLATE = PromptTemplate(
+    f"<|im_start|>system\n{_SYSTEM_EDIT}<|im_end|>\n<|im_start|>user\n{{}}<|im_end|>\n<|im_start|>assistant\n",
+    drop=64, image_slot=f"Picture {{}}: {VISION_SLOT}")
+
+
+@dataclass
+class PromptEmbeds:
+    """Hidden states [N, T, D], zero past each prompt's length; mask [N, T] (True = token)."""
+
+    txt: torch.Tensor
+    mask: torch.Tensor
+
+
+class QwenPromptEncoder:
+    """Qwen2.5-VL (text and, for editing, vision) as Qwen-Image's prompt encoder."""
+
+    def __init__(self, tokenizer, model, image_processor=None):
+        self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+
+    @classmethod
+    def load(cls, folder: Path, tokenizer_folder: Path, device, dtype: torch.dtype,
+             processor_folder: Path | None = None) -> "QwenPromptEncoder":
+        """`processor_folder` (edit models) holds the image processor config and its tokenizer."""
+        image_processor = None
+        if processor_folder is not None:
+            image_processor = transformers.AutoImageProcessor.from_pretrained(str(processor_folder))
+            tokenizer_folder = processor_folder
+        tokenizer = transformers.Qwen2Tokenizer.from_pretrained(str(tokenizer_folder))
+        model = load_pretrained(transformers.Qwen2_5_VLForConditionalGeneration, folder, device, dtype)
+        return cls(tokenizer, model, image_processor)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], template: PromptTemplate,
+                 images: list[list[Image.Image]] | None = None) -> PromptEmbeds:
+        """Encode each prompt (with its own input images when given), zero-padded to the longest."""
+        if images is None:
+            texts = [template.format(p) for p in prompts]
+            max_length = None if template.max_tokens is None else template.max_tokens + template.drop
+            tokens = self.tokenizer(texts, max_length=max_length, padding=True, truncation=max_length is not None,
+                                    return_tensors="pt")
+            hidden = self._hidden(tokens.input_ids, tokens.attention_mask)
+            per_prompt = _valid_after(hidden, tokens.attention_mask, template.drop)
+        else:
+            per_prompt = []
+            for prompt, imgs in zip(prompts, images, strict=True):
+                ids, mask, vision = self._tokens_with_images(template.format(prompt, len(imgs)), imgs)
+                per_prompt += _valid_after(self._hidden(ids, mask, **vision), mask, template.drop)
+        return _pad(per_prompt)
+
+    def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, **vision) -> torch.Tensor:
+        device = self.model.device
+        vision = {k: v.to(device) for k, v in vision.items()}
+        # as the diffusers pipelines call it: no mm_token_type_ids, so 1-D text positions
+        out = self.model.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **vision)
+        return out.last_hidden_state
+
+    def _tokens_with_images(self, text: str, images: list[Image.Image]):
+        """Qwen2VLProcessor's expansion: each image slot gets one pad token per merged patch group."""
+        if self.image_processor is None:
+            raise ValueError("this model has no image processor (processor/ folder); it cannot read images")
+        vision = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        grids = vision["image_grid_thw"]
+        parts = text.split(IMAGE_PAD)
+        if len(parts) - 1 != len(grids):
+            raise ValueError(f"template has {len(parts) - 1} image slots for {len(grids)} images")
+        merge = self.image_processor.merge_size**2
+        expanded = parts[0] + "".join(IMAGE_PAD * int(g.prod() // merge) + part for g, part in zip(grids, parts[1:]))
+        tokens = self.tokenizer([expanded], padding=True, return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask, {"pixel_values": vision["pixel_values"],
+                                                        "image_grid_thw": grids}
+
+
+def _valid_after(hidden: torch.Tensor, mask: torch.Tensor, drop: int) -> list[torch.Tensor]:
+    """Each row's unpadded hidden states, minus the first `drop` (the template's system part)."""
+    mask = mask.to(hidden.device).bool()
+    return [row[m][drop:] for row, m in zip(hidden, mask)]
+
+
+def _pad(rows: list[torch.Tensor]) -> PromptEmbeds:
+    longest = max(r.shape[0] for r in rows)
+    txt = torch.stack([torch.cat([r, r.new_zeros(longest - r.shape[0], r.shape[1])]) for r in rows])
+    mask = torch.stack([torch.arange(longest, device=txt.device) < r.shape[0] for r in rows])
+    return PromptEmbeds(txt, mask)
