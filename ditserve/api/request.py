@@ -19,6 +19,9 @@ class RequestDefaults:
     guidance_scale: float = 3.5
     true_cfg_scale: float = 1.0
     max_sequence_length: int = 512
+    # Edit models: a request with input images but no size takes the (last) image's aspect ratio
+    # at about this many pixels (sides rounded to multiples of 32, as diffusers); 0 = not used.
+    image_size_area: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,17 @@ class ModelLimits:
     max_num_images: int = 16
     max_sequence_length: int = 512
     max_prompt_chars: int = 10_000
+    # input images (editing): how many a request must / may carry, and how big each may be
+    min_images: int = 0
+    max_images: int = 0
+    max_input_pixels: int = 4096 * 4096
+    max_input_aspect: float = 16.0
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One text-to-image request. Unset fields (None) take the family's defaults via `resolve`."""
+    """One request: text-to-image, or an edit of `images` (PIL images, decoded at the edge).
+    Unset fields (None) take the family's defaults via `resolve`."""
 
     prompt: str
     negative_prompt: str | None = None
@@ -49,17 +58,23 @@ class GenerationRequest:
     seed: int | None = None
     num_images: int = 1
     max_sequence_length: int | None = None
+    images: tuple = ()
 
     def resolve(self, defaults: RequestDefaults, limits: ModelLimits) -> "GenerationRequest":
         """Fill unset fields from `defaults`, pick a seed if none, and validate against `limits`."""
         filled = {
             f.name: getattr(defaults, f.name)
             for f in fields(RequestDefaults)
-            if getattr(self, f.name) is None
+            if f.name in _REQUEST_FIELDS and getattr(self, f.name) is None
         }
+        images = tuple(self.images) if isinstance(self.images, (list, tuple)) else self.images
+        if defaults.image_size_area and images and hasattr(images[-1], "size"):
+            width, height = size_for_area(defaults.image_size_area, *images[-1].size)
+            filled["width"] = self.width if self.width is not None else width
+            filled["height"] = self.height if self.height is not None else height
         if self.seed is None:
             filled["seed"] = random.randrange(2**31)
-        req = replace(self, **filled)
+        req = replace(self, images=images, **filled)
         req.validate(limits)
         return req
 
@@ -119,6 +134,7 @@ class GenerationRequest:
                 f"got {self.max_sequence_length}",
                 "max_sequence_length",
             )
+        _check_images(self.images, limits)
 
     @property
     def do_true_cfg(self) -> bool:
@@ -126,6 +142,43 @@ class GenerationRequest:
         return self.negative_prompt is not None and (self.true_cfg_scale or 0) > 1
 
 
+def size_for_area(area: int, width: int, height: int, multiple: int = 32) -> tuple[int, int]:
+    """(width, height) with the aspect ratio of width x height and about `area` pixels, each side
+    rounded to a multiple of `multiple` (diffusers' Qwen-Image `calculate_dimensions`)."""
+    ratio = width / height
+    w = math.sqrt(area * ratio)
+    h = w / ratio
+    return round(w / multiple) * multiple, round(h / multiple) * multiple
+
+
+def _check_images(images, limits: ModelLimits) -> None:
+    from PIL import Image
+
+    if not isinstance(images, tuple):
+        raise InvalidRequest(f"images must be a tuple of PIL images, got {type(images).__name__}", "image")
+    if images and not limits.max_images:
+        raise InvalidRequest("this model generates from text only and takes no input image; "
+                             "load an image-editing model (e.g. Qwen-Image-Edit) to edit", "image")
+    if len(images) < limits.min_images:
+        raise InvalidRequest(f"this model edits images: give {limits.min_images} input image(s) "
+                             "(--image PATH, or the API's image field)", "image")
+    if len(images) > limits.max_images:
+        raise InvalidRequest(f"{len(images)} input images; this model takes at most {limits.max_images}", "image")
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise InvalidRequest(f"input image {i + 1} must be a PIL image, got {type(image).__name__}", "image")
+        w, h = image.size
+        if w * h > limits.max_input_pixels:
+            raise InvalidRequest(f"input image {i + 1} is {w}x{h} = {w * h} pixels; "
+                                 f"the limit is {limits.max_input_pixels}", "image")
+        if min(w, h) < 1 or max(w, h) / min(w, h) > limits.max_input_aspect:
+            raise InvalidRequest(f"input image {i + 1} is {w}x{h}; its sides may differ by at most "
+                                 f"{limits.max_input_aspect:g}x", "image")
+
+
 def _check_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidRequest(f"{name} must be an integer, got {value!r}", name)
+
+
+_REQUEST_FIELDS = frozenset(f.name for f in fields(GenerationRequest))

@@ -50,6 +50,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="input image to edit (PNG, JPEG, WebP), with an image-editing model; repeatable")
     p.add_argument("--output", default="output.png",
                    help="image file (.png, .jpg, .webp); several images get _0, _1, ... suffixes")
     p.add_argument("--perf-dump-path", default=None, help="write stage and step times as JSON here")
@@ -82,6 +84,20 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
 
 
+def read_image_file(path: str, limits):
+    """`--image PATH` decoded to RGB, or InvalidRequest (missing, unreadable, corrupt, too large)."""
+    from ditserve.api.images import read_image
+
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidRequest(f"--image {path} {'is a directory' if file.is_dir() else 'does not exist'}", "image")
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise InvalidRequest(f"--image {path} cannot be read ({exc.strerror})", "image") from None
+    return read_image(data, f"--image {path}", limits)
+
+
 def check_writable(path: Path, flag: str) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
@@ -103,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale, seed=args.seed, num_images=args.num_images,
         max_sequence_length=args.max_sequence_length,
+        images=tuple(read_image_file(path, pipe_cls.limits) for path in args.image),
     ).resolve(source.defaults, pipe_cls.limits)
     paths = output_paths(args.output, request.num_images)
     for path in paths:
@@ -121,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         image.save(path, format=IMAGE_FORMATS[path.suffix.lower()])
         log.info("wrote %s", path)
     if args.perf_dump_path:
-        dump = {"model": str(source.path), "request": request.__dict__, **out.timings.to_dict()}
+        described = {**request.__dict__, "images": [f"{im.width}x{im.height}" for im in request.images]}
+        dump = {"model": str(source.path), "request": described, **out.timings.to_dict()}
         Path(args.perf_dump_path).write_text(json.dumps(dump, indent=2))
     log.info("seed %d, total %.3f s", out.seed, out.timings.total_s)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ditserve.api import GenerationOutput, GenerationRequest
@@ -41,13 +42,18 @@ class Generator:
         seed: int | None = None,
         num_images: int = 1,
         max_sequence_length: int | None = None,
+        images: Sequence = (),
         progress_bar: bool = False,
     ) -> GenerationOutput:
-        """Images (PIL) with the stage and step timings; unset arguments take the family's defaults."""
+        """Images (PIL) with the stage and step timings; unset arguments take the family's defaults.
+
+        `images` (a PIL image or several) are the input of an image-editing model (e.g. Qwen-Image-Edit).
+        """
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             true_cfg_scale=true_cfg_scale, seed=seed, num_images=num_images,
             max_sequence_length=max_sequence_length,
+            images=tuple(images) if isinstance(images, (list, tuple)) else (images,),
         )
         return self.engine.generate(request, RunControl(progress_bar=progress_bar))
