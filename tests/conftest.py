@@ -45,3 +45,26 @@ def tiny_flux_dev_sharded(tmp_path_factory) -> Path:
     from tiny.flux import build_tiny_flux
     return _build_once(tmp_path_factory, "tiny_flux_dev_sharded", build_tiny_flux,
                        guidance_embeds=True, sharded=True)
+
+
+# --- tiny Qwen-Image (diffusers format) --------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory) -> Path:
+    """Qwen-Image text-to-image: Qwen2.5-VL text encoder, Qwen VAE, MSRoPE transformer."""
+    from tiny.qwen_image import build_tiny_qwen_image
+    return _build_once(tmp_path_factory, "tiny_qwen_image", build_tiny_qwen_image, kind="t2i")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_edit(tmp_path_factory) -> Path:
+    """Qwen-Image-Edit: as ``tiny_qwen_image`` plus a ``processor/`` for the input image."""
+    from tiny.qwen_image import build_tiny_qwen_image
+    return _build_once(tmp_path_factory, "tiny_qwen_image_edit", build_tiny_qwen_image, kind="edit")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_edit_plus(tmp_path_factory) -> Path:
+    """Qwen-Image-Edit-2509-like (``QwenImageEditPlusPipeline``): several input images."""
+    from tiny.qwen_image import build_tiny_qwen_image
+    return _build_once(tmp_path_factory, "tiny_qwen_image_edit_plus", build_tiny_qwen_image, kind="edit_plus")

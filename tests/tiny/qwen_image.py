@@ -44,7 +44,7 @@ MAX_PIXELS = 112 * 112
 SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9,
                  num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, use_dynamic_shifting=True,
                  time_shift_type="exponential")
-VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+VAE = dict(base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
            temperal_downsample=[False, True, True], latents_mean=[0.3, -0.5, 0.1, 0.8],
            latents_std=[1.6, 0.7, 2.2, 1.1])
 TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
