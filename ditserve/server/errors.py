@@ -37,8 +37,11 @@ class RequestTimedOut(Exception):
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   code: str | None = None, retry_after: float | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
+                   code: str | None = None, retry_after: float | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -110,7 +113,7 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{message}: {request.method} {request.url.path[:200]}"
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, message, type_, None,
-                              codes.get(exc.status_code, f"http_{exc.status_code}"))
+                              codes.get(exc.status_code, f"http_{exc.status_code}"), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

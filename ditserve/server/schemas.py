@@ -23,7 +23,7 @@ class ImageGenerationBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(description="What to draw.")
+    prompt: str = Field(min_length=1, description="What to draw.")
     model: str | None = Field(None, description="The served model's id (see /v1/models); optional.")
     n: int | None = Field(None, ge=1, description="Number of images (default 1).")
     size: str | None = Field(None, description='"WIDTHxHEIGHT" in pixels, or "auto" for the model default.',

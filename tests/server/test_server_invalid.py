@@ -1,0 +1,107 @@
+"""Every bad request gets a 400 (never 422) in OpenAI's envelope, before model work; the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from live_server import assert_envelope
+
+GOOD = {"prompt": "a fox", "size": "32x32", "num_inference_steps": 2, "max_sequence_length": 16}
+
+# (changes to GOOD, the `param` the envelope must name, a word its message must contain)
+BAD_FIELDS = [
+    ({"prompt": None}, "prompt", "prompt"),
+    ({"prompt": ""}, "prompt", "prompt"),
+    ({"prompt": "   "}, "prompt", "prompt"),
+    ({"prompt": 5}, "prompt", "string"),
+    ({"prompt": "x" * 10_001}, "prompt", "limit"),
+    ({"prompt": "\ud800 lone surrogate"}, "prompt", "prompt"),
+    ({"negative_prompt": "\udfff", "true_cfg_scale": 2}, "negative_prompt", "surrogate"),
+    ({"n": 0}, "n", "n"),
+    ({"n": 17}, "n", "between"),
+    ({"n": "2"}, "n", "integer"),
+    ({"n": 1.5}, "n", "integer"),
+    ({"n": True}, "n", "integer"),
+    ({"size": "33x32"}, "size", "multiple of 16"),
+    ({"size": "32"}, "size", "WIDTHxHEIGHT"),
+    ({"size": "-32x32"}, "size", "WIDTHxHEIGHT"),
+    ({"size": "0x0"}, "size", "between"),
+    ({"size": "99984x99984"}, "size", "between"),
+    ({"size": 1024}, "size", "string"),
+    ({"num_inference_steps": 0}, "num_inference_steps", "num_inference_steps"),
+    ({"num_inference_steps": 1001}, "num_inference_steps", "between"),
+    ({"guidance_scale": -1}, "guidance_scale", "guidance_scale"),
+    ({"guidance_scale": "high"}, "guidance_scale", "number"),
+    ({"true_cfg_scale": -2}, "true_cfg_scale", "true_cfg_scale"),
+    ({"seed": -1}, "seed", "seed"),
+    ({"seed": 2**64}, "seed", "seed"),
+    ({"max_sequence_length": 4096}, "max_sequence_length", "between"),
+    ({"response_format": "file"}, "response_format", "b64_json"),
+    ({"output_format": "gif"}, "output_format", "png"),
+    ({"output_compression": 101}, "output_compression", "100"),
+    ({"quality": "ultra"}, "quality", "auto"),
+    ({"background": "transparent"}, "background", "transparent"),
+    ({"style": "cubist"}, "style", "vivid"),
+    ({"stream": True}, "stream", "Unrecognized"),
+    ({"image_path": "/etc/passwd"}, "image_path", "Unrecognized"),
+]
+
+
+def post_bad(server, change: dict):
+    """GOOD with `change` applied (None deletes a field), sent as JSON."""
+    body = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    content = json.dumps(body, ensure_ascii=True)  # ensure_ascii lets a lone surrogate through as \ud800
+    return server.http.post("/v1/images/generations", content=content, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("change,param,needle", BAD_FIELDS, ids=[f"{p}:{str(c)[:30]}" for c, p, _ in BAD_FIELDS])
+def test_bad_field_is_400_envelope(server, change, param, needle):
+    error = assert_envelope(post_bad(server, change), 400)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert needle.lower() in error["message"].lower()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '"a string"', "", "null", '{"prompt": NaN}'],
+                         ids=["broken", "array", "string", "empty", "null", "nan"])
+def test_bad_json_is_400_envelope(server, content):
+    response = server.http.post("/v1/images/generations", content=content,
+                                headers={"content-type": "application/json"})
+    assert_envelope(response, 400)
+
+
+def test_missing_prompt_names_it(server):
+    error = assert_envelope(server.http.post("/v1/images/generations", json={"size": "32x32"}), 400)
+    assert error["param"] == "prompt" and error["code"] == "missing_required_parameter"
+
+
+def test_oversized_body_is_413(server):
+    big = {**GOOD, "prompt": "x" * (1 << 20)}
+    error = assert_envelope(server.http.post("/v1/images/generations", json=big), 413)
+    assert error["code"] == "request_too_large"
+
+
+def test_oversized_chunked_body_is_413(server):
+    def chunks():
+        for _ in range(20):
+            yield b"x" * 65536 * 2
+
+    response = server.http.post("/v1/images/generations", content=chunks(),
+                                headers={"content-type": "application/json"})
+    assert_envelope(response, 413)
+
+
+def test_unknown_route_and_method(server):
+    assert assert_envelope(server.http.get("/v1/nothing"), 404)["code"] == "not_found"
+    assert assert_envelope(server.http.get("/v1/images/generations"), 405)["code"] == "method_not_allowed"
+
+
+def test_no_model_work_and_still_healthy(server):
+    """Bad requests never reached the worker: it ran no steps for them, and good requests still work."""
+    before = server.metrics()["ditserve_denoise_steps_total"]
+    for change, _, _ in BAD_FIELDS:
+        assert post_bad(server, change).status_code == 400
+    assert server.metrics()["ditserve_denoise_steps_total"] == before
+    assert server.http.get("/health").status_code == 200
+    ok = server.http.post("/v1/images/generations", json=GOOD)
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 1

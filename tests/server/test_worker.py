@@ -1,0 +1,89 @@
+"""The worker process through its handle: cancellation between steps, batch rules, errors, load failure."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+
+import pytest
+
+from ditserve.api import DitserveError, GenerationRequest, InvalidRequest
+from ditserve.config import EngineConfig, ModelConfig
+from ditserve.pipelines.base import Cancelled
+from ditserve.runtime.loader import inspect_model
+from ditserve.runtime.worker import WorkerHandle
+
+
+def handle_for(model) -> WorkerHandle:
+    return WorkerHandle(EngineConfig(ModelConfig(str(model), "cpu", "float32"), max_batch_size=2),
+                        slots=2, threads=1)
+
+
+def resolved(model, steps: int, seed: int = 0, size: int = 32) -> GenerationRequest:
+    source = inspect_model(model)
+    request = GenerationRequest("a fox", height=size, width=size, num_inference_steps=steps, seed=seed,
+                                max_sequence_length=16)
+    return request.resolve(source.defaults, source.pipeline_cls.limits)
+
+
+def test_worker_runs_cancels_and_reports(tiny_flux_dev):
+    long = resolved(tiny_flux_dev, steps=500)
+    short = resolved(tiny_flux_dev, steps=3)
+
+    async def scenario():
+        handle = handle_for(tiny_flux_dev)
+        await handle.start()
+        try:
+            # A flag set before the run is seen before the first step.
+            handle.cancel(0, 101)
+            with pytest.raises(Cancelled, match=r"before step 1/500"):
+                await handle.run([101], [long])
+
+            # Set mid-run, it stops the run at the next step boundary: every step the worker ran
+            # was reported, none ran after the check that saw the flag.
+            steps = []
+
+            def on_progress(step, total):
+                steps.append(step)
+                if step == 3:
+                    handle.cancel(0, 102)
+
+            handle.on_progress = on_progress
+            with pytest.raises(Cancelled) as info:
+                await handle.run([102], [long])
+            stopped_before = int(re.search(r"before step (\d+)/", str(info.value))[1])
+            assert steps == list(range(1, stopped_before)) and stopped_before < 500
+
+            # A batch stops only when all of its requests are cancelled.
+            handle.on_progress = lambda step, total: handle.cancel(0, 103)
+            outputs = await handle.run([103, 104], [short, resolved(tiny_flux_dev, steps=3, seed=1)])
+            assert [o.seed for o in outputs] == [0, 1] and all(len(o.images) == 1 for o in outputs)
+
+            # Errors come back typed, and the worker keeps serving.
+            with pytest.raises(InvalidRequest, match="share size"):
+                await handle.run([105, 106], [short, resolved(tiny_flux_dev, steps=3, size=48)])
+            assert len(await handle.run([107], [short])) == 1
+            assert handle.ready and handle.restarts == 0
+        finally:
+            await handle.stop()
+        return handle
+
+    handle = asyncio.run(scenario())
+    assert handle.state == "stopped" and not handle._proc.is_alive()
+
+
+def test_load_failure_is_reported_at_start(tiny_flux_dev, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_flux_dev, broken)
+    for weights in (broken / "transformer").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+
+    async def scenario():
+        handle = handle_for(broken)
+        with pytest.raises(DitserveError):
+            await handle.start()
+        return handle
+
+    handle = asyncio.run(scenario())
+    assert not handle.ready
