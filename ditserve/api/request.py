@@ -68,7 +68,7 @@ class GenerationRequest:
             if f.name in _REQUEST_FIELDS and getattr(self, f.name) is None
         }
         images = tuple(self.images) if isinstance(self.images, (list, tuple)) else self.images
-        if defaults.image_size_area and images and hasattr(images[-1], "size"):
+        if defaults.image_size_area and isinstance(images, tuple) and images and hasattr(images[-1], "size"):
             width, height = size_for_area(defaults.image_size_area, *images[-1].size)
             filled["width"] = self.width if self.width is not None else width
             filled["height"] = self.height if self.height is not None else height
