@@ -1,4 +1,4 @@
-"""`/v1/images/*`: generations, edits (refused until an editing family exists), stored content."""
+"""`/v1/images/*`: generations, edits (for a model that edits), stored content."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import logging
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
-from ditserve.api import GenerationOutput, InvalidRequest
+from ditserve.api import GenerationOutput, GenerationRequest, InvalidRequest
+from ditserve.api.images import read_image
 from ditserve.runtime.scheduler import Ticket
 from ditserve.server.errors import RequestTimedOut, documented, error_response
-from ditserve.server.schemas import (EDITS_BODY, MEDIA_TYPES, ImageData, ImageGenerationBody, ImagesResponse,
-                                     TimingsBody)
+from ditserve.server.schemas import (MEDIA_TYPES, ImageData, ImageEditBody, ImageGenerationBody, ImagesResponse,
+                                     TimingsBody, edits_openapi)
 from ditserve.server.state import ServerState, model_not_found, state_of
 
 log = logging.getLogger(__name__)
@@ -25,14 +29,53 @@ UPLOAD_PATHS = frozenset({"/v1/images/edits"})
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads this answer
 
 
+_ANSWERS = documented(400, 401, 404, 413, 429, 500, 503, 504)
+
+
 @router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses=documented(400, 401, 404, 413, 429, 500, 503, 504))
+             responses=_ANSWERS)
 async def generations(body: ImageGenerationBody, request: Request):
     """Generate images from a prompt (OpenAI's Images API)."""
+    return await _generate(request, body, body.to_request())
+
+
+@router.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
+             responses=_ANSWERS, openapi_extra=edits_openapi())
+async def edits(request: Request):
+    """Edit images (multipart: image or image[], prompt, ...), with a model that edits."""
+    state = state_of(request)
+    if not state.limits.max_images:  # answered before the upload is parsed
+        raise InvalidRequest(f"the loaded model does not edit images ({state.source.class_name} generates "
+                             "from text only); serve an image-editing model for /v1/images/edits", "image")
+    async with request.form(max_files=state.limits.max_images + 1, max_fields=64) as form:
+        body, uploads = _edit_fields(form)
+        images = []
+        for i, upload in enumerate(uploads):
+            name = f"image {i + 1} ({upload.filename or 'unnamed'})"
+            images.append(await asyncio.to_thread(read_image, await upload.read(), name, state.limits))
+    return await _generate(request, body, body.to_request(tuple(images)))
+
+
+def _edit_fields(form) -> tuple[ImageEditBody, list[UploadFile]]:
+    files = [(name, value) for name, value in form.multi_items() if isinstance(value, UploadFile)]
+    if any(name == "mask" for name, _ in files):
+        raise InvalidRequest("mask (inpainting) is not supported by the loaded model; send image only", "mask")
+    unknown = [name for name, _ in files if name not in ("image", "image[]")]
+    if unknown:
+        raise InvalidRequest(f"unexpected file field {unknown[0]!r}; images go in 'image' or 'image[]'", unknown[0])
+    try:
+        body = ImageEditBody.model_validate({k: v for k, v in form.multi_items() if isinstance(v, str)})
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    return body, [upload for _, upload in files]
+
+
+async def _generate(request: Request, body: ImageGenerationBody, unresolved: GenerationRequest):
+    """Resolve, queue, wait, encode: the part generations and edits share."""
     state = state_of(request)
     if body.model is not None and body.model != state.model_id:
         return model_not_found(body.model, state)
-    resolved = body.to_request().resolve(state.source.defaults, state.limits)
+    resolved = unresolved.resolve(state.source.defaults, state.limits)
     ticket = state.scheduler.submit(resolved)
     output = await _wait(request, state, ticket)
     if output is None:
@@ -94,14 +137,6 @@ def _encode_all(output: GenerationOutput, fmt: str, compression: int | None) -> 
             image.save(buffer, format=fmt.upper(), quality=95 if compression is None else compression)
         encoded.append(buffer.getvalue())
     return encoded
-
-
-@router.post("/v1/images/edits", responses=documented(400, 401, 413), openapi_extra=EDITS_BODY)
-async def edits(request: Request):
-    """Edit images (OpenAI's Images API); answered before the upload is read."""
-    name = state_of(request).source.class_name
-    raise InvalidRequest(f"the loaded model does not edit images ({name} generates from text only); "
-                         "serve an image-editing model for /v1/images/edits", "image")
 
 
 @router.get("/v1/images/{image_id}/content", name="image_content",

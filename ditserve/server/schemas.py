@@ -49,8 +49,8 @@ class ImageGenerationBody(BaseModel):
     true_cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     max_sequence_length: int | None = Field(None, ge=1, description="Text tokens for the T5 encoder.")
 
-    def to_request(self) -> GenerationRequest:
-        """The unresolved request; `Engine.resolve`-style validation follows at the edge."""
+    def to_request(self, images: tuple = ()) -> GenerationRequest:
+        """The unresolved request (with decoded input `images` for an edit); resolving validates it."""
         _check_text("prompt", self.prompt)
         _check_text("negative_prompt", self.negative_prompt)
         if self.background == "transparent":
@@ -61,8 +61,19 @@ class ImageGenerationBody(BaseModel):
             prompt=self.prompt, negative_prompt=self.negative_prompt, height=height, width=width,
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
             true_cfg_scale=self.true_cfg_scale, seed=self.seed, num_images=self.n or 1,
-            max_sequence_length=self.max_sequence_length,
+            max_sequence_length=self.max_sequence_length, images=images,
         )
+
+
+class ImageEditBody(ImageGenerationBody):
+    """`POST /v1/images/edits` form fields besides the files (image, image[], mask).
+
+    Form fields arrive as text, so types are converted ("2" → 2); unknown fields are still refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    input_fidelity: Literal["high", "low"] | None = None  # accepted for compatibility; no effect
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -120,24 +131,12 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-# The multipart body of /v1/images/edits, for the OpenAPI document only: the handler answers
-# before reading it while no loaded family edits images.
-EDITS_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object",
-            "required": ["prompt"],
-            "properties": {
-                "image": {"type": "string", "format": "binary"},
-                "image[]": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "mask": {"type": "string", "format": "binary"},
-                "prompt": {"type": "string"},
-                "model": {"type": "string"},
-                "n": {"type": "integer", "minimum": 1},
-                "size": {"type": "string"},
-                "response_format": {"type": "string", "enum": ["b64_json", "url"]},
-            },
-        }}},
-    }
-}
+def edits_openapi() -> dict:
+    """The multipart body of /v1/images/edits for the OpenAPI document (the handler reads the form
+    itself, so that a model that cannot edit answers before the upload is parsed)."""
+    schema = ImageEditBody.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    properties = {"image": binary, "image[]": {"type": "array", "items": binary}, "mask": binary,
+                  **schema["properties"]}
+    form = {"type": "object", "required": ["prompt"], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
