@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark a DiT step (and end to end) against diffusers on a GPU")
     p.add_argument("--model", default="flux.1-dev", help="an entry of ditserve/bench/architectures.json")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image)")
+    p.add_argument("--width", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps for --end-to-end")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"])
     p.add_argument("--quantization", default=None, choices=["fp8"])
@@ -35,18 +35,27 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in architectures() or args.model.startswith("_"):
         names = [k for k in architectures() if not k.startswith("_")]
         raise InvalidRequest(f"unknown model {args.model!r}; known: {', '.join(names)}", "model")
-    if not args.model.startswith("flux"):
-        raise InvalidRequest(f"bench supports the flux.1 models so far, not {args.model}", "model")
+    if not args.model.startswith(("flux", "qwen-image")):
+        raise InvalidRequest(f"bench supports the flux.1 and qwen-image models so far, not {args.model}", "model")
+    qwen = args.model.startswith("qwen-image")
+    if qwen and (args.end_to_end or args.quantization):
+        raise InvalidRequest("bench for qwen-image times the eager DiT step only "
+                             "(no --end-to-end, no --quantization yet)", "model")
     if not torch.cuda.is_available():
         raise InvalidRequest("ditserve bench needs a CUDA GPU", "device")
-    if args.end_to_end:
+    height, width = args.height or (1328 if qwen else 1024), args.width or (1328 if qwen else 1024)
+    if qwen:
+        from ditserve.bench.qwen_image import bench_step as qwen_bench_step
+
+        row = qwen_bench_step(args.model, height, width, compare=args.compare == "diffusers")
+    elif args.end_to_end:
         from ditserve.bench.flux_e2e import bench_end_to_end
 
-        row = bench_end_to_end(args.model, args.height, args.width, args.steps, args.quantization)
+        row = bench_end_to_end(args.model, height, width, args.steps, args.quantization)
     else:
         from ditserve.bench.flux import bench_step
 
-        row = bench_step(args.model, args.height, args.width, quantization=args.quantization,
+        row = bench_step(args.model, height, width, quantization=args.quantization,
                          compare=args.compare == "diffusers")
     sys.stdout.write(json.dumps(row, indent=2) + "\n")  # the result is the output
     if args.json:
