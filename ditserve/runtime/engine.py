@@ -41,7 +41,9 @@ class Engine:
     def warmup(self) -> None:
         """One short generation at the default size: compilation and graph capture happen here."""
         start = time.perf_counter()
-        self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=2, seed=0))
+        defaults = self.source.defaults  # edit models need input images: grey ones at the default size
+        images = (Image.new("RGB", (defaults.width, defaults.height), (128, 128, 128)),) * self.pipeline.limits.min_images
+        self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=2, seed=0, images=images))
         log.info("warm-up done in %.1f s", time.perf_counter() - start)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:

@@ -142,3 +142,18 @@ def test_read_image_decodes_supported_formats():
         Image.new("RGBA" if fmt != "JPEG" else "L", (20, 10), 128).save(buf, format=fmt)
         image = read_image(buf.getvalue(), fmt, limits)
         assert image.mode == "RGB" and image.size == (20, 10)
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen_image", "tiny_qwen_image_edit", "tiny_qwen_image_edit_plus"])
+def test_compile_warmup_request_is_valid(request, monkeypatch, model):
+    """`--enable-torch-compile` warms up with one request at the default size; edit models get an image."""
+    from ditserve.runtime.engine import Engine
+
+    source = inspect_model(request.getfixturevalue(model))
+    engine = Engine(object.__new__(source.pipeline_cls), source)  # no weights: the run is captured
+    seen = []
+    monkeypatch.setattr(engine, "run_batch", lambda reqs, control=None: seen.extend(reqs) or [None])
+    engine.warmup()
+    (req,) = seen
+    assert len(req.images) == source.pipeline_cls.limits.min_images
+    assert (req.width, req.height) == (1024, 1024) and req.num_inference_steps == 2
