@@ -106,9 +106,11 @@ class QwenPromptEncoder:
     def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, **vision) -> torch.Tensor:
         device = self.model.device
         vision = {k: v.to(device) for k, v in vision.items()}
-        # as the diffusers pipelines call it: no mm_token_type_ids, so 1-D text positions
-        out = self.model.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **vision)
-        return out.last_hidden_state
+        # exactly as the diffusers pipelines call it (e.g. no mm_token_type_ids: in transformers 5
+        # that means 1-D text positions), so the hidden states match across transformers versions
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                         use_cache=False, **vision)
+        return out.hidden_states[-1]
 
     def _tokens_with_images(self, text: str, images: list[Image.Image]):
         """Qwen2VLProcessor's expansion: each image slot gets one pad token per merged patch group."""
