@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ditserve.api import EngineError, InvalidRequest
-from ditserve.cli.generate import add_model_args, default_model_path
+from ditserve.cli.generate import accel_config, add_model_args, default_model_path
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output-ttl", type=float, default=3600.0, help="seconds a url output lives (default 3600)")
     p.add_argument("--max-pixels", type=int, default=None, help="cap on width*height below the model's")
     p.add_argument("--max-steps", type=int, default=None, help="cap on num_inference_steps below the model's")
-    p.add_argument("--max-images", type=int, default=None, help="cap on n below the model's")
+    p.add_argument("--max-num-images", type=int, default=None, help="cap on n below the model's")
     p.add_argument("--worker-threads", type=int, default=None, help="torch CPU threads in the worker")
     p.set_defaults(run=run)
 
@@ -55,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
         max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes, output_dir=args.output_dir,
         output_ttl_s=args.output_ttl, max_pixels=args.max_pixels, max_steps=args.max_steps,
-        max_images=args.max_images, worker_threads=args.worker_threads,
+        max_num_images=args.max_num_images, worker_threads=args.worker_threads,
     )
-    engine = EngineConfig(ModelConfig(str(source.path), device, args.dtype), max_batch_size=args.max_batch_size)
+    engine = EngineConfig(ModelConfig(str(source.path), device, args.dtype), max_batch_size=args.max_batch_size,
+                          accel=accel_config(args))
     model_id = args.served_model_name or (Path(model).name if Path(model).expanduser().is_dir() else model)
 
     from ditserve.server.app import create_app
@@ -66,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(source, model_id, engine, config, log_level=env.log_level())
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    log.info("ditserve serving %s (%s) on http://%s:%d", model_id, source.class_name, host, port)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("ditserve serving %s (%s) on http://%s:%d", model_id, source.class_name, shown, port)
+    if config.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
     fatal = serve(app, app.state.ditserve, sock)
     if fatal:
         raise EngineError(f"the model could not be loaded: {fatal}")

@@ -27,7 +27,7 @@ class ServerConfig:
     # Operator caps, tighter than the model's own limits (None: the model's limit).
     max_pixels: int | None = None
     max_steps: int | None = None
-    max_images: int | None = None
+    max_num_images: int | None = None
     # torch intra-op threads in the worker (None: torch's default).
     worker_threads: int | None = None
 
@@ -36,7 +36,7 @@ class ServerConfig:
             "max_queue": self.max_queue, "request_timeout_s": self.request_timeout_s,
             "drain_timeout_s": self.drain_timeout_s, "max_body_bytes": self.max_body_bytes,
             "max_upload_bytes": self.max_upload_bytes, "output_ttl_s": self.output_ttl_s,
-            "max_pixels": self.max_pixels, "max_steps": self.max_steps, "max_images": self.max_images,
+            "max_pixels": self.max_pixels, "max_steps": self.max_steps, "max_num_images": self.max_num_images,
             "worker_threads": self.worker_threads,
         }
         for name, value in positive.items():
@@ -48,5 +48,5 @@ class ServerConfig:
     def limits_for(self, model: ModelLimits) -> ModelLimits:
         """The model's limits, tightened by the operator's caps."""
         caps = {"max_pixels": self.max_pixels, "max_steps": self.max_steps,
-                "max_num_images": self.max_images}
+                "max_num_images": self.max_num_images}
         return replace(model, **{k: min(v, getattr(model, k)) for k, v in caps.items() if v is not None})

@@ -25,7 +25,7 @@ def fuzz_server(tiny_flux_dev, tmp_path_factory):
     defaults = {"height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 16}
     (model / "ditserve.json").write_text(json.dumps({"defaults": defaults}))
     live = start(model, folder / "server.log", "--max-pixels", "4096",
-                 "--max-steps", "3", "--max-images", "2", "--max-batch-size", "2", api_key=FUZZ_KEY)
+                 "--max-steps", "3", "--max-num-images", "2", "--max-batch-size", "2", api_key=FUZZ_KEY)
     yield live
     live.stop()
 
