@@ -1,4 +1,4 @@
-"""Qwen-Image DiT step: ditserve vs diffusers, both eager, same random weights (bf16).
+"""Qwen-Image DiT step: ditserve vs diffusers, eager and compiled, same random weights (bf16).
 
 At 1328² the image is 83x83 = 6889 packed patches; with 128 text tokens that is one forward of
 the 60-block, 20B-parameter transformer at batch 1 (a real run does two per step, cond + uncond).
@@ -88,8 +88,11 @@ def block_update_rel_l2(ref, ours: QwenImageDiT, inp: QwenImageInputs, grids) ->
 
 @torch.no_grad()
 def bench_step(model: str = MODEL, height: int = 1328, width: int = 1328, txt_len: int = 128,
-               compare: bool = True, device: str = "cuda") -> dict:
-    """One DiT forward (batch 1), eager: ditserve vs diffusers, with the rel-L2 guard."""
+               compare: bool = True, device: str = "cuda", compiled: bool = True) -> dict:
+    """One DiT forward (batch 1): eager and compiled, ditserve vs diffusers, with the rel-L2 guard."""
+    from ditserve.accel import accelerate_dit
+    from ditserve.config import AccelConfig
+
     dtype = torch.bfloat16
     ref, ours = build(model, device, dtype)
     inp = inputs(ours.cfg, height, width, txt_len, device, dtype)
@@ -110,4 +113,14 @@ def bench_step(model: str = MODEL, height: int = 1328, width: int = 1328, txt_le
         row["diffusers_eager_step_s"] = median_time(lambda: ref_call(ref, inp, grids))
         row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_eager_step_s"]
     log.info("qwen-image eager: %s", row)
+    if compiled:
+        fast = accelerate_dit(ours, AccelConfig(compile=True), torch.device(device))
+        row["ditserve_step_s"] = median_time(lambda: fast(inp, pe), warmup=3, reps=10)
+        row["rel_l2_compiled"] = rel_l2(fast(inp, pe), expected)
+        row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
+        if compare:
+            row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_step_s"]
+            ref.compile_repeated_blocks(fullgraph=True)
+            row["diffusers_compiled_step_s"] = median_time(lambda: ref_call(ref, inp, grids), warmup=3, reps=10)
+            row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
     return row
