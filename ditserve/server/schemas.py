@@ -41,18 +41,23 @@ class ImageGenerationBody(BaseModel):
     moderation: Literal["auto", "low"] | None = None
     user: str | None = None
     safety_identifier: str | None = None
+    stream: bool | None = Field(None, description="Only false: images are returned whole.")
+    partial_images: int | None = Field(None, ge=0, description="Only 0 (streaming is not supported).")
     # ditserve extensions (the openai client sends them with `extra_body`)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same image.")
     negative_prompt: str | None = Field(None, description="Used when true_cfg_scale > 1.")
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     true_cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
-    max_sequence_length: int | None = Field(None, ge=1, description="Text tokens for the T5 encoder.")
+    max_sequence_length: int | None = Field(None, ge=1, description="Most prompt tokens the text encoder sees.")
 
     def to_request(self, images: tuple = ()) -> GenerationRequest:
         """The unresolved request (with decoded input `images` for an edit); resolving validates it."""
         _check_text("prompt", self.prompt)
         _check_text("negative_prompt", self.negative_prompt)
+        if self.stream or self.partial_images:
+            raise InvalidRequest("streaming (stream, partial_images) is not supported; images are returned whole",
+                                 "stream" if self.stream else "partial_images")
         if self.background == "transparent":
             raise InvalidRequest("the loaded model draws opaque images; background 'transparent' is not "
                                  "supported (use 'opaque' or 'auto')", "background")

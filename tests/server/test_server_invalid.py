@@ -43,7 +43,8 @@ BAD_FIELDS = [
     ({"quality": "ultra"}, "quality", "auto"),
     ({"background": "transparent"}, "background", "transparent"),
     ({"style": "cubist"}, "style", "vivid"),
-    ({"stream": True}, "stream", "Unrecognized"),
+    ({"stream": True}, "stream", "not supported"),
+    ({"partial_images": 2}, "partial_images", "not supported"),
     ({"image_path": "/etc/passwd"}, "image_path", "Unrecognized"),
 ]
 

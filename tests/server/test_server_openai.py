@@ -75,7 +75,8 @@ def test_several_images_differ(client):
 
 def test_compat_fields_are_accepted(client):
     result = client.images.generate(prompt="a tree", size="32x32", quality="high", style="natural",
-                                    background="opaque", moderation="low", user="u-1", extra_body=TINY)
+                                    background="opaque", moderation="low", user="u-1", stream=False,
+                                    partial_images=0, extra_body=TINY)
     assert len(result.data) == 1
 
 
