@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from ditserve.server.app import create_app
     from ditserve.server.runner import bind, serve
 
-    app = create_app(source, model_id, engine, config, log_level=env.log_level())
     sock = bind(config.host, config.port)
+    app = create_app(source, model_id, engine, config, log_level=env.log_level())
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info("ditserve serving %s (%s) on http://%s:%d", model_id, source.class_name, shown, port)
