@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from live_server import LiveServer, start
+from live_server import API_KEY, LiveServer, start
 
-API_KEY = "test-key"
 # Loose caps and a small queue: the overload, batching, cancellation and crash tests need long runs.
 MAIN_FLAGS = ("--max-queue", "4", "--max-batch-size", "4", "--request-timeout", "120",
               "--served-model-name", "tiny-flux")

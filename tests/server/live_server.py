@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
 
+API_KEY = "test-key"  # the shared server's
 START_TIMEOUT_S = 180  # a harness limit for a busy 2-core machine, not an assertion on speed
 _LISTENING = re.compile(r"on (http://127\.0\.0\.1:\d+)")
 

@@ -11,8 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import API_KEY
-from live_server import GOOD, assert_envelope, occupy_worker, post, release
+from live_server import API_KEY, GOOD, assert_envelope, occupy_worker, post, release
 from PIL import Image
 
 

@@ -9,8 +9,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import API_KEY
-from live_server import assert_envelope
+from live_server import API_KEY, assert_envelope
 from PIL import Image
 
 TINY = {"num_inference_steps": 2, "max_sequence_length": 16}
