@@ -105,5 +105,23 @@ class Pipeline:
         return (req.height, req.width, req.num_inference_steps, req.do_true_cfg, req.max_sequence_length)
 
     def run(self, requests: list[GenerationRequest], control: RunControl) -> tuple[Pixels, Timings]:
-        """Generate for resolved, validated, batch-compatible requests."""
-        raise NotImplementedError
+        """Generate for resolved, validated, batch-compatible requests, stage by stage.
+
+        Families implement the stages with their own typed states: encode_prompt -> text embeds,
+        prepare_latents -> latents, timesteps -> Schedule, denoise -> latents, decode -> Pixels.
+        """
+        timer = StageTimer(self.device)
+        with timer.stage("encode_prompt"):
+            cond = self.encode_prompt([r.prompt for r in requests], requests)
+            uncond = None
+            if requests[0].do_true_cfg:
+                uncond = self.encode_prompt([r.negative_prompt for r in requests], requests)
+        with timer.stage("prepare_latents"):
+            latents = self.prepare_latents(requests)
+        with timer.stage("timesteps"):
+            sched = self.timesteps(latents, requests[0].num_inference_steps)
+        with timer.stage("denoise"):
+            latents = self.denoise(latents, cond, uncond, sched, requests, control, timer)
+        with timer.stage("decode"):
+            pixels = self.decode(latents)
+        return pixels, timer.timings

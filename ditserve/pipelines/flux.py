@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults, Timings
+from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults
 from ditserve.encoders.text import ClipPooledEncoder, T5SequenceEncoder
 from ditserve.models.flux.model import FluxDiT, FluxInputs
 from ditserve.models.flux.weights import load_flux_dit
@@ -124,22 +124,3 @@ class FluxPipeline(Pipeline):
 
     def decode(self, latents: FluxLatents) -> Pixels:
         return Pixels(decode_kl(self.vae, unpack(latents.x, latents.grid)))
-
-    # -- composition ----------------------------------------------------------------------
-
-    def run(self, requests: list[GenerationRequest], control: RunControl) -> tuple[Pixels, Timings]:
-        timer = StageTimer(self.device)
-        with timer.stage("encode_prompt"):
-            cond = self.encode_prompt([r.prompt for r in requests], requests)
-            uncond = None
-            if requests[0].do_true_cfg:
-                uncond = self.encode_prompt([r.negative_prompt for r in requests], requests)
-        with timer.stage("prepare_latents"):
-            latents = self.prepare_latents(requests)
-        with timer.stage("timesteps"):
-            sched = self.timesteps(latents, requests[0].num_inference_steps)
-        with timer.stage("denoise"):
-            latents = self.denoise(latents, cond, uncond, sched, requests, control, timer)
-        with timer.stage("decode"):
-            pixels = self.decode(latents)
-        return pixels, timer.timings

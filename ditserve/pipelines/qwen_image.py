@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults, Timings
+from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults
 from ditserve.encoders.qwen import T2I_TEMPLATE, PromptEmbeds, PromptTemplate, QwenPromptEncoder
 from ditserve.models.qwen_image.model import QwenImageDiT, QwenImageInputs, image_ids, text_ids
 from ditserve.models.qwen_image.weights import load_qwen_image_dit
@@ -132,22 +132,3 @@ class QwenImagePipeline(Pipeline):
 
     def decode(self, latents: QwenLatents) -> Pixels:
         return Pixels(decode_qwen(self.vae, unpack(latents.x, latents.grid)))
-
-    # -- composition ----------------------------------------------------------------------
-
-    def run(self, requests: list[GenerationRequest], control: RunControl) -> tuple[Pixels, Timings]:
-        timer = StageTimer(self.device)
-        with timer.stage("encode_prompt"):
-            cond = self.encode_prompt([r.prompt for r in requests], requests)
-            uncond = None
-            if requests[0].do_true_cfg:
-                uncond = self.encode_prompt([r.negative_prompt for r in requests], requests)
-        with timer.stage("prepare_latents"):
-            latents = self.prepare_latents(requests)
-        with timer.stage("timesteps"):
-            sched = self.timesteps(latents, requests[0].num_inference_steps)
-        with timer.stage("denoise"):
-            latents = self.denoise(latents, cond, uncond, sched, requests, control, timer)
-        with timer.stage("decode"):
-            pixels = self.decode(latents)
-        return pixels, timer.timings

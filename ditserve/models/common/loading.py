@@ -87,3 +87,31 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def linear_keys(ours: str, *theirs: str) -> KeyMap:
+    """Weight and bias of our Linear `ours` from one or more (concatenated) checkpoint Linears."""
+    return {
+        f"{ours}.weight": [f"{t}.weight" for t in theirs],
+        f"{ours}.bias": [f"{t}.bias" for t in theirs],
+    }
+
+
+def double_block_keys(o: str, t: str, *, img_mod: str, txt_mod: str, img_mlp: str, txt_mlp: str) -> KeyMap:
+    """Our MMDiT DoubleStreamBlock `o` from a diffusers dual-stream block `t` (FLUX, Qwen-Image):
+    fused q/k/v per stream; the families differ only in the names of modulation and MLP modules."""
+    m: KeyMap = {}
+    m |= linear_keys(f"{o}.img_mod.lin", f"{t}.{img_mod}")
+    m |= linear_keys(f"{o}.txt_mod.lin", f"{t}.{txt_mod}")
+    m |= linear_keys(f"{o}.img_attn.qkv", f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v")
+    m |= linear_keys(f"{o}.txt_attn.qkv", f"{t}.attn.add_q_proj", f"{t}.attn.add_k_proj", f"{t}.attn.add_v_proj")
+    m |= linear_keys(f"{o}.img_attn.proj", f"{t}.attn.to_out.0")
+    m |= linear_keys(f"{o}.txt_attn.proj", f"{t}.attn.to_add_out")
+    m[f"{o}.img_attn.norm.q_norm.weight"] = [f"{t}.attn.norm_q.weight"]
+    m[f"{o}.img_attn.norm.k_norm.weight"] = [f"{t}.attn.norm_k.weight"]
+    m[f"{o}.txt_attn.norm.q_norm.weight"] = [f"{t}.attn.norm_added_q.weight"]
+    m[f"{o}.txt_attn.norm.k_norm.weight"] = [f"{t}.attn.norm_added_k.weight"]
+    for ours, theirs in (("img_mlp", img_mlp), ("txt_mlp", txt_mlp)):
+        m |= linear_keys(f"{o}.{ours}.0", f"{t}.{theirs}.net.0.proj")
+        m |= linear_keys(f"{o}.{ours}.2", f"{t}.{theirs}.net.2")
+    return m

@@ -6,35 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ditserve.models.common.loading import KeyMap, load_into
+from ditserve.models.common.loading import KeyMap, double_block_keys, load_into
+from ditserve.models.common.loading import linear_keys as _linear
 from ditserve.models.qwen_image.config import QwenImageConfig
 from ditserve.models.qwen_image.model import QwenImageDiT
-
-
-def _linear(ours: str, *theirs: str) -> KeyMap:
-    return {
-        f"{ours}.weight": [f"{t}.weight" for t in theirs],
-        f"{ours}.bias": [f"{t}.bias" for t in theirs],
-    }
-
-
-def _block(o: str, t: str) -> KeyMap:
-    m: KeyMap = {}
-    m |= _linear(f"{o}.img_mod.lin", f"{t}.img_mod.1")
-    m |= _linear(f"{o}.txt_mod.lin", f"{t}.txt_mod.1")
-    m |= _linear(f"{o}.img_attn.qkv", f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v")
-    m |= _linear(f"{o}.txt_attn.qkv", f"{t}.attn.add_q_proj", f"{t}.attn.add_k_proj", f"{t}.attn.add_v_proj")
-    m |= _linear(f"{o}.img_attn.proj", f"{t}.attn.to_out.0")
-    m |= _linear(f"{o}.txt_attn.proj", f"{t}.attn.to_add_out")
-    m[f"{o}.img_attn.norm.q_norm.weight"] = [f"{t}.attn.norm_q.weight"]
-    m[f"{o}.img_attn.norm.k_norm.weight"] = [f"{t}.attn.norm_k.weight"]
-    m[f"{o}.txt_attn.norm.q_norm.weight"] = [f"{t}.attn.norm_added_q.weight"]
-    m[f"{o}.txt_attn.norm.k_norm.weight"] = [f"{t}.attn.norm_added_k.weight"]
-    m |= _linear(f"{o}.img_mlp.0", f"{t}.img_mlp.net.0.proj")
-    m |= _linear(f"{o}.img_mlp.2", f"{t}.img_mlp.net.2")
-    m |= _linear(f"{o}.txt_mlp.0", f"{t}.txt_mlp.net.0.proj")
-    m |= _linear(f"{o}.txt_mlp.2", f"{t}.txt_mlp.net.2")
-    return m
 
 
 def qwen_image_key_map(cfg: QwenImageConfig) -> KeyMap:
@@ -45,7 +20,8 @@ def qwen_image_key_map(cfg: QwenImageConfig) -> KeyMap:
     m |= _linear("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
     m |= _linear("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
     for i in range(cfg.num_layers):
-        m |= _block(f"double_blocks.{i}", f"transformer_blocks.{i}")
+        m |= double_block_keys(f"double_blocks.{i}", f"transformer_blocks.{i}", img_mod="img_mod.1",
+                               txt_mod="txt_mod.1", img_mlp="img_mlp", txt_mlp="txt_mlp")
     m |= _linear("final_layer.adaLN_modulation", "norm_out.linear")
     m |= _linear("final_layer.linear", "proj_out")
     return m
