@@ -100,8 +100,10 @@ class Pipeline:
     def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "Pipeline":
         raise NotImplementedError
 
-    def batch_key(self, req: GenerationRequest) -> tuple:
-        """Requests with equal keys can run as one batch."""
+    @classmethod
+    def batch_key(cls, req: GenerationRequest) -> tuple:
+        """Requests with equal keys can run as one batch (a class method: the server, which never
+        loads weights, computes it too)."""
         return (req.height, req.width, req.num_inference_steps, req.do_true_cfg, req.max_sequence_length)
 
     def run(self, requests: list[GenerationRequest], control: RunControl) -> tuple[Pixels, Timings]:

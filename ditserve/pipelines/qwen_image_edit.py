@@ -38,13 +38,15 @@ class QwenImageEditPipeline(QwenImagePipeline):
     # the text encoder sees the VAE-sized image (Edit) or one resized to this area (Edit Plus)
     condition_image_area: ClassVar[int | None] = None
 
-    def batch_key(self, req: GenerationRequest) -> tuple:
+    @classmethod
+    def batch_key(cls, req: GenerationRequest) -> tuple:
         """Requests batch when their input images have the same latent sizes."""
-        return super().batch_key(req) + (tuple(self.vae_size(im) for im in req.images),)
+        return super().batch_key(req) + (tuple(cls.vae_size(im) for im in req.images),)
 
-    def vae_size(self, image: Image.Image) -> tuple[int, int]:
+    @classmethod
+    def vae_size(cls, image: Image.Image) -> tuple[int, int]:
         """(width, height) an input image is resized to before the VAE."""
-        return size_for_area(self.vae_image_area, *image.size)
+        return size_for_area(cls.vae_image_area, *image.size)
 
     def prompt_images(self, requests: list[GenerationRequest]) -> list[list[Image.Image]]:
         area = self.condition_image_area or self.vae_image_area

@@ -30,11 +30,8 @@ class Unavailable(Overloaded):
 
 
 def batch_key_for(pipeline_cls: type[Pipeline]) -> Callable[[GenerationRequest], Hashable]:
-    """The family's `batch_key`, computed in the server process, which never loads weights.
-
-    `batch_key` reads only the request, so an instance without weights answers it.
-    """
-    return object.__new__(pipeline_cls).batch_key
+    """The family's `batch_key` (a class method), computed in the server process, which never loads weights."""
+    return pipeline_cls.batch_key
 
 
 @dataclass(eq=False)

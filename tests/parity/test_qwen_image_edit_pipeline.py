@@ -58,7 +58,7 @@ def small_area(monkeypatch):
     monkeypatch.setattr(plus_module, "VAE_IMAGE_SIZE", SMALL_AREA)
 
     def apply(gen: Generator) -> Generator:
-        monkeypatch.setattr(gen.engine.pipeline, "vae_image_area", SMALL_AREA)
+        monkeypatch.setattr(type(gen.engine.pipeline), "vae_image_area", SMALL_AREA)
         return gen
 
     return apply
