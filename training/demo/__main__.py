@@ -22,6 +22,7 @@ log = logging.getLogger("training.demo")
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "ditserve" / "demo" / "model"
 EXPORT_MARGIN_S = 30
+VAE_SHARE = 0.35  # of --max-minutes, at most
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -34,11 +35,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         s.add_argument("--recipe", default="full", choices=sorted(config.RECIPES))
         s.add_argument("--vae-steps", type=int, default=None)
         s.add_argument("--dit-steps", type=int, default=None)
+        s.add_argument("--dataset-size", type=int, default=None, help="training scenes (default: the recipe's)")
         s.add_argument("--device", default="cpu")
         s.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
         s.add_argument("--max-minutes", type=float, default=None,
                        help="stop (checkpointed, resumable) and export after about this long: "
-                            "the VAE gets at most a quarter of it")
+                            "the VAE gets at most 35%% of it")
     e = sub.add_parser("evaluate")
     e.add_argument("--model-path", type=Path, default=SHIPPED_MODEL)
     e.add_argument("--count", type=int, default=None, help="held-out combos to try (default: all)")
@@ -53,9 +55,9 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
     from .dit import build_denoiser, train_dit
     from .export import export_pipeline
     from .scenes import split_combos
-    from .vae import build_vae, encode_dataset, train_vae
+    from .vae import build_vae, encode_dataset, scene_set, train_vae
 
-    r = config.recipe(args.recipe, vae_steps=args.vae_steps, dit_steps=args.dit_steps)
+    r = config.recipe(args.recipe, args.vae_steps, args.dit_steps, args.dataset_size)
     device = torch.device(args.device)
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -78,10 +80,19 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
         vae_deadline = dit_deadline = None
         if args.max_minutes:
             now = time.monotonic()
-            vae_deadline = now + 0.25 * 60 * args.max_minutes
+            vae_deadline = now + VAE_SHARE * 60 * args.max_minutes
             dit_deadline = now + 60 * args.max_minutes - EXPORT_MARGIN_S
-        vae = train_vae(work, r, train_combos, device, vae_deadline)
-        data = encode_dataset(work, r, vae, train_combos, device)
+        drawn: list = []
+
+        def scenes():  # drawn once, and only if the VAE or the latents still need them
+            if not drawn:
+                drawn.append(scene_set(r, train_combos))
+                log.info("drew %d training scenes", len(drawn[0][0]))
+            return drawn[0]
+
+        vae, vae_steps = train_vae(work, r, scenes, device, vae_deadline)
+        data = encode_dataset(work, r, vae, vae_steps, scenes, device)
+        drawn.clear()
         denoiser = train_dit(work, r, data, train_combos, device, dit_deadline)
         log.info("training done in %.1f min (this sitting)", (time.perf_counter() - start) / 60)
     return export_pipeline(args.out or work / "model", vae.eval(), data, denoiser.eval())
@@ -92,6 +103,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     from .evaluate import evaluate, held_out_combos, save_grid
 
+    logging.getLogger("ditserve").setLevel(logging.WARNING)  # not a line per stage per image
     gen = Generator.from_pretrained(args.model_path, device="cpu", dtype=torch.float32)
     request = {} if args.steps is None else {"num_inference_steps": args.steps}
     start = time.perf_counter()

@@ -54,9 +54,9 @@ def load_checkpoint(path: Path) -> dict | None:
     return state
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+def images_to_tensor(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1], as diffusers' VAEs expect."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -66,7 +66,6 @@ class VaeTraining:
 
 @dataclass(frozen=True)
 class DitTraining:
-    dataset_size: int = 60_000  # pre-encoded training scenes
     steps: int = 20_000
     batch_size: int = 64
     lr: float = 5e-4
@@ -81,12 +80,13 @@ class DitTraining:
 @dataclass(frozen=True)
 class Recipe:
     seed: int = SEED
+    dataset_size: int = 60_000  # training scenes, drawn once: the VAE learns them, the DiT their latents
     vae: VaeTraining = VaeTraining()
     dit: DitTraining = DitTraining()
 
 
-_GPU_VAE = VaeTraining(steps=5000, batch_size=64, lr=8e-4, log_every=250, ckpt_every=1000)
-_GPU_DIT = DitTraining(dataset_size=200_000, steps=10_000, batch_size=256, lr=8e-4, warmup=700, log_every=500,
+_GPU_VAE = VaeTraining(steps=5000, batch_size=128, lr=8e-4, log_every=250, ckpt_every=1000)
+_GPU_DIT = DitTraining(steps=6000, batch_size=256, lr=1e-3, warmup=700, log_every=500,
                        ckpt_every=2000)
 
 RECIPES = {
@@ -94,19 +94,22 @@ RECIPES = {
     "full": Recipe(),
     # One GPU, about 8 minutes on an H200 (training/demo/run_gpu.sh); "gpu-lowlr" is its
     # hedge, trained beside it on the same VAE and data.
-    "gpu": Recipe(vae=_GPU_VAE, dit=_GPU_DIT),
-    "gpu-lowlr": Recipe(vae=_GPU_VAE, dit=replace(_GPU_DIT, lr=3e-4)),
+    "gpu": Recipe(dataset_size=200_000, vae=_GPU_VAE, dit=_GPU_DIT),
+    "gpu-lowlr": Recipe(dataset_size=200_000, vae=_GPU_VAE, dit=replace(_GPU_DIT, lr=5e-4)),
     # Seconds: the whole chain at toy size, for tests and for trying changes; draws nothing useful.
-    "smoke": Recipe(vae=VaeTraining(steps=6, batch_size=4, warmup=2, log_every=2, ckpt_every=3),
-                    dit=DitTraining(dataset_size=64, steps=6, batch_size=8, warmup=2, log_every=2, ckpt_every=3)),
+    "smoke": Recipe(dataset_size=64, vae=VaeTraining(steps=6, batch_size=4, warmup=2, log_every=2, ckpt_every=3),
+                    dit=DitTraining(steps=6, batch_size=8, warmup=2, log_every=2, ckpt_every=3)),
 }
 
 
-def recipe(name: str, **overrides) -> Recipe:
-    """A named recipe; ``vae_steps``/``dit_steps`` overrides shorten or lengthen its stages."""
+def recipe(name: str, vae_steps: int | None = None, dit_steps: int | None = None,
+           dataset_size: int | None = None) -> Recipe:
+    """A named recipe, with its stages' step counts or its scene count overridden where given."""
     r = RECIPES[name]
-    if overrides.get("vae_steps") is not None:
-        r = replace(r, vae=replace(r.vae, steps=overrides["vae_steps"]))
-    if overrides.get("dit_steps") is not None:
-        r = replace(r, dit=replace(r.dit, steps=overrides["dit_steps"]))
+    if vae_steps is not None:
+        r = replace(r, vae=replace(r.vae, steps=vae_steps))
+    if dit_steps is not None:
+        r = replace(r, dit=replace(r.dit, steps=dit_steps))
+    if dataset_size is not None:
+        r = replace(r, dataset_size=dataset_size)
     return r

@@ -6,8 +6,8 @@
 # 1. the VAE (recipe "gpu"), then the 200k training scenes encoded once;
 # 2. two DiT runs side by side on that VAE and data: "gpu" and its lower-learning-rate hedge
 #    "gpu-lowlr", each stopping (checkpointed) at the deadline;
-# 3. each exported pipeline is scored on the held-out prompts and packed into OUT_DIR as
-#    <recipe>.tar.* parts (15 MB each); the logs go there too.
+# 3. each exported pipeline is packed into OUT_DIR as <recipe>.tar.* parts (15 MB each) and
+#    scored on the held-out prompts; the logs go there too.
 # Unpack with: cat OUT_DIR/gpu.tar.* | tar x   (-> model/)
 set -euo pipefail
 out=${1:?usage: run_gpu.sh OUT_DIR [MINUTES]}
@@ -35,11 +35,12 @@ for r in "${recipes[@]}"; do
 done
 wait
 
-for r in "${recipes[@]}"; do
-    python3 -m training.demo evaluate --model-path "$work/$r/model" --threads 4 --seeds 0 1 >>"$out/$r.log" 2>&1 &
-done
-wait
-for r in "${recipes[@]}"; do
+for r in "${recipes[@]}"; do  # pack first: scoring is nice to have, the weights are not
     (cd "$work/$r" && tar cf - model | split -b 15000000 - "$out/$r.tar.") || echo "no model from $r" >>"$out/vae.log"
 done
+for r in "${recipes[@]}"; do
+    timeout 60 python3 -m training.demo evaluate --model-path "$work/$r/model" --threads 4 --seeds 0 1 \
+        >>"$out/$r.log" 2>&1 &
+done
+wait
 echo "done in $(( $(date +%s) - start )) s" >>"$out/vae.log"

@@ -1,25 +1,26 @@
-"""Stage 1: the autoencoder (diffusers ``AutoencoderKL``), trained on freshly drawn scenes.
+"""Stage 1: the autoencoder (diffusers ``AutoencoderKL``), trained on the recipe's scene set.
 
-Loss: L1 + MSE reconstruction of the posterior sample, plus a small KL term that keeps the
-latent smooth. After training, the latents of a fixed scene set are encoded once for stage 2,
-and their mean and spread become the VAE's ``shift_factor`` and ``scaling_factor`` (as FLUX's).
+Loss: L1 + MSE reconstruction of the posterior sample, plus a very small KL term (the
+reconstruction is a per-pixel mean, so the KL weight is per image and tiny). After training,
+every scene of the set is encoded once for stage 2, and the latents' mean and spread become
+the VAE's ``shift_factor`` and ``scaling_factor`` (as FLUX's).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from . import config
 from .common import (STAGE_DATA, STAGE_VAE, count_parameters, images_to_tensor, load_checkpoint, lr_at,
-                     save_checkpoint, step_rng)
-from .scenes import Combo, render, render_dataset, sample_scene
+                     save_checkpoint, step_generator, step_rng)
+from .scenes import Combo, render_dataset
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +30,21 @@ def build_vae(seed: int) -> AutoencoderKL:
     return AutoencoderKL(**config.VAE)
 
 
-def vae_batch(seed: int, step: int, batch_size: int, combos: list[Combo]) -> torch.Tensor:
-    rng = step_rng(seed, STAGE_VAE, step)
-    return images_to_tensor(np.stack([render(sample_scene(rng, combos)) for _ in range(batch_size)]))
+def scene_set(recipe: config.Recipe, combos: list[Combo]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's training scenes: uint8 images [N, 64, 64, 3] and their combo indices [N]."""
+    seed = int(step_rng(recipe.seed, STAGE_DATA, 0).integers(2**31))
+    images, scenes = render_dataset(seed, recipe.dataset_size, combos)
+    index = {c: i for i, c in enumerate(combos)}
+    return torch.from_numpy(images), torch.tensor([index[s.combo] for s in scenes])
 
 
-def train_vae(work: Path, recipe: config.Recipe, combos: list[Combo], device: torch.device,
-              deadline: float | None = None) -> AutoencoderKL:
-    """Train (or resume, or just load) the VAE checkpointed at ``work/vae.ckpt``.
+Scenes = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> scene_set(...), drawn only when needed
+
+
+def train_vae(work: Path, recipe: config.Recipe, scenes: Scenes, device: torch.device,
+              deadline: float | None = None) -> tuple[AutoencoderKL, int]:
+    """Train (or resume, or just load) the VAE checkpointed at ``work/vae.ckpt`` on the scene images;
+    returns it with the number of steps it has had.
 
     Past ``deadline`` (a ``time.monotonic()`` value) it checkpoints and stops early.
     """
@@ -51,17 +59,17 @@ def train_vae(work: Path, recipe: config.Recipe, combos: list[Combo], device: to
         start = state["step"]
     log.info("VAE: %.2f M parameters, steps %d -> %d on %s", count_parameters(model) / 1e6, start, cfg.steps,
              device)
+    images = scenes()[0].to(device) if start < cfg.steps else None
     model.train()
-    clock, seen = time.perf_counter(), 0
+    clock, seen, step = time.perf_counter(), 0, start - 1
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        x = vae_batch(recipe.seed, step, cfg.batch_size, combos).to(device)
+        idx = torch.from_numpy(step_rng(recipe.seed, STAGE_VAE, step).integers(len(images), size=cfg.batch_size))
+        x = images_to_tensor(images[idx.to(device)])
         posterior = model.encode(x).latent_dist
-        gen = torch.Generator("cpu").manual_seed(recipe.seed * 1_000_003 + step)
-        noise = torch.randn(posterior.mean.shape, generator=gen).to(device)
-        z = posterior.mean + posterior.std * noise
-        recon = model.decode(z).sample
+        noise = torch.randn(posterior.mean.shape, generator=step_generator(recipe.seed, STAGE_VAE, step))
+        recon = model.decode(posterior.mean + posterior.std * noise.to(device)).sample
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         kl = posterior.kl().mean()
         loss = rec + cfg.kl_weight * kl
@@ -80,33 +88,32 @@ def train_vae(work: Path, recipe: config.Recipe, combos: list[Combo], device: to
         if out_of_time:
             log.warning("VAE: out of time after step %d of %d; rerun to resume", step + 1, cfg.steps)
             break
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), step + 1
 
 
 @torch.no_grad()
-def encode_dataset(work: Path, recipe: config.Recipe, vae: AutoencoderKL, combos: list[Combo],
+def encode_dataset(work: Path, recipe: config.Recipe, vae: AutoencoderKL, vae_steps: int, scenes: Scenes,
                    device: torch.device) -> dict:
-    """Encode ``dit.dataset_size`` scenes once (posterior means); cached at ``work/latents.pt``.
+    """Encode every scene once (posterior means); cached at ``work/latents.pt`` for this VAE step.
 
-    Returns {"latents": float16 [N, C, h, w] raw latents, "combo": int64 [N] indices into
-    ``combos``, "shift": float, "scale": float} where (z - shift) * scale has mean 0, std 1.
+    Returns {"latents": float16 [N, C, h, w] raw latents, "combo": int64 [N] combo indices,
+    "shift": float, "scale": float, "key": what they were made from} where (z - shift) * scale
+    has mean 0 and std 1.
     """
     path = work / "latents.pt"
+    key = {"seed": recipe.seed, "dataset_size": recipe.dataset_size, "vae_steps": vae_steps}
     if path.is_file():
         data = torch.load(path, map_location="cpu")
-        if len(data["combo"]) == recipe.dit.dataset_size:
+        if data.get("key") == key:
             return data
-    images, scenes = render_dataset(int(step_rng(recipe.seed, STAGE_DATA, 0).integers(2**31)),
-                                    recipe.dit.dataset_size, combos)
-    index = {c: i for i, c in enumerate(combos)}
-    chunks = []
-    chunk = 1024 if device.type == "cuda" else 256
-    for start in range(0, len(images), chunk):
-        x = images_to_tensor(images[start:start + chunk]).to(device)
+    images, combo = scenes()
+    chunks, size = [], 1024 if device.type == "cuda" else 256
+    for start in range(0, len(images), size):
+        x = images_to_tensor(images[start:start + size].to(device))
         chunks.append(vae.encode(x).latent_dist.mean.float().cpu())
     latents = torch.cat(chunks)
-    data = {"latents": latents.half(), "combo": torch.tensor([index[s.combo] for s in scenes]),
-            "shift": latents.mean().item(), "scale": 1.0 / latents.std().item()}
+    data = {"latents": latents.half(), "combo": combo, "shift": latents.mean().item(),
+            "scale": 1.0 / latents.std().item(), "key": key}
     torch.save(data, path)
     log.info("encoded %d scenes: latent mean %.4f, std %.4f", len(images), data["shift"], 1 / data["scale"])
     return data
