@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.demo import __main__ as cli
-from training.demo import common, config
+from training.demo import config
 from training.demo.dit import build_denoiser, caption_variants, token_tables
 from training.demo.scenes import CAPTION_WORDS, split_combos
 
@@ -18,14 +18,10 @@ WEIGHTS = ["transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pyt
            "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"]
 
 
-def _train(work, out):
+def _train(work, out, *flags):
     # the command sets torch's thread count; keep this process's
     cli.main(["train", "--work-dir", str(work), "--out", str(out), "--recipe", "smoke",
-              "--threads", str(torch.get_num_threads())])
-
-
-class Interrupt(Exception):
-    pass
+              "--threads", str(torch.get_num_threads()), *flags])
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +48,19 @@ def test_smoke_run_exports_a_pipeline(unbroken):
     assert image.size == (64, 64)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(unbroken, tmp_path, monkeypatch):
-    """Break the run right after the first checkpoint of each stage; rerun until done."""
-    save = common.save_checkpoint
+def test_interrupted_run_resumes_to_the_same_weights(unbroken, tmp_path):
+    """Three sittings: stop the VAE half-way, then the DiT half-way, then finish."""
     smoke = config.RECIPES["smoke"]
-    final = {"vae.ckpt": smoke.vae.steps, "dit.ckpt": smoke.dit.steps}
-
-    def save_then_stop(path, state):
-        save(path, state)
-        if state["step"] < final[path.name]:
-            raise Interrupt  # as if the sitting ended right after this checkpoint
-
-    for module in ("vae", "dit"):
-        monkeypatch.setattr(f"training.demo.{module}.save_checkpoint", save_then_stop)
-    for stage in ("vae.ckpt", "dit.ckpt"):
-        with pytest.raises(Interrupt):
-            _train(tmp_path / "work", tmp_path / "model")
-        assert 0 < torch.load(tmp_path / "work" / stage)["step"] < final[stage]
-        final[stage] = 0  # from now on this stage's checkpoints pass
-    _train(tmp_path / "work", tmp_path / "model")
+    work, out = tmp_path / "work", tmp_path / "model"
+    _train(work, out, "--vae-stop-after", "3", "--dit-stop-after", "0")
+    assert torch.load(work / "vae.ckpt")["step"] == 3 and not (work / "dit.ckpt").exists()
+    _train(work, out, "--dit-stop-after", "3")
+    assert torch.load(work / "vae.ckpt")["step"] == smoke.vae.steps
+    assert torch.load(work / "dit.ckpt")["step"] == 3
+    _train(work, out)
+    assert torch.load(work / "dit.ckpt")["step"] == smoke.dit.steps
     for name in WEIGHTS:
-        expected, got = load_file(unbroken / "model" / name), load_file(tmp_path / "model" / name)
+        expected, got = load_file(unbroken / "model" / name), load_file(out / name)
         assert expected.keys() == got.keys()
         assert all(torch.equal(expected[k], got[k]) for k in expected), name
 

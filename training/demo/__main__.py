@@ -36,6 +36,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         s.add_argument("--vae-steps", type=int, default=None)
         s.add_argument("--dit-steps", type=int, default=None)
         s.add_argument("--dataset-size", type=int, default=None, help="training scenes (default: the recipe's)")
+        s.add_argument("--vae-stop-after", type=int, default=None, metavar="STEP",
+                       help="stop the VAE after this step of its schedule (checkpointed, resumable)")
+        s.add_argument("--dit-stop-after", type=int, default=None, metavar="STEP",
+                       help="stop the DiT after this step of its schedule (checkpointed, resumable)")
         s.add_argument("--device", default="cpu")
         s.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
         s.add_argument("--max-minutes", type=float, default=None,
@@ -90,10 +94,10 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
                 log.info("drew %d training scenes", len(drawn[0][0]))
             return drawn[0]
 
-        vae, vae_steps = train_vae(work, r, scenes, device, vae_deadline)
+        vae, vae_steps = train_vae(work, r, scenes, device, vae_deadline, args.vae_stop_after)
         data = encode_dataset(work, r, vae, vae_steps, scenes, device)
         drawn.clear()
-        denoiser = train_dit(work, r, data, train_combos, device, dit_deadline)
+        denoiser = train_dit(work, r, data, train_combos, device, dit_deadline, args.dit_stop_after)
         log.info("training done in %.1f min (this sitting)", (time.perf_counter() - start) / 60)
     return export_pipeline(args.out or work / "model", vae.eval(), data, denoiser.eval())
 

@@ -134,10 +134,11 @@ def build_denoiser(seed: int, folder: Path) -> Denoiser:
 
 
 def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo], device: torch.device,
-              deadline: float | None = None) -> Denoiser:
+              deadline: float | None = None, stop_after: int | None = None) -> Denoiser:
     """Train (or resume, or just load) the denoiser checkpointed at ``work/dit.ckpt``; returns the EMA model.
 
-    Past ``deadline`` (a ``time.monotonic()`` value) it checkpoints and stops early.
+    It stops (checkpointed) after step ``stop_after`` of the recipe's schedule if given, or early
+    past ``deadline`` (a ``time.monotonic()`` value); the command without them resumes.
     """
     cfg = recipe.dit
     model = build_denoiser(recipe.seed, work).to(device)
@@ -159,7 +160,8 @@ def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo]
     params, ema_params = list(model.parameters()), list(ema.parameters())
     model.train()
     clock, seen, running = time.perf_counter(), 0, None
-    for step in range(start, cfg.steps):
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in range(start, end):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         rng = step_rng(recipe.seed, STAGE_DIT, step)
@@ -183,7 +185,7 @@ def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo]
             log.info("dit step %d/%d  loss %.4f (avg %.4f)  lr %.2e  %.2f step/s", step + 1, cfg.steps, loss.item(),
                      running.item(), opt.param_groups[0]["lr"], rate)
         out_of_time = deadline is not None and time.monotonic() > deadline
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or out_of_time:
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or out_of_time:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
                                         "opt": opt.state_dict(), "step": step + 1})
         if out_of_time:

@@ -42,11 +42,12 @@ Scenes = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> scene_set(...), d
 
 
 def train_vae(work: Path, recipe: config.Recipe, scenes: Scenes, device: torch.device,
-              deadline: float | None = None) -> tuple[AutoencoderKL, int]:
+              deadline: float | None = None, stop_after: int | None = None) -> tuple[AutoencoderKL, int]:
     """Train (or resume, or just load) the VAE checkpointed at ``work/vae.ckpt`` on the scene images;
     returns it with the number of steps it has had.
 
-    Past ``deadline`` (a ``time.monotonic()`` value) it checkpoints and stops early.
+    It stops (checkpointed) after step ``stop_after`` of the recipe's schedule if given, or early
+    past ``deadline`` (a ``time.monotonic()`` value); the command without them resumes.
     """
     cfg = recipe.vae
     model = build_vae(recipe.seed).to(device)
@@ -59,10 +60,11 @@ def train_vae(work: Path, recipe: config.Recipe, scenes: Scenes, device: torch.d
         start = state["step"]
     log.info("VAE: %.2f M parameters, steps %d -> %d on %s", count_parameters(model) / 1e6, start, cfg.steps,
              device)
-    images = scenes()[0].to(device) if start < cfg.steps else None
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    images = scenes()[0].to(device) if start < end else None
     model.train()
     clock, seen, step = time.perf_counter(), 0, start - 1
-    for step in range(start, cfg.steps):
+    for step in range(start, end):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         idx = torch.from_numpy(step_rng(recipe.seed, STAGE_VAE, step).integers(len(images), size=cfg.batch_size))
@@ -83,7 +85,7 @@ def train_vae(work: Path, recipe: config.Recipe, scenes: Scenes, device: torch.d
             log.info("vae step %d/%d  rec %.4f  kl %.1f  lr %.2e  %.2f step/s", step + 1, cfg.steps, rec.item(),
                      kl.item(), opt.param_groups[0]["lr"], rate)
         out_of_time = deadline is not None and time.monotonic() > deadline
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or out_of_time:
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or out_of_time:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1})
         if out_of_time:
             log.warning("VAE: out of time after step %d of %d; rerun to resume", step + 1, cfg.steps)
