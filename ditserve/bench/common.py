@@ -65,3 +65,23 @@ def base_row(model: str, dtype: str, shape: str) -> dict:
         "commit": commit(),
         "date": datetime.date.today().isoformat(),
     }
+
+
+def random_pair(ref_cls, arch: dict, ours_cls, cfg, key_map: dict, device, dtype: torch.dtype,
+                weight_scale: float = 0.5):
+    """A diffusers model with random weights (scaled down so deep stacks stay finite) and ours,
+    built on meta and filled with the same values through the key map."""
+    from ditserve.models.common.loading import assign_mapped
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = ref_cls(**arch).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(weight_scale)
+    ref.eval().requires_grad_(False)
+    with torch.device("meta"):
+        ours = ours_cls(cfg)
+    sd = ref.state_dict()
+    assign_mapped(ours, key_map, set(sd), sd.__getitem__, device, dtype, where="diffusers model")
+    return ref, ours.eval()

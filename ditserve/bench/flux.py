@@ -7,8 +7,7 @@ import logging
 
 import torch
 
-from ditserve.bench.common import MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, rel_l2
-from ditserve.models.common.loading import assign_mapped
+from ditserve.bench.common import MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair, rel_l2
 from ditserve.models.flux.config import FluxConfig
 from ditserve.models.flux.model import FluxDiT, FluxInputs
 from ditserve.models.flux.weights import flux_key_map
@@ -34,19 +33,8 @@ def build(model: str, device: str, dtype: torch.dtype, weight_scale: float = 0.5
     from diffusers import FluxTransformer2DModel
 
     arch = arch_kwargs(architectures()[model]["transformer"])
-    torch.manual_seed(0)
-    with torch.device(device):
-        ref = FluxTransformer2DModel(**arch).to(dtype)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.mul_(weight_scale)
-    ref.eval().requires_grad_(False)
     cfg = FluxConfig.from_dict(arch)
-    with torch.device("meta"):
-        ours = FluxDiT(cfg)
-    sd = ref.state_dict()
-    assign_mapped(ours, flux_key_map(cfg), set(sd), sd.__getitem__, device, dtype, where="diffusers model")
-    return ref, ours.eval()
+    return random_pair(FluxTransformer2DModel, arch, FluxDiT, cfg, flux_key_map(cfg), device, dtype, weight_scale)
 
 
 def inputs(cfg: FluxConfig, height: int, width: int, txt_len: int, device, dtype, batch: int = 1) -> FluxInputs:

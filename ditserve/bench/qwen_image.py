@@ -10,8 +10,7 @@ import logging
 
 import torch
 
-from ditserve.bench.common import MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, rel_l2
-from ditserve.models.common.loading import assign_mapped
+from ditserve.bench.common import MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair, rel_l2
 from ditserve.models.qwen_image.config import QwenImageConfig
 from ditserve.models.qwen_image.model import QwenImageDiT, QwenImageInputs, image_ids, text_ids
 from ditserve.models.qwen_image.weights import qwen_image_key_map
@@ -34,19 +33,8 @@ def build(model: str = MODEL, device: str = "cuda", dtype: torch.dtype = torch.b
     from diffusers import QwenImageTransformer2DModel
 
     arch = arch_kwargs(architectures()[model]["transformer"])
-    torch.manual_seed(0)
-    with torch.device(device):
-        ref = QwenImageTransformer2DModel(**arch).to(dtype)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.mul_(weight_scale)
-    ref.eval().requires_grad_(False)
     cfg = QwenImageConfig.from_dict(arch)
-    with torch.device("meta"):
-        ours = QwenImageDiT(cfg)
-    sd = ref.state_dict()
-    assign_mapped(ours, qwen_image_key_map(cfg), set(sd), sd.__getitem__, device, dtype, where="diffusers model")
-    return ref, ours.eval()
+    return random_pair(QwenImageTransformer2DModel, arch, QwenImageDiT, cfg, qwen_image_key_map(cfg), device, dtype, weight_scale)
 
 
 def grid(cfg: QwenImageConfig, height: int, width: int) -> tuple[int, int]:
