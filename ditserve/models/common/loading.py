@@ -115,3 +115,14 @@ def double_block_keys(o: str, t: str, *, img_mod: str, txt_mod: str, img_mlp: st
         m |= linear_keys(f"{o}.{ours}.0", f"{t}.{theirs}.net.0.proj")
         m |= linear_keys(f"{o}.{ours}.2", f"{t}.{theirs}.net.2")
     return m
+
+
+def load_dit(folder: str | Path, cfg_cls, model_cls, key_map_fn, device, dtype: torch.dtype) -> nn.Module:
+    """Read `config.json` into `cfg_cls`, build `model_cls` on the meta device, fill it from the
+    diffusers safetensors in `folder` through `key_map_fn(cfg)`."""
+    folder = Path(folder)
+    cfg = cfg_cls.from_json(folder / "config.json")
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    load_into(model, folder, key_map_fn(cfg), device, dtype)
+    return model.eval()

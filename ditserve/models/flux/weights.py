@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ditserve.models.common.loading import KeyMap, double_block_keys, load_into
+from ditserve.models.common.loading import KeyMap, double_block_keys, load_dit
 from ditserve.models.common.loading import linear_keys as _linear
 from ditserve.models.flux.config import FluxConfig
 from ditserve.models.flux.model import FluxDiT
@@ -42,9 +42,4 @@ def flux_key_map(cfg: FluxConfig) -> KeyMap:
 
 def load_flux_dit(folder: str | Path, device: torch.device | str, dtype: torch.dtype) -> FluxDiT:
     """Build FluxDiT on the meta device and fill it from a diffusers `transformer/` folder."""
-    folder = Path(folder)
-    cfg = FluxConfig.from_json(folder / "config.json")
-    with torch.device("meta"):
-        model = FluxDiT(cfg)
-    load_into(model, folder, flux_key_map(cfg), device, dtype)
-    return model.eval()
+    return load_dit(folder, FluxConfig, FluxDiT, flux_key_map, device, dtype)

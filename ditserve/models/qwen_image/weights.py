@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ditserve.models.common.loading import KeyMap, double_block_keys, load_into
+from ditserve.models.common.loading import KeyMap, double_block_keys, load_dit
 from ditserve.models.common.loading import linear_keys as _linear
 from ditserve.models.qwen_image.config import QwenImageConfig
 from ditserve.models.qwen_image.model import QwenImageDiT
@@ -29,9 +29,4 @@ def qwen_image_key_map(cfg: QwenImageConfig) -> KeyMap:
 
 def load_qwen_image_dit(folder: str | Path, device: torch.device | str, dtype: torch.dtype) -> QwenImageDiT:
     """Build QwenImageDiT on the meta device and fill it from a diffusers `transformer/` folder."""
-    folder = Path(folder)
-    cfg = QwenImageConfig.from_json(folder / "config.json")
-    with torch.device("meta"):
-        model = QwenImageDiT(cfg)
-    load_into(model, folder, qwen_image_key_map(cfg), device, dtype)
-    return model.eval()
+    return load_dit(folder, QwenImageConfig, QwenImageDiT, qwen_image_key_map, device, dtype)
