@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from ditserve.runtime.engine import Engine
 
     config = EngineConfig(ModelConfig(str(source.path), args.device, args.dtype), accel=accel_config(args))
-    engine = Engine.from_config(config, source)
+    engine = Engine.from_config(config, source, warmup=[request])  # compile for this request's shape
     out = engine.run_batch([request], RunControl(progress_bar=True))[0]
     for image, path in zip(out.images, paths):
         image.save(path, format=IMAGE_FORMATS[path.suffix.lower()])

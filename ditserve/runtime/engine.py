@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from PIL import Image
@@ -26,8 +27,10 @@ class Engine:
         self.source = source
 
     @classmethod
-    def from_config(cls, cfg: EngineConfig, source: ModelSource | None = None) -> "Engine":
-        """Load the model, apply the speed transforms and, when compiling, warm up at the default size."""
+    def from_config(cls, cfg: EngineConfig, source: ModelSource | None = None,
+                    warmup: list[GenerationRequest] | None = None) -> "Engine":
+        """Load the model, apply the speed transforms and, when compiling, warm up on `warmup`
+        (default: the model's default size at batch 1 and at `cfg.max_batch_size`)."""
         device = torch.device(parse_device(cfg.model.device))
         dtype = parse_dtype(cfg.model.dtype, device.type)
         source = source or inspect_model(cfg.model.path)
@@ -35,16 +38,23 @@ class Engine:
         pipeline.dit = accelerate_dit(pipeline.dit, cfg.accel, device)
         engine = cls(pipeline, source)
         if cfg.accel.compile:
-            engine.warmup()
+            engine.warmup(warmup or engine.default_warmups(cfg.max_batch_size))
         return engine
 
-    def warmup(self) -> None:
-        """One short generation at the default size: compilation and graph capture happen here."""
-        start = time.perf_counter()
+    def default_warmups(self, max_batch_size: int) -> list[GenerationRequest]:
+        """The default size at batch 1 and at the largest batch the server forms: compiled code and
+        CUDA graphs are specialised per shape, so each shape met later would compile again."""
         defaults = self.source.defaults  # edit models need input images: grey ones at the default size
         images = (Image.new("RGB", (defaults.width, defaults.height), (128, 128, 128)),) * self.pipeline.limits.min_images
-        self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=2, seed=0, images=images))
-        log.info("warm-up done in %.1f s", time.perf_counter() - start)
+        batches = sorted({1, max(1, min(max_batch_size, self.pipeline.limits.max_num_images))})
+        return [GenerationRequest(prompt="warm-up", seed=0, images=images, num_images=n) for n in batches]
+
+    def warmup(self, requests: list[GenerationRequest]) -> None:
+        """Two-step generations at each request's shape: compilation and graph capture happen here."""
+        start = time.perf_counter()
+        for request in requests:
+            self.generate(replace(request, num_inference_steps=2, seed=0))
+        log.info("warm-up of %d shape(s) done in %.1f s", len(requests), time.perf_counter() - start)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """Fill the model's defaults and validate; raises InvalidRequest before any model work."""
