@@ -146,14 +146,14 @@ def test_read_image_decodes_supported_formats():
 
 @pytest.mark.parametrize("model", ["tiny_qwen_image", "tiny_qwen_image_edit", "tiny_qwen_image_edit_plus"])
 def test_compile_warmup_request_is_valid(request, monkeypatch, model):
-    """`--enable-torch-compile` warms up with one request at the default size; edit models get an image."""
+    """`--enable-torch-compile` warms up at the default size; edit models get an input image."""
     from ditserve.runtime.engine import Engine
 
     source = inspect_model(request.getfixturevalue(model))
     engine = Engine(object.__new__(source.pipeline_cls), source)  # no weights: the run is captured
     seen = []
     monkeypatch.setattr(engine, "run_batch", lambda reqs, control=None: seen.extend(reqs) or [None])
-    engine.warmup()
+    engine.warmup(engine.default_warmups(max_batch_size=1))
     (req,) = seen
     assert len(req.images) == source.pipeline_cls.limits.min_images
     assert (req.width, req.height) == (1024, 1024) and req.num_inference_steps == 2
