@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+
+from ditserve.models.common.config import DiffusersConfig
 
 
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(DiffusersConfig):
     in_channels: int = 64
     out_channels: int | None = None
     num_layers: int = 19
@@ -34,15 +34,7 @@ class FluxConfig:
     def from_dict(cls, raw: dict) -> "FluxConfig":
         if raw.get("patch_size", 1) != 1:
             raise ValueError(f"FLUX transformer with patch_size={raw['patch_size']} is not supported")
-        names = set(cls.__dataclass_fields__)
-        kwargs = {k: v for k, v in raw.items() if k in names}
-        if "axes_dims_rope" in kwargs:
-            kwargs["axes_dims_rope"] = tuple(kwargs["axes_dims_rope"])
-        cfg = cls(**kwargs)
+        cfg = cls(**cls.known_fields(raw))
         if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
             raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to the head dim {cfg.attention_head_dim}")
         return cfg
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "FluxConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+
+from ditserve.models.common.config import DiffusersConfig
 
 # Variants of QwenImageTransformer2DModel that change the math; refused rather than run wrongly.
 _UNSUPPORTED = {
@@ -16,7 +16,7 @@ _UNSUPPORTED = {
 
 
 @dataclass(frozen=True)
-class QwenImageConfig:
+class QwenImageConfig(DiffusersConfig):
     patch_size: int = 2
     in_channels: int = 64
     out_channels: int | None = 16
@@ -42,16 +42,8 @@ class QwenImageConfig:
         used = [name for name, what in _UNSUPPORTED.items() if raw.get(name)]
         if used:
             raise ValueError(f"Qwen-Image transformer with {_UNSUPPORTED[used[0]]} is not supported")
-        names = set(cls.__dataclass_fields__)
-        kwargs = {k: v for k, v in raw.items() if k in names}
-        if "axes_dims_rope" in kwargs:
-            kwargs["axes_dims_rope"] = tuple(kwargs["axes_dims_rope"])
-        cfg = cls(**kwargs)
+        cfg = cls(**cls.known_fields(raw))
         if len(cfg.axes_dims_rope) != 3 or sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
             raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must be 3 axes summing to the head dim "
                              f"{cfg.attention_head_dim}")
         return cfg
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "QwenImageConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
