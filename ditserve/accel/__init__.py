@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> nn.Module:
-    """Apply the configured transforms in the one order that composes: attention op, quantise,
-    compile, graph."""
+    """Apply the configured transforms in the one order that composes: attention op, fused
+    kernels, quantise, compile, graph."""
     on_cuda = device.type == "cuda"
     if accel.quantization == "fp8" and not on_cuda:
         log.warning("fp8 quantization needs a CUDA GPU; running unquantised")
@@ -26,10 +26,17 @@ def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> 
             dit = apply_attention(dit, select_attention(accel.attention, device))
         except ValueError as exc:
             raise InvalidRequest(str(exc), "attention") from None
+    if on_cuda and accel.fused_kernels:
+        from ditserve.accel import qk_rope
+
+        if qk_rope.available():
+            dit = qk_rope.apply_fused_qk_rope(dit)
+        else:
+            log.warning("Triton is not installed: QK-norm + RoPE run unfused")
     if on_cuda and accel.quantization == "fp8":
         from ditserve.accel.fp8 import apply_fp8
 
-        dit = apply_fp8(dit)
+        dit = apply_fp8(dit, triton_quant=accel.fused_kernels)
     if accel.compile:
         from ditserve.accel.compile import apply_compile
 

@@ -13,6 +13,12 @@ log = logging.getLogger(__name__)
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: torch ops serve
+    triton = None
+
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise symmetric e4m3 quantisation: x ≈ q * scale, scale [rows, 1] in float32."""
@@ -21,9 +27,43 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(E4M3), scale
 
 
+if triton is not None:
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, k, stride, qmax, BLOCK_K: tl.constexpr):
+        """One row per program, held in registers: amax, scale, cast."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        live = offs < k
+        x = tl.load(x_ptr + row * stride + offs, mask=live, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / qmax
+        tl.store(q_ptr + row * k + offs, (x / scale).to(q_ptr.dtype.element_ty), mask=live)
+        tl.store(scale_ptr + row, scale)
+
+
+@torch.library.custom_op("ditserve::quantize_rows_fp8", mutates_args=())
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows as one Triton pass (rows of up to 16k elements) for 2-D CUDA tensors."""
+    rows, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(rows, k, device=x.device, dtype=E4M3)
+    scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    _quantize_rows_kernel[(rows,)](x, q, scale, k, x.stride(0), E4M3_MAX, BLOCK_K=block,
+                                   num_warps=max(4, min(16, block // 1024)))
+    return q, scale
+
+
+@quantize_rows_fp8.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
 class FP8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, triton_quant: bool = False):
         super().__init__()
+        self.triton_quant = triton_quant
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w_q, w_scale = quantize_rows(linear.weight.data)
         self.register_buffer("weight_fp8", w_q)  # [N, K] row-major; .t() is the column-major B
@@ -33,14 +73,16 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x_q, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
+        rows = x.reshape(-1, shape[-1])
+        x_q, x_scale = quantize_rows_fp8(rows) if self.triton_quant else quantize_rows(rows)
         out = torch._scaled_mm(x_q, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=self.out_dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
 
-def apply_fp8(dit: nn.Module, min_features: int = 256) -> nn.Module:
-    """Swap every large nn.Linear inside the blocks for FP8Linear (modulation layers stay: M=1)."""
+def apply_fp8(dit: nn.Module, min_features: int = 256, triton_quant: bool = False) -> nn.Module:
+    """Swap every large nn.Linear inside the blocks for FP8Linear (modulation layers stay: M=1);
+    `triton_quant` quantises activations with the one-pass Triton kernel (CUDA)."""
     swapped = 0
     for block in dit.blocks:
         for name, module in list(block.named_modules()):
@@ -50,7 +92,7 @@ def apply_fp8(dit: nn.Module, min_features: int = 256) -> nn.Module:
                 continue
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, attr, FP8Linear(module))
+            setattr(parent, attr, FP8Linear(module, triton_quant=triton_quant and triton is not None))
             swapped += 1
     log.info("fp8: %d linear layers swapped", swapped)
     return dit

@@ -38,6 +38,34 @@ def median_time(fn, warmup: int = 3, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def sustained_matmul_tflops(dtype: str = "bfloat16", seconds: float = 5.0, n: int = 8192) -> float:
+    """Median rate of n^3 products run back to back for `seconds`. The H200 here is capped at
+    700 W: under a sustained load its SM clock drops from 1980 to ≈ 1450-1600 MHz, so this is the
+    rate a whole denoising loop can expect (≈ 660 TFLOP/s bf16, ≈ 1200 fp8), below the burst rate."""
+    import time
+
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    if dtype == "fp8":
+        a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        one = torch.ones((), device="cuda")
+
+        def fn():
+            return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    else:
+        def fn():
+            return a @ b
+    rates, end_at = [], time.time() + seconds
+    while time.time() < end_at:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            fn()
+        end.record()
+        end.synchronize()
+        rates.append(10 * 2 * n**3 / (start.elapsed_time(end) / 1000) / 1e12)
+    return statistics.median(rates[len(rates) // 2:])
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm())

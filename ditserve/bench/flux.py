@@ -7,7 +7,8 @@ import logging
 
 import torch
 
-from ditserve.bench.common import MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair, rel_l2
+from ditserve.bench.common import (MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair,
+                                   rel_l2, sustained_matmul_tflops)
 from ditserve.models.flux.config import FluxConfig
 from ditserve.models.flux.model import FluxDiT, FluxInputs
 from ditserve.models.flux.weights import flux_key_map
@@ -72,6 +73,8 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
     row = base_row(model, "bfloat16", f"{width}x{height}, {inp.img.shape[1]}+{txt_len} tokens")
     row["step_tflop"] = flops / 1e12
     row["floor_step_s"] = flops / (MATMUL_TFLOPS["bfloat16"] * 1e12)
+    row["sustained_bf16_tflops"] = sustained_matmul_tflops("bfloat16")
+    row["sustained_floor_step_s"] = flops / (row["sustained_bf16_tflops"] * 1e12)
 
     expected = ref_call(ref, inp)
     row["ditserve_eager_step_s"] = median_time(lambda: ours(inp, pe))
@@ -101,4 +104,8 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
         row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp, pe), warmup=3, reps=20)
         row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp, pe), expected)
         row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
+        row["sustained_fp8_tflops"] = sustained_matmul_tflops("fp8")
+        row["sustained_fp8_floor_step_s"] = flops / (row["sustained_fp8_tflops"] * 1e12)
+        row["fp8_speedup_vs_diffusers_compiled"] = row.get("diffusers_compiled_step_s", float("nan")) / row[
+            "ditserve_fp8_step_s"]
     return row

@@ -52,7 +52,7 @@ class QKNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Projections of one stream; the joint attention itself happens in the block."""
+    """Projections of one stream; QK-norm, RoPE and the joint attention happen in the block."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -61,25 +61,38 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
-        q, k = self.norm(q, k)
-        return q, k, v
-
 
 def mlp(dim: int, ratio: float) -> nn.Sequential:
     hidden = int(dim * ratio)
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-def joint_attention(op, q, k, v, pe) -> torch.Tensor:
-    """RoPE on the joint (txt, img) sequence, then attention; heads flattened back into D.
+def norm_rope_qkv(parts, pe, heads: int):
+    """Queries, keys and values of the joint sequence, ready for attention.
+
+    `parts` holds, in sequence order, one (qkv [B, S_i, 3 * heads * head_dim], QKNorm) per stream;
+    queries and keys are RMS-normalised with their stream's weights, the streams concatenated and
+    rotated by the joint table `pe`. Returns q, k, v [B, sum S_i, heads, head_dim].
+    This is the reference; accel sets a fused kernel with the same contract on each block's `qkv_op`.
+    """
+    qs, ks, vs = [], [], []
+    for qkv, norm in parts:
+        q, k, v = qkv.unflatten(-1, (3, heads, -1)).unbind(2)
+        q, k = norm(q, k)
+        qs.append(q)
+        ks.append(k)
+        vs.append(v)
+    q, k, v = (t[0] if len(t) == 1 else torch.cat(t, dim=1) for t in (qs, ks, vs))
+    cos, sin = pe[0], pe[1]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attend(op, q, k, v, pe) -> torch.Tensor:
+    """The attention op over the joint sequence; heads flattened back into D.
 
     A key mask (pe[2]) is passed to the op only when present, so ops without mask support still
     serve every unpadded batch.
     """
-    cos, sin = pe[0], pe[1]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     mask = pe[2] if len(pe) > 2 else None
     out = op(q, k, v) if mask is None else op(q, k, v, mask=mask)
     return out.flatten(2)
@@ -93,21 +106,18 @@ class DoubleStreamBlock(nn.Module):
         self.img_mod, self.txt_mod = Modulation(dim, 2), Modulation(dim, 2)
         self.img_attn, self.txt_attn = SelfAttention(dim, heads), SelfAttention(dim, heads)
         self.img_mlp, self.txt_mlp = mlp(dim, mlp_ratio), mlp(dim, mlp_ratio)
+        self.heads = heads
+        self.qkv_op = norm_rope_qkv
         self.attn_op = sdpa_attention
 
     def forward(self, img, txt, vec, pe):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1))
-        attn = joint_attention(
-            self.attn_op,
-            torch.cat([txt_q, img_q], dim=1),
-            torch.cat([txt_k, img_k], dim=1),
-            torch.cat([txt_v, img_v], dim=1),
-            pe,
-        )
+        q, k, v = self.qkv_op([(self.txt_attn.qkv(modulate(txt, t_shift1, t_scale1)), self.txt_attn.norm),
+                               (self.img_attn.qkv(modulate(img, i_shift1, i_scale1)), self.img_attn.norm)],
+                              pe, self.heads)
+        attn = attend(self.attn_op, q, k, v, pe)
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
         img = img + i_gate1[:, None] * self.img_attn.proj(img_attn)

@@ -16,8 +16,7 @@ from torch import nn
 
 from ditserve.models.common.attention import sdpa_attention
 from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
-from ditserve.models.common.mmdit import (DoubleStreamBlock, LastLayer, Modulation, QKNorm,  # noqa: F401
-                                          joint_attention, modulate)
+from ditserve.models.common.mmdit import DoubleStreamBlock, LastLayer, Modulation, QKNorm, attend, modulate, norm_rope_qkv
 from ditserve.models.common.rope import rope_tables
 from ditserve.models.flux.config import FluxConfig
 
@@ -33,15 +32,15 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
         self.norm = QKNorm(dim // heads)
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.qkv_op = norm_rope_qkv
         self.attn_op = sdpa_attention
 
     def forward(self, img, txt, vec, pe):
         shift, scale, gate = self.modulation(vec)
         x = torch.cat([txt, img], dim=1)
         qkv, mlp_in = self.linear1(modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
-        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
-        q, k = self.norm(q, k)
-        attn = joint_attention(self.attn_op, q, k, v, pe)
+        q, k, v = self.qkv_op([(qkv, self.norm)], pe, self.heads)
+        attn = attend(self.attn_op, q, k, v, pe)
         x = x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))
         return x[:, txt.shape[1]:], x[:, : txt.shape[1]]
 
