@@ -30,14 +30,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, k, stride, qmax, BLOCK_K: tl.constexpr):
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, k, stride, inv_qmax, BLOCK_K: tl.constexpr):
         """One row per program, held in registers: amax, scale, cast."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         live = offs < k
         x = tl.load(x_ptr + row * stride + offs, mask=live, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / qmax
-        tl.store(q_ptr + row * k + offs, (x / scale).to(q_ptr.dtype.element_ty), mask=live)
+        # the bits torch gives: its division by a scalar multiplies by the reciprocal, its
+        # division by a tensor is IEEE (Triton's `/` is an approximate division in float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) * inv_qmax
+        q = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+        tl.store(q_ptr + row * k + offs, q.to(q_ptr.dtype.element_ty), mask=live)
         tl.store(scale_ptr + row, scale)
 
 
@@ -50,7 +53,7 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(rows, k, device=x.device, dtype=E4M3)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
-    _quantize_rows_kernel[(rows,)](x, q, scale, k, x.stride(0), E4M3_MAX, BLOCK_K=block,
+    _quantize_rows_kernel[(rows,)](x, q, scale, k, x.stride(0), 1.0 / E4M3_MAX, BLOCK_K=block,
                                    num_warps=max(4, min(16, block // 1024)))
     return q, scale
 

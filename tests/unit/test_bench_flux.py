@@ -1,0 +1,58 @@
+"""The FLUX GPU step bench, run on the CPU with a shrunken architecture: it runs end to end and its
+block-update guard catches wrong block math that the whole-output rel L2 misses."""
+
+import time
+
+import pytest
+import torch
+
+from ditserve.bench import flux as bench
+from ditserve.models.common.mmdit import norm_rope_qkv
+
+SHRUNK = {"flux.1-dev": {"transformer": {
+    "cls": "FluxTransformer2DModel", "attention_head_dim": 32, "axes_dims_rope": [8, 12, 12],
+    "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 48, "num_attention_heads": 2,
+    "num_layers": 2, "num_single_layers": 2, "patch_size": 1, "pooled_projection_dim": 24}}}
+
+
+@pytest.fixture
+def shrunk(monkeypatch):
+    monkeypatch.setattr(bench, "architectures", lambda: SHRUNK)
+
+    def cpu_time(fn, warmup=1, reps=2):
+        fn()
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    monkeypatch.setattr(bench, "median_time", cpu_time)
+
+
+def test_bench_step_runs_and_guards_on_cpu(shrunk):
+    row = bench.bench_step(height=128, width=96, txt_len=16, device="cpu", compiled=False)
+    assert row["shape"] == "96x128, 48+16 tokens"
+    assert row["guard_ok"] and 0 < row["rel_l2_eager"] <= bench.GUARD_REL_L2
+    assert set(row["rel_l2_block_update_eager"]) == {"double", "single"}
+    assert max(row["rel_l2_block_update_eager"].values()) <= bench.GUARD_REL_L2
+    assert row["diffusers_eager_step_s"] > 0 and row["ditserve_eager_step_s"] > 0
+
+
+def _unnormed(parts, pe, heads):
+    """A broken qkv op: QK-norm left out."""
+    plain = [(qkv, lambda q, k: (q, k)) for qkv, _ in parts]
+    return norm_rope_qkv(plain, pe, heads)
+
+
+def test_block_guard_catches_wrong_block_math(shrunk):
+    ref, ours = bench.build("flux.1-dev", "cpu", torch.bfloat16)
+    inp = bench.inputs(ours.cfg, 64, 96, 8, "cpu", torch.bfloat16)
+    with torch.no_grad():
+        ok = bench.block_update_rel_l2(ref, ours, inp)
+        assert max(ok.values()) <= bench.GUARD_REL_L2
+        tables = ours.positional_tables
+        ours.positional_tables = lambda img_ids, txt_ids: tables(img_ids[:, [0, 2, 1]], txt_ids)  # rows<->cols
+        assert min(bench.block_update_rel_l2(ref, ours, inp).values()) > 3 * bench.GUARD_REL_L2
+        ours.positional_tables = tables
+        for block in ours.blocks:
+            block.qkv_op = _unnormed
+        assert min(bench.block_update_rel_l2(ref, ours, inp).values()) > 3 * bench.GUARD_REL_L2
