@@ -14,6 +14,8 @@ import logging
 import torch
 from torch import nn
 
+from ditserve.models.common.mmdit import norm_rope_qkv
+
 log = logging.getLogger(__name__)
 BLOCK_R, NUM_WARPS = 16, 4  # (token, head) rows per program, warps per program
 
@@ -88,9 +90,13 @@ def _(qkvs, q_weights, k_weights, cos, sin, heads, eps):
 
 
 def triton_norm_rope_qkv(parts, pe, heads: int):
-    """The block-level `qkv_op` (see norm_rope_qkv) running the fused kernel on CUDA tensors."""
+    """The block-level `qkv_op` (see norm_rope_qkv) running the fused kernel on CUDA tensors; other
+    devices and head dims that are not a power of two take the reference."""
     qkvs = [qkv for qkv, _ in parts]
     norms = [norm for _, norm in parts]
+    head_dim = pe[0].shape[-1]
+    if triton is None or head_dim & (head_dim - 1) or qkvs[0].device.type != "cuda":
+        return norm_rope_qkv(parts, pe, heads)
     return fused_norm_rope_qkv(qkvs, [n.q_norm.weight for n in norms], [n.k_norm.weight for n in norms],
                                pe[0], pe[1], heads, norms[0].q_norm.eps)
 

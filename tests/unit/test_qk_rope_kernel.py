@@ -1,7 +1,8 @@
 """The fused QK-norm + RoPE Triton kernel computes what the model's reference op computes.
 
-Runs the kernel through Triton's CPU interpreter in a child process (TRITON_INTERPRET must be set
-before Triton is imported); the same check runs on the GPU in tests/gpu.
+Runs the kernel (the custom op itself; the block-level op sends CPU tensors to the reference)
+through Triton's CPU interpreter in a child process (TRITON_INTERPRET must be set before Triton is
+imported); the same check runs on the GPU in tests/gpu.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ pytest.importorskip("triton")
 
 CHECK = textwrap.dedent("""
     import torch
-    from ditserve.accel.qk_rope import triton_norm_rope_qkv
+    from ditserve.accel.qk_rope import fused_norm_rope_qkv
     from ditserve.models.common.mmdit import QKNorm, norm_rope_qkv
     from ditserve.models.common.rope import rope_tables
 
@@ -34,7 +35,8 @@ CHECK = textwrap.dedent("""
         for parts, table in (([(txt, norms[0]), (img, norms[1])], pe),
                              ([(txt, norms[0])], (pe[0][:7], pe[1][:7]))):
             ref = norm_rope_qkv(parts, table, heads)
-            got = triton_norm_rope_qkv(parts, table, heads)
+            got = fused_norm_rope_qkv([t for t, _ in parts], [n.q_norm.weight for _, n in parts],
+                                      [n.k_norm.weight for _, n in parts], table[0], table[1], heads, 1e-6)
             for r, g in zip(ref, got):
                 assert g.shape == r.shape, (g.shape, r.shape)
                 err = float((r - g).abs().max())
@@ -49,3 +51,18 @@ def test_fused_norm_rope_matches_reference_in_interpreter(seed):
     out = subprocess.run([sys.executable, "-c", CHECK.format(seed=seed)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_block_op_sends_cpu_tensors_to_the_reference():
+    import torch
+
+    from ditserve.accel.qk_rope import triton_norm_rope_qkv
+    from ditserve.models.common.mmdit import QKNorm, norm_rope_qkv
+    from ditserve.models.common.rope import rope_tables
+
+    torch.manual_seed(0)
+    norm, qkv = QKNorm(12), torch.randn(1, 5, 3 * 2 * 12)  # head dim 12: not a power of two either
+    pe = rope_tables(torch.randint(0, 9, (5, 3)).float(), (4, 4, 4), 10000.0)
+    with torch.no_grad():
+        for r, g in zip(norm_rope_qkv([(qkv, norm)], pe, 2), triton_norm_rope_qkv([(qkv, norm)], pe, 2)):
+            assert torch.equal(r, g)
