@@ -17,7 +17,7 @@ from torch import nn
 from ditserve.models.common.mmdit import norm_rope_qkv
 
 log = logging.getLogger(__name__)
-BLOCK_R, NUM_WARPS = 16, 4  # (token, head) rows per program, warps per program
+BLOCK_T, NUM_WARPS = 32, 4  # tokens per program (of one head), warps per program
 
 try:
     import triton
@@ -28,37 +28,40 @@ except ImportError:  # CPU-only installs: the reference path serves
 if triton is not None:
 
     @triton.jit
-    def _norm_rotate(x_ptrs, w_ptr, out_ptrs, live, c_re, c_im, s_re, s_im, eps,
-                     BLOCK_R: tl.constexpr, D: tl.constexpr):
-        """RMS-normalise a tile of head rows [BLOCK_R, D], rotate its (real, imag) pairs, store."""
-        x = tl.load(x_ptrs, mask=live, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-        y = x * rstd[:, None] * tl.load(w_ptr + tl.arange(0, D)).to(tl.float32)[None, :]
-        re, im = tl.split(tl.reshape(y, (BLOCK_R, D // 2, 2)))
-        out = tl.reshape(tl.join(re * c_re - im * s_re, im * c_im + re * s_im), (BLOCK_R, D))
-        tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=live)
+    def _norm_rotate(src, w_ptr, dst, live, j, c_even, c_odd, s_even, s_odd, eps, D: tl.constexpr):
+        """RMS-normalise BLOCK_T rows of one head ([BLOCK_T, D] at src, rows `live`), rotate each
+        (even, odd) pair, store at dst. Even and odd elements are loaded and stored separately."""
+        x_even = tl.load(src + 2 * j, mask=live, other=0.0).to(tl.float32)
+        x_odd = tl.load(src + 2 * j + 1, mask=live, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x_even * x_even + x_odd * x_odd, axis=1) / D + eps)[:, None]
+        y_even = x_even * rstd * tl.load(w_ptr + 2 * j).to(tl.float32)
+        y_odd = x_odd * rstd * tl.load(w_ptr + 2 * j + 1).to(tl.float32)
+        ty = dst.dtype.element_ty
+        tl.store(dst + 2 * j, (y_even * c_even - y_odd * s_even).to(ty), mask=live)
+        tl.store(dst + 2 * j + 1, (y_odd * c_odd + y_even * s_odd).to(ty), mask=live)
 
     @triton.jit
     def _norm_rope_rows(src, batch_stride, row_stride, qw, kw, cos, sin, q_out, k_out, v_out,
-                        seq_part, seq_total, row0, n_rows, eps,
-                        H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
-        """A tile of BLOCK_R (token, head) rows of one stream: q, k normalised + rotated, v copied."""
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        live = (r < n_rows)[:, None]
-        h = r % H
-        tok = r // H
-        s = tok % seq_part
-        b = (tok // seq_part).to(tl.int64)
+                        seq_part, seq_total, row0, eps,
+                        H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Grid (token blocks, heads, batch): BLOCK_T tokens of one head of one stream; q and k
+        normalised and rotated, v copied, all written at rows row0.. of the joint [B, S, H, D]."""
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        live = (t < seq_part)[:, None]
+        j = tl.arange(0, D // 2)[None, :]
+        rows = src + b * batch_stride + t[:, None].to(tl.int64) * row_stride + h * D
+        out_rows = ((b * seq_total + row0 + t[:, None]) * H + h) * D
+        table = (row0 + t[:, None]) * D + 2 * j
+        c_even = tl.load(cos + table, mask=live, other=0.0)
+        c_odd = tl.load(cos + table + 1, mask=live, other=0.0)
+        s_even = tl.load(sin + table, mask=live, other=0.0)
+        s_odd = tl.load(sin + table + 1, mask=live, other=0.0)
+        _norm_rotate(rows, qw, q_out + out_rows, live, j, c_even, c_odd, s_even, s_odd, eps, D)
+        _norm_rotate(rows + H * D, kw, k_out + out_rows, live, j, c_even, c_odd, s_even, s_odd, eps, D)
         d = tl.arange(0, D)[None, :]
-        src_rows = (src + b * batch_stride + s.to(tl.int64) * row_stride + h * D)[:, None] + d
-        dst = ((b * seq_total + row0 + s) * H + h) * D
-        table = (row0 + s)[:, None] * D + d
-        c_re, c_im = tl.split(tl.reshape(tl.load(cos + table, mask=live, other=0.0), (BLOCK_R, D // 2, 2)))
-        s_re, s_im = tl.split(tl.reshape(tl.load(sin + table, mask=live, other=0.0), (BLOCK_R, D // 2, 2)))
-        _norm_rotate(src_rows, qw, q_out + dst[:, None] + d, live, c_re, c_im, s_re, s_im, eps, BLOCK_R, D)
-        _norm_rotate(src_rows + H * D, kw, k_out + dst[:, None] + d, live, c_re, c_im, s_re, s_im, eps,
-                     BLOCK_R, D)
-        tl.store(v_out + dst[:, None] + d, tl.load(src_rows + 2 * H * D, mask=live), mask=live)
+        tl.store(v_out + out_rows + d, tl.load(rows + 2 * H * D + d, mask=live), mask=live)
 
 
 @torch.library.custom_op("ditserve::norm_rope_qkv", mutates_args=())
@@ -74,10 +77,9 @@ def fused_norm_rope_qkv(qkvs: list[torch.Tensor], q_weights: list[torch.Tensor],
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
         seq = qkv.shape[1]
-        rows = b * seq * heads
-        _norm_rope_rows[(triton.cdiv(rows, BLOCK_R),)](qkv, qkv.stride(0), qkv.stride(1), qw, kw, cos, sin,
-                                                       q, k, v, seq, total, row0, rows, eps,
-                                                       H=heads, D=dh, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS)
+        grid = (triton.cdiv(seq, BLOCK_T), heads, b)
+        _norm_rope_rows[grid](qkv, qkv.stride(0), qkv.stride(1), qw, kw, cos, sin, q, k, v,
+                              seq, total, row0, eps, H=heads, D=dh, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
         row0 += seq
     return q, k, v
 

@@ -59,7 +59,9 @@ class AccelConfig:
     cuda_graphs: bool = True  # with compile on CUDA: replay each step as one CUDA graph
     quantization: str | None = None  # "fp8": e4m3 linears via torch._scaled_mm (CUDA)
     attention: str = "auto"  # sdpa | fa3 | sage (the latter two when installed; CUDA)
-    fused_kernels: bool = True  # Triton QK-norm + RoPE (CUDA, when Triton is installed)
+    # Triton QK-norm + RoPE and fp8 activation quantisation (CUDA, Triton installed). Off until
+    # tests/gpu passes on the GPU: a demo image from the compiled+fused path did not match eager
+    fused_kernels: bool = False
 
     def __post_init__(self):
         if self.quantization not in (None, "fp8"):
