@@ -75,8 +75,7 @@ def summarise(kernels: list[dict], out: str, tag: str) -> dict:
     span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"] if kernels else 0.0
     busy = sum(k["dur"] for k in kernels)
     with open(f"{out}/kernels_{tag}.txt", "w") as f:
-        for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
-            f.write(f"{us / 1000:9.3f} ms  {n:5d}x  {name}\n")
+        f.writelines(f"{us / 1000:9.3f} ms  {n:5d}x  {name}\n" for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]))
     return {"kernels": len(kernels), "span_ms": span / 1000, "kernel_sum_ms": busy / 1000,
             "gap_ms": (span - busy) / 1000, **{f"{c}_ms": v / 1000 for c, v in sorted(by_cat.items())}}
 
@@ -104,14 +103,16 @@ def gemm_rates(dtype) -> dict:
         a = torch.randn(mm, k, device="cuda", dtype=dtype)
         b = torch.randn(n, k, device="cuda", dtype=dtype)
         flops = 2 * mm * n * k
-        rates[f"bf16_{name}"] = flops / median_time(lambda: a @ b.t(), reps=30) / 1e12
+        rates[f"bf16_{name}"] = flops / median_time(lambda a=a, b=b: a @ b.t(), reps=30) / 1e12
         a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
         sa, sb = torch.ones(mm, 1, device="cuda"), torch.ones(1, n, device="cuda")
         rates[f"fp8_row_{name}"] = flops / median_time(
-            lambda: torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=dtype), reps=30) / 1e12
+            lambda a8=a8, b8=b8, sa=sa, sb=sb: torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=dtype),
+            reps=30) / 1e12
         one = torch.ones((), device="cuda")
         rates[f"fp8_tensor_{name}"] = flops / median_time(
-            lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=dtype), reps=30) / 1e12
+            lambda a8=a8, b8=b8, one=one: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=dtype),
+            reps=30) / 1e12
     return rates
 
 
@@ -178,47 +179,30 @@ def tune_qk_rope() -> dict:
     res = {"rel_err": [float((r.float() - g.float()).norm() / r.float().norm()) for r, g in zip(ref, got)]}
     gbytes = 4608 * 3 * d * 2 * 2 / 1e9
     best = None
-    for block_r in (4, 8, 16, 32):
+    for block_t in (8, 16, 32, 64):
         for warps in (1, 2, 4, 8):
-            qk_rope.BLOCK_R, qk_rope.NUM_WARPS = block_r, warps
+            qk_rope.BLOCK_T, qk_rope.NUM_WARPS = block_t, warps
             t = median_time(lambda: qk_rope.triton_norm_rope_qkv(single, pe, h), reps=30) + median_time(
                 lambda: qk_rope.triton_norm_rope_qkv(double, pe, h), reps=30)
-            res[f"{block_r}x{warps}_us"] = t * 1e6 / 2
+            res[f"{block_t}x{warps}_us"] = t * 1e6 / 2
             if best is None or t < best[0]:
-                best = (t, block_r, warps)
-    qk_rope.BLOCK_R, qk_rope.NUM_WARPS = best[1], best[2]
-    res["best"] = {"block_r": best[1], "warps": best[2], "us_per_call": best[0] * 1e6 / 2,
+                best = (t, block_t, warps)
+    qk_rope.BLOCK_T, qk_rope.NUM_WARPS = best[1], best[2]
+    res["best"] = {"block_t": best[1], "warps": best[2], "us_per_call": best[0] * 1e6 / 2,
                    "tb_per_s": gbytes / (best[0] / 2) / 1e3}
     res["reference_us"] = median_time(lambda: norm_rope_qkv(single, pe, h), reps=30) * 1e6
     return res
 
 
-def sustained_matmul(seconds: float = 8.0) -> dict:
-    """bf16 and fp8 8192^3 products back to back for `seconds` each: rate per second of the run,
-    with the SM clock (the card is power-capped at 700 W: short bursts run faster than long loads)."""
-    import time
+def sustained_matmul() -> dict:
+    """bf16 and fp8 8192^3 products back to back for seconds on end, with the SM clock after."""
+    from ditserve.bench.common import sustained_matmul_tflops
 
-    n = 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
-    one = torch.ones((), device="cuda")
-    fns = {"bf16": lambda: a @ b, "fp8": lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one,
-                                                                   out_dtype=torch.bfloat16)}
     res = {}
-    for name, fn in fns.items():
-        rates = []
-        t_end = time.time() + seconds
-        while time.time() < t_end:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                fn()
-            end.record()
-            end.synchronize()
-            rates.append(20 * 2 * n**3 / (start.elapsed_time(end) / 1000) / 1e12)
-        res[name] = {"first_tflops": rates[0], "last_tflops": rates[-1], "median_tflops": sorted(rates)[len(rates) // 2],
-                     "clock": subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader"],
-                                             capture_output=True, text=True).stdout.strip()}
+    for dtype in ("bfloat16", "fp8"):
+        res[dtype] = {"tflops": sustained_matmul_tflops(dtype),
+                      "clock": subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader"],
+                                              capture_output=True, text=True, check=False).stdout.strip()}
     return res
 
 

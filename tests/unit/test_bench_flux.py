@@ -1,10 +1,9 @@
 """The FLUX GPU step bench, run on the CPU with a shrunken architecture: it runs end to end and its
 block-update guard catches wrong block math that the whole-output rel L2 misses."""
 
-import time
-
 import pytest
 import torch
+from tiny.bench import shrink
 
 from ditserve.bench import flux as bench
 from ditserve.models.common.mmdit import norm_rope_qkv
@@ -17,15 +16,7 @@ SHRUNK = {"flux.1-dev": {"transformer": {
 
 @pytest.fixture
 def shrunk(monkeypatch):
-    monkeypatch.setattr(bench, "architectures", lambda: SHRUNK)
-
-    def cpu_time(fn, warmup=1, reps=2):
-        fn()
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    monkeypatch.setattr(bench, "median_time", cpu_time)
+    shrink(monkeypatch, bench, SHRUNK)
 
 
 def test_bench_step_runs_and_guards_on_cpu(shrunk):

@@ -2,11 +2,11 @@
 meta device, no memory), and a shrunken one goes through `bench_step` end to end."""
 
 import dataclasses
-import time
 
 import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel
+from tiny.bench import shrink
 from torch.utils.flop_counter import FlopCounterMode
 
 from ditserve.bench import qwen_image as bench
@@ -37,15 +37,7 @@ def test_real_architecture_maps_onto_our_dit():
 
 @pytest.fixture
 def shrunk(monkeypatch):
-    monkeypatch.setattr(bench, "architectures", lambda: SHRUNK)
-
-    def cpu_time(fn, warmup=1, reps=2):
-        fn()
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    monkeypatch.setattr(bench, "median_time", cpu_time)
+    shrink(monkeypatch, bench, SHRUNK)
 
 
 def test_bench_step_runs_and_guards_on_cpu(shrunk):
