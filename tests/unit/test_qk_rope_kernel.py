@@ -23,17 +23,18 @@ CHECK = textwrap.dedent("""
     from ditserve.models.common.rope import rope_tables
 
     torch.manual_seed({seed})
-    heads, dh = 3, 16
+    batch, t, n, heads, dh = {shape}
     norms = [QKNorm(dh), QKNorm(dh)]
-    for n in norms:
-        for p in n.parameters():
+    for norm in norms:
+        for p in norm.parameters():
             p.data = torch.randn_like(p)
-    wide = torch.randn(2, 7, 5 * heads * dh)  # a slice of a wider projection: row stride 5*H*Dh
-    txt, img = wide[..., : 3 * heads * dh], torch.randn(2, 5, 3 * heads * dh)
-    pe = rope_tables(torch.randint(0, 9, (12, 3)).float(), (4, 6, 6), 10000.0)
+    wide = torch.randn(batch, t, 5 * heads * dh)  # a slice of a wider projection: row stride 5*H*Dh
+    txt, img = wide[..., : 3 * heads * dh], torch.randn(batch, n, 3 * heads * dh)
+    axes = (dh // 4, 3 * dh // 8, 3 * dh // 8)
+    pe = rope_tables(torch.randint(0, 9, (t + n, 3)).float(), axes, 10000.0)
     with torch.no_grad():
         for parts, table in (([(txt, norms[0]), (img, norms[1])], pe),
-                             ([(txt, norms[0])], (pe[0][:7], pe[1][:7]))):
+                             ([(txt, norms[0])], (pe[0][:t], pe[1][:t]))):
             ref = norm_rope_qkv(parts, table, heads)
             got = fused_norm_rope_qkv([t for t, _ in parts], [n.q_norm.weight for _, n in parts],
                                       [n.k_norm.weight for _, n in parts], table[0], table[1], heads, 1e-6)
@@ -45,11 +46,13 @@ CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_fused_norm_rope_matches_reference_in_interpreter(seed):
+# (batch, text tokens, image tokens, heads, head dim): odd sizes with partial token blocks, and
+# the demo model's shapes (batch 4, 16 + 16 tokens, 4 heads of 32)
+@pytest.mark.parametrize("seed,shape", [(0, (2, 7, 5, 3, 16)), (1, (1, 40, 33, 2, 16)), (2, (4, 16, 16, 4, 32))])
+def test_fused_norm_rope_matches_reference_in_interpreter(seed, shape):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", CHECK.format(seed=seed)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", CHECK.format(seed=seed, shape=shape)], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
