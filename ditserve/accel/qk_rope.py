@@ -5,6 +5,9 @@ Same contract as `models.common.mmdit.norm_rope_qkv`: each stream's projection [
 (any row stride, e.g. a slice of a wider projection) is read once; q and k are normalised with the
 stream's weights and rotated, v is copied, all written straight into the joint [B, ΣS_i, H, Dh]
 tensors that attention reads. Math in float32, one rounding at the store.
+
+Experimental: off unless `AccelConfig.fused_kernels` (see benchmarks/NOTES.md, "Correctness of the
+fused path"); tests/gpu is the check to pass on the device before it is turned on.
 """
 
 from __future__ import annotations
