@@ -165,13 +165,13 @@ def tune_qk_rope() -> dict:
     """Time the fused QK-norm + RoPE kernel over tile sizes at FLUX.1-dev's shapes; keep the best."""
     from ditserve.accel import qk_rope
     from ditserve.models.common.mmdit import QKNorm, norm_rope_qkv
+    from ditserve.models.common.rope import rope_tables
 
     h, dh, d = 24, 128, 3072
     norm = QKNorm(dh).cuda().bfloat16()
     wide = torch.randn(1, 4608, 7 * d, device="cuda", dtype=torch.bfloat16)
     txt, img = (torch.randn(1, n, 3 * d, device="cuda", dtype=torch.bfloat16) for n in (512, 4096))
     ids = torch.randint(0, 64, (4608, 3), device="cuda").float()
-    from ditserve.models.common.rope import rope_tables
     pe = rope_tables(ids, (16, 56, 56), 10000.0)
     single, double = [(wide[..., : 3 * d], norm)], [(txt, norm), (img, norm)]
     ref = norm_rope_qkv(single, pe, h)

@@ -56,7 +56,6 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.norm = QKNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)

@@ -16,7 +16,8 @@ from torch import nn
 
 from ditserve.models.common.attention import sdpa_attention
 from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
-from ditserve.models.common.mmdit import DoubleStreamBlock, LastLayer, Modulation, QKNorm, attend, modulate, norm_rope_qkv
+from ditserve.models.common.mmdit import (DoubleStreamBlock, LastLayer, Modulation, QKNorm, attend, modulate,
+                                          norm_rope_qkv)
 from ditserve.models.common.rope import rope_tables
 from ditserve.models.flux.config import FluxConfig
 
