@@ -87,8 +87,11 @@ def block_update_rel_l2(ref, ours: FluxDiT, inp: FluxInputs) -> dict[str, float]
 @torch.no_grad()
 def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024, txt_len: int = 512,
                quantization: str | None = None, compare: bool = True, device: str = "cuda",
-               compiled: bool = True, fused_kernels: bool = False) -> dict:
+               compiled: bool = True, fused_kernels: bool = True, attention: str = "auto") -> dict:
     """One DiT forward (batch 1): diffusers eager and compiled vs ditserve's fast configuration.
+
+    With fp8, the fp8 path is timed with SDPA and, when `attention` names another backend (fp8:
+    our 8-bit kernel), once more with it (fields prefixed `fp8_attn_`).
 
     The guard: whole-output rel L2 and the first blocks' update rel L2 (eager and fast path) ≤ 1e-2.
     """
@@ -135,18 +138,22 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
         row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_step_s"]
     if quantization == "fp8":
         del ref, ours, fast
-        gc.collect()
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-        ref_fresh, fresh = build(model, device, dtype)  # same seed: the same weights
-        fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8", fused_kernels=fused_kernels),
-                               torch.device(device))
-        row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp, pe), warmup=3, reps=20)
-        row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp, pe), expected)
-        row["fp8_rel_l2_block_update"] = block_update_rel_l2(ref_fresh, fast8, inp)
         row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
         row["sustained_fp8_tflops"] = sustained_matmul_tflops("fp8")
         row["sustained_fp8_floor_step_s"] = flops / (row["sustained_fp8_tflops"] * 1e12)
-        row["fp8_speedup_vs_diffusers_compiled"] = row.get("diffusers_compiled_step_s", float("nan")) / row[
-            "ditserve_fp8_step_s"]
+        variants = [("fp8", "auto")] + ([("fp8_attn", attention)] if attention != "auto" else [])
+        for prefix, attn in variants:
+            gc.collect()
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            ref_fresh, fresh = build(model, device, dtype)  # same seed: the same weights
+            fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8", attention=attn,
+                                                      fused_kernels=fused_kernels), torch.device(device))
+            row[f"ditserve_{prefix}_step_s"] = median_time(lambda: fast8(inp, pe), warmup=3, reps=20)
+            row[f"{prefix}_attention"] = attn
+            row[f"{prefix}_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp, pe), expected)
+            row[f"{prefix}_rel_l2_block_update"] = block_update_rel_l2(ref_fresh, fast8, inp)
+            row[f"{prefix}_speedup_vs_diffusers_compiled"] = row.get(
+                "diffusers_compiled_step_s", float("nan")) / row[f"ditserve_{prefix}_step_s"]
+            del ref_fresh, fresh, fast8
     return row

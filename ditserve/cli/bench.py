@@ -23,8 +23,10 @@ def add_parser(sub) -> None:
     p.add_argument("--quantization", default=None, choices=["fp8"])
     p.add_argument("--compare", default="diffusers", choices=["diffusers", "none"])
     p.add_argument("--end-to-end", action="store_true", help="time all stages, ditserve vs diffusers")
-    p.add_argument("--fused-kernels", action="store_true",
-                   help="FLUX step: also use the Triton QK-norm + RoPE and fp8 quantisation kernels (experimental)")
+    p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                   help="FLUX step: without the Triton QK-norm + RoPE and fp8 quantisation kernels")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "fp8"],
+                   help="FLUX step with --quantization fp8: also time the fp8 path with this attention")
     p.add_argument("--json", default=None, help="append the result row(s) to this JSON file")
     p.set_defaults(run=run)
 
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         from ditserve.bench.flux import bench_step
 
         row = bench_step(args.model, height, width, quantization=args.quantization,
-                         compare=args.compare == "diffusers", fused_kernels=args.fused_kernels)
+                         compare=args.compare == "diffusers", fused_kernels=args.fused_kernels,
+                         attention=args.attention_backend)
     sys.stdout.write(json.dumps(row, indent=2) + "\n")  # the result is the output
     if args.json:
         path = Path(args.json)
