@@ -1,6 +1,5 @@
 """Attention backends: torch SDPA (default; cuDNN on Hopper), FlashAttention 3 or SageAttention
-(8-bit) when installed, and our own 8-bit Triton kernel ("fp8", accel/fp8_attention.py). Chosen
-once at load time and set on every layer's `attn_op`."""
+(8-bit) when installed. Chosen once at load time and set on every layer's `attn_op`."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from ditserve.models.common.attention import sdpa_attention
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sdpa", "fa3", "sage", "fp8")
+BACKENDS = ("auto", "sdpa", "fa3", "sage")
 
 
 def _fa3(q, k, v, mask=None):
@@ -35,24 +34,19 @@ def _sage(q, k, v, mask=None):
 
 
 def available(name: str) -> bool:
-    module = {"fa3": "flash_attn_interface", "sage": "sageattention", "fp8": "triton"}.get(name)
+    module = {"fa3": "flash_attn_interface", "sage": "sageattention"}.get(name)
     return module is None or importlib.util.find_spec(module) is not None
 
 
 def select_attention(name: str, device: torch.device):
     """The op for `name`; "auto" keeps SDPA, which on an H200 already runs cuDNN's fast kernel
-    (FA3, SageAttention and fp8 are opt-in until measured here). "fp8" needs Triton; its module is
-    imported only here, so installs without Triton still import ditserve."""
+    (FA3 and SageAttention are opt-in until measured here)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name in ("auto", "sdpa") or device.type != "cuda":
         return sdpa_attention
     if not available(name):
         raise ValueError(f"attention backend {name} is not installed")
-    if name == "fp8":
-        from ditserve.accel.fp8_attention import fp8_attention
-
-        return fp8_attention
     return {"fa3": _fa3, "sage": _sage}[name]
 
 

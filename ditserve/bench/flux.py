@@ -90,8 +90,8 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
                compiled: bool = True, fused_kernels: bool = True, attention: str = "auto") -> dict:
     """One DiT forward (batch 1): diffusers eager and compiled vs ditserve's fast configuration.
 
-    With fp8, the fp8 path is timed with SDPA and, when `attention` names another backend (fp8:
-    our 8-bit kernel), once more with it (fields prefixed `fp8_attn_`).
+    With fp8, the fp8 path is timed with SDPA and, when `attention` names another backend (FA3 or
+    SageAttention, when installed), once more with it (fields prefixed `fp8_attn_`).
 
     The guard: whole-output rel L2 and the first blocks' update rel L2 (eager and fast path) ≤ 1e-2.
     """

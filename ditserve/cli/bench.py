@@ -25,8 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--end-to-end", action="store_true", help="time all stages, ditserve vs diffusers")
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="FLUX step: without the Triton QK-norm + RoPE and fp8 quantisation kernels")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "fp8"],
-                   help="FLUX step with --quantization fp8: also time the fp8 path with this attention")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage"],
+                   help="FLUX step with --quantization fp8: also time the fp8 path with this attention "
+                        "(fa3, sage: when installed)")
     p.add_argument("--json", default=None, help="append the result row(s) to this JSON file")
     p.set_defaults(run=run)
 

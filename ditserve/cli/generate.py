@@ -26,9 +26,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compile the DiT per block (and replay steps as CUDA graphs on GPU); warms up at start")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: e4m3 linear layers through torch._scaled_mm (CUDA)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage", "fp8"],
-                   help="auto/sdpa: torch SDPA (cuDNN on Hopper); fa3, sage: when installed (CUDA); "
-                        "fp8: our 8-bit Triton kernel (CUDA, Triton)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage"],
+                   help="auto/sdpa: torch SDPA (cuDNN on Hopper); fa3, sage: when installed (CUDA)")
 
 
 def accel_config(args: argparse.Namespace):

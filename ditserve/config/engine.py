@@ -58,7 +58,7 @@ class AccelConfig:
     compile: bool = False  # torch.compile per block, warmed up at start
     cuda_graphs: bool = True  # with compile on CUDA: replay each step as one CUDA graph
     quantization: str | None = None  # "fp8": e4m3 linears via torch._scaled_mm (CUDA)
-    attention: str = "auto"  # sdpa | fa3 | sage (when installed) | fp8 (our Triton kernel); all but sdpa CUDA
+    attention: str = "auto"  # sdpa | fa3 | sage (the latter two when installed; CUDA)
     # Triton QK-norm + RoPE and fp8 activation quantisation (CUDA with Triton; elsewhere the
     # reference ops run). tests/gpu checks them against the reference on the device.
     fused_kernels: bool = True
@@ -66,7 +66,7 @@ class AccelConfig:
     def __post_init__(self):
         if self.quantization not in (None, "fp8"):
             raise InvalidRequest(f"unsupported quantization {self.quantization!r}; use fp8", "quantization")
-        if self.attention not in ("auto", "sdpa", "fa3", "sage", "fp8"):
+        if self.attention not in ("auto", "sdpa", "fa3", "sage"):
             raise InvalidRequest(f"unsupported attention backend {self.attention!r}", "attention")
 
 
