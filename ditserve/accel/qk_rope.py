@@ -6,8 +6,8 @@ Same contract as `models.common.mmdit.norm_rope_qkv`: each stream's projection [
 stream's weights and rotated, v is copied, all written straight into the joint [B, ΣS_i, H, Dh]
 tensors that attention reads. Math in float32, one rounding at the store.
 
-Experimental: off unless `AccelConfig.fused_kernels` (see benchmarks/NOTES.md, "Correctness of the
-fused path"); tests/gpu is the check to pass on the device before it is turned on.
+On by default with `AccelConfig.fused_kernels`; tests/gpu checks it against the reference on the
+device, alone and inside compiled blocks (benchmarks/NOTES.md has its history).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from torch import nn
 from ditserve.models.common.mmdit import norm_rope_qkv
 
 log = logging.getLogger(__name__)
-BLOCK_T, NUM_WARPS = 32, 4  # tokens per program (of one head), warps per program
+# tokens per program (of one head), warps: the fastest of 8 tiles on the H200 (qk_kernel_variants.py)
+BLOCK_T, NUM_WARPS = 8, 2
 
 try:
     import triton
@@ -31,39 +32,34 @@ except ImportError:  # CPU-only installs: the reference path serves
 if triton is not None:
 
     @triton.jit
-    def _norm_rotate(src, w_ptr, dst, live, j, c_even, c_odd, s_even, s_odd, eps, D: tl.constexpr):
-        """RMS-normalise BLOCK_T rows of one head ([BLOCK_T, D] at src, rows `live`), rotate each
-        (even, odd) pair, store at dst. Even and odd elements are loaded and stored separately."""
-        x_even = tl.load(src + 2 * j, mask=live, other=0.0).to(tl.float32)
-        x_odd = tl.load(src + 2 * j + 1, mask=live, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x_even * x_even + x_odd * x_odd, axis=1) / D + eps)[:, None]
-        y_even = x_even * rstd * tl.load(w_ptr + 2 * j).to(tl.float32)
-        y_odd = x_odd * rstd * tl.load(w_ptr + 2 * j + 1).to(tl.float32)
-        ty = dst.dtype.element_ty
-        tl.store(dst + 2 * j, (y_even * c_even - y_odd * s_even).to(ty), mask=live)
-        tl.store(dst + 2 * j + 1, (y_odd * c_odd + y_even * s_odd).to(ty), mask=live)
-
-    @triton.jit
     def _norm_rope_rows(src, batch_stride, row_stride, qw, kw, cos, sin, q_out, k_out, v_out,
                         seq_part, seq_total, row0, eps,
                         H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
         """Grid (token blocks, heads, batch): BLOCK_T tokens of one head of one stream; q and k
-        normalised and rotated, v copied, all written at rows row0.. of the joint [B, S, H, D]."""
+        normalised and rotated, v copied, all written at rows row0.. of the joint [B, S, H, D].
+
+        Rows are loaded whole (contiguous); each element's pair partner (d ^ 1) is loaded again from
+        the same cache lines, so the rotation y·cos ± y_partner·sin needs no reshape or split."""
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         live = (t < seq_part)[:, None]
-        j = tl.arange(0, D // 2)[None, :]
+        d = tl.arange(0, D)[None, :]
+        partner = d ^ 1
         rows = src + b * batch_stride + t[:, None].to(tl.int64) * row_stride + h * D
         out_rows = ((b * seq_total + row0 + t[:, None]) * H + h) * D
-        table = (row0 + t[:, None]) * D + 2 * j
-        c_even = tl.load(cos + table, mask=live, other=0.0)
-        c_odd = tl.load(cos + table + 1, mask=live, other=0.0)
-        s_even = tl.load(sin + table, mask=live, other=0.0)
-        s_odd = tl.load(sin + table + 1, mask=live, other=0.0)
-        _norm_rotate(rows, qw, q_out + out_rows, live, j, c_even, c_odd, s_even, s_odd, eps, D)
-        _norm_rotate(rows + H * D, kw, k_out + out_rows, live, j, c_even, c_odd, s_even, s_odd, eps, D)
-        d = tl.arange(0, D)[None, :]
+        table = (row0 + t[:, None]) * D + d
+        c = tl.load(cos + table, mask=live, other=0.0)
+        s = tl.load(sin + table, mask=live, other=0.0) * tl.where((d & 1) == 0, -1.0, 1.0)  # (-im, re)
+        for which in tl.static_range(2):  # q, then k
+            w_ptr = qw if which == 0 else kw
+            dst = q_out if which == 0 else k_out
+            x = tl.load(rows + which * H * D + d, mask=live, other=0.0).to(tl.float32)
+            x_pair = tl.load(rows + which * H * D + partner, mask=live, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+            y = x * rstd * tl.load(w_ptr + d).to(tl.float32)
+            y_pair = x_pair * rstd * tl.load(w_ptr + partner).to(tl.float32)
+            tl.store(dst + out_rows + d, (y * c + y_pair * s).to(dst.dtype.element_ty), mask=live)
         tl.store(v_out + out_rows + d, tl.load(rows + 2 * H * D + d, mask=live), mask=live)
 
 

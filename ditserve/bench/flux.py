@@ -149,7 +149,7 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
             ref_fresh, fresh = build(model, device, dtype)  # same seed: the same weights
             fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8", attention=attn,
                                                       fused_kernels=fused_kernels), torch.device(device))
-            row[f"ditserve_{prefix}_step_s"] = median_time(lambda: fast8(inp, pe), warmup=3, reps=20)
+            row[f"ditserve_{prefix}_step_s"] = median_time(lambda f=fast8: f(inp, pe), warmup=3, reps=20)
             row[f"{prefix}_attention"] = attn
             row[f"{prefix}_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp, pe), expected)
             row[f"{prefix}_rel_l2_block_update"] = block_update_rel_l2(ref_fresh, fast8, inp)

@@ -67,10 +67,9 @@ def test_compiled_blocks_with_fused_kernels_match_eager(quantization, compile_, 
     """What the bench's block guard flagged on 2026-11-21: the fast paths (fused kernels, compile,
     both) against the eager reference blocks, update by update; each path alone tells which breaks."""
     from ditserve.accel import accelerate_dit
+    from ditserve.accel.fp8 import apply_fp8
     from ditserve.config import AccelConfig
     from ditserve.pipelines.flux import image_ids
-
-    from ditserve.accel.fp8 import apply_fp8
 
     ref = _flux_blocks(dh, heads)
     if quantization == "fp8":  # the eager fp8 blocks: the fast paths must not add error of their own
