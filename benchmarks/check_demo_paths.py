@@ -1,8 +1,9 @@
 """The trained demo model through each speed path on the GPU, against the eager bf16 images of the
 same seed: a check of the fast paths on a model whose blocks matter (random weights hide block errors).
 
-On 2026-11-21 compile + CUDA graph alone gave ≤ 10/255 against eager; compile + the fused kernels
-gave images with visibly different circles (max 255, mean 6-11 against the CPU bf16 images).
+History (H200, bf16, 8 images): with the first QK kernel, compile + fused drew visibly different
+circles (max 255, mean 6-11). With today's kernel: eager+fused 0/255; compile and compile+fused
+15/255, mean 0.52 (bf16 rounding through 20 steps).
 Usage on the device machine: python3 benchmarks/check_demo_paths.py  (prints one line per path).
 """
 
