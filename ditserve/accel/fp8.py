@@ -21,10 +21,13 @@ except ImportError:  # CPU-only installs: torch ops serve
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise symmetric e4m3 quantisation: x ≈ q * scale, scale [rows, 1] in float32."""
+    """Row-wise symmetric e4m3 quantisation: x ≈ q * scale, scale [rows, 1] in float32.
+
+    x is multiplied by the row's reciprocal scale (one IEEE division per row, not per element):
+    the Triton kernel below does the same arithmetic, so both give the same bits."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = amax / E4M3_MAX
-    return (x.float() / scale).to(E4M3), scale
+    scale = amax * (1.0 / E4M3_MAX)  # what CUDA torch does for `amax / E4M3_MAX`; CPU would divide
+    return (x.float() * torch.reciprocal(scale)).to(E4M3), scale
 
 
 if triton is not None:
@@ -36,11 +39,11 @@ if triton is not None:
         offs = tl.arange(0, BLOCK_K)
         live = offs < k
         x = tl.load(x_ptr + row * stride + offs, mask=live, other=0.0).to(tl.float32)
-        # the bits torch gives: its division by a scalar multiplies by the reciprocal, its
-        # division by a tensor is IEEE (Triton's `/` is an approximate division in float32)
+        # the bits quantize_rows gives: torch.reciprocal is an IEEE division (Triton's `/` is
+        # approximate in float32)
         scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) * inv_qmax
-        q = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-        tl.store(q_ptr + row * k + offs, q.to(q_ptr.dtype.element_ty), mask=live)
+        inv_scale = tl.math.div_rn(scale * 0.0 + 1.0, scale)
+        tl.store(q_ptr + row * k + offs, (x * inv_scale).to(q_ptr.dtype.element_ty), mask=live)
         tl.store(scale_ptr + row, scale)
 
 
