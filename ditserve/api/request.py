@@ -32,6 +32,7 @@ class ModelLimits:
     min_size: int = 16
     max_size: int = 4096
     max_pixels: int = 4096 * 4096
+    min_steps: int = 1  # 2 where the scheduler ends at a terminal sigma (1 step would be 0/0)
     max_steps: int = 1000
     max_num_images: int = 16
     max_sequence_length: int = 512
@@ -106,9 +107,10 @@ class GenerationRequest:
                 "size",
             )
         _check_int("num_inference_steps", self.num_inference_steps)
-        if not 1 <= self.num_inference_steps <= limits.max_steps:
+        if not limits.min_steps <= self.num_inference_steps <= limits.max_steps:
+            why = " for this model (its schedule ends at a terminal sigma)" if limits.min_steps > 1 else ""
             raise InvalidRequest(
-                f"num_inference_steps must be between 1 and {limits.max_steps}, "
+                f"num_inference_steps must be between {limits.min_steps} and {limits.max_steps}{why}, "
                 f"got {self.num_inference_steps}",
                 "num_inference_steps",
             )

@@ -113,14 +113,13 @@ def run(args: argparse.Namespace) -> int:
     from ditserve.runtime.loader import inspect_model
 
     source = inspect_model(default_model_path(args.model_path))
-    pipe_cls = source.pipeline_cls
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale, seed=args.seed, num_images=args.num_images,
         max_sequence_length=args.max_sequence_length,
-        images=tuple(read_image_file(path, pipe_cls.limits) for path in args.image),
-    ).resolve(source.defaults, pipe_cls.limits)
+        images=tuple(read_image_file(path, source.limits) for path in args.image),
+    ).resolve(source.defaults, source.limits)
     paths = output_paths(args.output, request.num_images)
     for path in paths:
         check_writable(path, "--output")

@@ -45,8 +45,8 @@ class Engine:
         """The default size at batch 1 and at the largest batch the server forms: compiled code and
         CUDA graphs are specialised per shape, so each shape met later would compile again."""
         defaults = self.source.defaults  # edit models need input images: grey ones at the default size
-        images = (Image.new("RGB", (defaults.width, defaults.height), (128, 128, 128)),) * self.pipeline.limits.min_images
-        batches = sorted({1, max(1, min(max_batch_size, self.pipeline.limits.max_num_images))})
+        images = (Image.new("RGB", (defaults.width, defaults.height), (128, 128, 128)),) * self.source.limits.min_images
+        batches = sorted({1, max(1, min(max_batch_size, self.source.limits.max_num_images))})
         return [GenerationRequest(prompt="warm-up", seed=0, images=images, num_images=n) for n in batches]
 
     def warmup(self, requests: list[GenerationRequest]) -> None:
@@ -58,7 +58,7 @@ class Engine:
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """Fill the model's defaults and validate; raises InvalidRequest before any model work."""
-        return request.resolve(self.source.defaults, self.pipeline.limits)
+        return request.resolve(self.source.defaults, self.source.limits)
 
     def run_batch(self, requests: list[GenerationRequest], control: RunControl | None = None) -> list[GenerationOutput]:
         """Run resolved, batch-compatible requests as one pipeline call; one output per request."""

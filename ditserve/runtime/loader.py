@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ditserve.api import InvalidRequest, RequestDefaults
+from ditserve.api import InvalidRequest, ModelLimits, RequestDefaults
 from ditserve.pipelines.base import Pipeline
 from ditserve.pipelines.registry import pipeline_class
 
@@ -25,16 +25,20 @@ MODEL_DEFAULTS_FILE = "ditserve.json"
 @dataclass(frozen=True)
 class ModelSource:
     """A resolved model directory, the pipeline class its `model_index.json` names, and the
-    request defaults for it: the family's, with any the folder's `ditserve.json` sets."""
+    request defaults for it (the family's, with any the folder's `ditserve.json` sets) and limits
+    (the family's, with what the folder's scheduler config implies)."""
 
     path: Path
     class_name: str
     pipeline_cls: type[Pipeline]
     defaults: RequestDefaults | None = None
+    limits: ModelLimits | None = None
 
     def __post_init__(self):
         if self.defaults is None:
             object.__setattr__(self, "defaults", self.pipeline_cls.defaults)
+        if self.limits is None:
+            object.__setattr__(self, "limits", self.pipeline_cls.limits)
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -78,7 +82,19 @@ def inspect_model(model: str | Path) -> ModelSource:
                and not (path / name).is_dir()]
     if missing:
         raise InvalidRequest(f"{path} lacks component folders {missing}", "model")
-    return ModelSource(path, class_name, cls, read_model_defaults(path, cls.defaults))
+    return ModelSource(path, class_name, cls, read_model_defaults(path, cls.defaults),
+                       read_model_limits(path, cls.limits))
+
+
+def read_model_limits(path: Path, base: ModelLimits) -> ModelLimits:
+    """`base`, raised to 2 steps when the scheduler stretches its schedule to end at a terminal
+    sigma (`shift_terminal`): a 1-step schedule is then 0/0 (in diffusers too), an image of NaNs."""
+    file = path / "scheduler" / "scheduler_config.json"
+    try:
+        terminal = json.loads(file.read_text()).get("shift_terminal") if file.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return base  # loading the pipeline reports a malformed scheduler config
+    return replace(base, min_steps=max(base.min_steps, 2)) if terminal else base
 
 
 def read_model_defaults(path: Path, base: RequestDefaults) -> RequestDefaults:

@@ -38,7 +38,7 @@ def create_app(source: ModelSource, model_id: str, engine: EngineConfig, config:
                           max_batch_size=engine.max_batch_size)
     metrics = Metrics(scheduler)
     state = ServerState(source=source, model_id=model_id, config=config,
-                        limits=config.limits_for(source.pipeline_cls.limits), worker=worker,
+                        limits=config.limits_for(source.limits), worker=worker,
                         scheduler=scheduler, store=OutputStore(config.output_ttl_s, config.output_dir),
                         metrics=metrics, created=int(time.time()))
     app = FastAPI(title="ditserve", version=ditserve.__version__, lifespan=_lifespan,

@@ -118,7 +118,7 @@ def test_edit_from_the_cli_equals_the_python_api(tiny_qwen_image_edit, tmp_path,
     assert np.abs(np.asarray(other.images[0]).astype(int) - cli.astype(int)).max() > 2  # the input image matters
 
     with pytest.raises(InvalidRequest, match="edits images"):
-        gen.generate("no image given", num_inference_steps=1)
+        gen.generate("no image given", num_inference_steps=2)
 
 
 def test_requests_carry_checked_images(tiny_qwen_image_edit):
@@ -157,3 +157,21 @@ def test_compile_warmup_request_is_valid(request, monkeypatch, model):
     (req,) = seen
     assert len(req.images) == source.pipeline_cls.limits.min_images
     assert (req.width, req.height) == (1024, 1024) and req.num_inference_steps == 2
+
+
+def test_one_step_is_refused_where_the_schedule_ends_at_a_terminal_sigma(tiny_qwen_image, tiny_flux_dev, tmp_path,
+                                                                         capsys, no_model_work):
+    """Qwen-Image's scheduler stretches its sigmas to end at shift_terminal; with 1 step that is 0/0
+    (diffusers draws NaNs). Refused in one line, exit 2, before any weights load; FLUX's schedule has
+    no terminal, so 1 step stays allowed there."""
+    assert inspect_model(tiny_qwen_image).limits.min_steps == 2
+    assert inspect_model(tiny_flux_dev).limits.min_steps == 1
+    rc = main(["generate", "--model-path", str(tiny_qwen_image), "--prompt", "a fox", "--height", "32",
+               "--width", "32", "--num-inference-steps", "1", "--output", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert rc == 2 and len(lines) == 1, err
+    assert "num_inference_steps must be between 2 and" in lines[0] and "terminal sigma" in lines[0]
+    with pytest.raises(InvalidRequest, match="between 2"):
+        GenerationRequest(prompt="a fox", num_inference_steps=1).resolve(
+            QwenImagePipeline.defaults, inspect_model(tiny_qwen_image).limits)

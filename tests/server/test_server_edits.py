@@ -51,6 +51,8 @@ BAD_UPLOADS = [
     ({"prompt": "x", "n": "two"}, [("image", png("red"))], "n", "integer"),
     ({"prompt": "x", "colour": "red"}, [("image", png("red"))], "colour", "Unrecognized"),
     ({}, [("image", png("red"))], "prompt", "Missing"),
+    # the family's scheduler ends at shift_terminal: a 1-step schedule would be 0/0
+    ({"prompt": "x", "num_inference_steps": "1"}, [("image", png("red"))], "num_inference_steps", "between 2"),
 ]
 
 
