@@ -19,16 +19,12 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from ditserve.bench.common import median_time
+from ditserve.bench.common import median_time, rel_l2
+from ditserve.models.common.attention import sdpa_attention as sdpa
 
 E4M3 = torch.float8_e4m3fn
 SHAPES = {"flux": (1, 4608, 24, 128), "qwen-image": (1, 7017, 24, 128)}  # [B, S, H, D]
-
-
-def rel_l2(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).norm() / ref.float().norm())
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +84,6 @@ class CudnnFp8Attention:
         (q8, dq), (k8, dk), (v8, dv) = quantize(q), quantize(k), quantize(v)
         scale_o = 1.0 / dv  # 448 / amax(v)
         return (self.attend8(q8, k8, v8, dq, dk, dv, scale_o).float() * dv).to(q.dtype)
-
-
-def sdpa(q, k, v):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 @torch.no_grad()
