@@ -1,4 +1,5 @@
-"""Speed transforms applied to a loaded DiT from outside: FP8 linears, compile, CUDA graphs."""
+"""Speed transforms applied to a loaded DiT from outside, each reading the model's plan
+(models/common/plan.py): attention op, fused kernels, FP8 linears, compile, CUDA graphs per segment."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ log = logging.getLogger(__name__)
 
 def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> nn.Module:
     """Apply the configured transforms in the one order that composes: attention op, fused
-    kernels, quantise, compile, graph."""
-    on_cuda = device.type == "cuda"
+    kernels, quantise, compile, segment graphs. `dit.plan` says where each may act."""
+    plan, on_cuda = dit.plan, device.type == "cuda"
     if accel.quantization == "fp8" and not on_cuda:
         log.warning("fp8 quantization needs a CUDA GPU; running unquantised")
     if accel.attention not in ("auto", "sdpa"):
@@ -26,11 +27,11 @@ def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> 
             dit = apply_attention(dit, select_attention(accel.attention, device))
         except ValueError as exc:
             raise InvalidRequest(str(exc), "attention") from None
-    if on_cuda and accel.fused_kernels:
+    if on_cuda and accel.fused_kernels and plan.qk_rope_site:
         from ditserve.accel import qk_rope
 
         if qk_rope.available():
-            dit = qk_rope.apply_fused_qk_rope(dit)
+            dit = qk_rope.apply_fused_qk_rope(dit, plan.qk_rope_site)
         else:
             log.warning("Triton is not installed: QK-norm + RoPE run unfused")
     if on_cuda and accel.quantization == "fp8":
@@ -42,7 +43,7 @@ def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> 
 
         dit = apply_compile(dit)
         if on_cuda and accel.cuda_graphs:
-            from ditserve.accel.cudagraph import CudaGraphDiT
+            from ditserve.accel.segments import SegmentedDiT
 
-            dit = CudaGraphDiT(dit)
+            dit = SegmentedDiT(dit, graphs=True)
     return dit

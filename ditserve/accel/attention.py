@@ -13,6 +13,12 @@ from ditserve.models.common.attention import sdpa_attention
 
 log = logging.getLogger(__name__)
 
+
+def set_path(module: nn.Module, path: str, value) -> None:
+    """Set the attribute at a dotted, module-relative `path` (e.g. "attn1.attn_op")."""
+    owner, _, attr = path.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, attr, value)
+
 BACKENDS = ("auto", "sdpa", "fa3", "sage")
 
 
@@ -51,8 +57,10 @@ def select_attention(name: str, device: torch.device):
 
 
 def apply_attention(dit: nn.Module, op) -> nn.Module:
-    """Set `op` on every block that has an `attn_op` (the sequence-parallel wrappers do the same)."""
+    """Set `op` at every attention site of every block, as the model's plan lists them (the
+    sequence-parallel wrappers do the same)."""
     for block in dit.blocks:
-        block.attn_op = op
+        for site in dit.plan.attention_sites:
+            set_path(block, site, op)
     log.info("attention op: %s", getattr(op, "__name__", op))
     return dit

@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def apply_compile(dit: nn.Module, mode: str | None = None) -> nn.Module:
-    """Compile each block of `dit.blocks` in place (fullgraph), plus the final layer.
+    """Compile each block of `dit.blocks` in place (fullgraph), plus the plan's head module.
 
     Compiling block by block keeps compile time to one graph per block type while letting
     inductor fuse the elementwise work (norm + modulation, QK-norm + RoPE, gated residuals).
@@ -21,6 +21,6 @@ def apply_compile(dit: nn.Module, mode: str | None = None) -> nn.Module:
     inductor.epilogue_fusion = True
     for block in dit.blocks:
         block.compile(fullgraph=True, dynamic=False, mode=mode)
-    dit.final_layer.compile(fullgraph=True, dynamic=False, mode=mode)
+    getattr(dit, dit.plan.head).compile(fullgraph=True, dynamic=False, mode=mode)
     log.info("compiled %d blocks (mode=%s)", len(dit.blocks), mode or "default")
     return dit

@@ -4,9 +4,12 @@ activation scales computed on the fly. Applied to the blocks' large projections 
 from __future__ import annotations
 
 import logging
+from fnmatch import fnmatch
 
 import torch
 from torch import nn
+
+from ditserve.models.common.plan import DiTPlan
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +89,20 @@ class FP8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
+def fp8_eligible(plan: DiTPlan, name: str, module: nn.Module, min_features: int) -> bool:
+    """A block-relative linear the plan lets become FP8, large enough for FP8 to pay."""
+    return (isinstance(module, nn.Linear)
+            and any(fnmatch(name, p) for p in plan.fp8) and not any(fnmatch(name, p) for p in plan.fp8_keep)
+            and min(module.in_features, module.out_features) >= min_features)
+
+
 def apply_fp8(dit: nn.Module, min_features: int = 256, triton_quant: bool = False) -> nn.Module:
-    """Swap every large nn.Linear inside the blocks for FP8Linear (modulation layers stay: M=1);
-    `triton_quant` quantises activations with the one-pass Triton kernel (CUDA)."""
+    """Swap the block linears that the model's plan allows for FP8Linear; `triton_quant` quantises
+    activations with the one-pass Triton kernel (CUDA)."""
     swapped = 0
     for block in dit.blocks:
         for name, module in list(block.named_modules()):
-            if not isinstance(module, nn.Linear) or name.endswith(("mod.lin", "modulation.lin")):
-                continue
-            if min(module.in_features, module.out_features) < min_features:
+            if not fp8_eligible(dit.plan, name, module, min_features):
                 continue
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block

@@ -90,28 +90,25 @@ def _(qkvs, q_weights, k_weights, cos, sin, heads, eps):
     return tuple(qkvs[0].new_empty(b, total, heads, dh) for _ in range(3))
 
 
-def triton_norm_rope_qkv(parts, pe, heads: int):
+def triton_norm_rope_qkv(parts, rope, heads: int):
     """The block-level `qkv_op` (see norm_rope_qkv) running the fused kernel on CUDA tensors; other
     devices and head dims that are not a power of two take the reference."""
     qkvs = [qkv for qkv, _ in parts]
     norms = [norm for _, norm in parts]
-    head_dim = pe[0].shape[-1]
+    head_dim = rope.cos.shape[-1]
     if triton is None or head_dim & (head_dim - 1) or qkvs[0].device.type != "cuda":
-        return norm_rope_qkv(parts, pe, heads)
+        return norm_rope_qkv(parts, rope, heads)
     return fused_norm_rope_qkv(qkvs, [n.q_norm.weight for n in norms], [n.k_norm.weight for n in norms],
-                               pe[0], pe[1], heads, norms[0].q_norm.eps)
+                               rope.cos, rope.sin, heads, norms[0].q_norm.eps)
 
 
 def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def apply_fused_qk_rope(dit: nn.Module) -> nn.Module:
-    """Set the fused op on every block with a `qkv_op` slot."""
-    swapped = 0
+def apply_fused_qk_rope(dit: nn.Module, site: str) -> nn.Module:
+    """Set the fused op on every block's QK-norm + RoPE slot `site` (from the model's plan)."""
     for block in dit.blocks:
-        if hasattr(block, "qkv_op"):
-            block.qkv_op = triton_norm_rope_qkv
-            swapped += 1
-    log.info("fused QK-norm + RoPE on %d blocks", swapped)
+        setattr(block, site, triton_norm_rope_qkv)
+    log.info("fused QK-norm + RoPE on %d blocks", len(dit.blocks))
     return dit

@@ -1,4 +1,4 @@
-"""The three error kinds every edge maps: 400/exit 2, 429/503, 500."""
+"""The error kinds every edge maps: 400/exit 2, 429/503, 500, and a cancelled run."""
 
 
 class DitserveError(Exception):
@@ -27,3 +27,7 @@ class Overloaded(DitserveError):
 
 class EngineError(DitserveError):
     """Something failed inside the engine; the caller did nothing wrong."""
+
+
+class Cancelled(DitserveError):
+    """The caller no longer wants the result; raised at a stage boundary or between steps."""

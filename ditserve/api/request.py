@@ -8,6 +8,9 @@ from dataclasses import dataclass, fields, replace
 
 from ditserve.api.errors import InvalidRequest
 
+# what `--sampler` may name: flow-match Euler, UniPC multistep, DPM-Solver++ multistep
+SAMPLERS = ("euler", "unipc", "dpm++")
+
 
 @dataclass(frozen=True)
 class RequestDefaults:
@@ -42,6 +45,7 @@ class ModelLimits:
     max_images: int = 0
     max_input_pixels: int = 4096 * 4096
     max_input_aspect: float = 16.0
+    samplers: tuple[str, ...] = SAMPLERS  # per-request `sampler` overrides this model accepts
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class GenerationRequest:
     num_images: int = 1
     max_sequence_length: int | None = None
     images: tuple = ()
+    # solver overrides (None: the model folder's scheduler as configured)
+    sampler: str | None = None
+    flow_shift: float | None = None
 
     def resolve(self, defaults: RequestDefaults, limits: ModelLimits) -> "GenerationRequest":
         """Fill unset fields from `defaults`, pick a seed if none, and validate against `limits`."""
@@ -137,6 +144,7 @@ class GenerationRequest:
                 "max_sequence_length",
             )
         _check_images(self.images, limits)
+        _check_sampling(self.sampler, self.flow_shift, limits)
 
     @property
     def do_true_cfg(self) -> bool:
@@ -176,6 +184,16 @@ def _check_images(images, limits: ModelLimits) -> None:
         if min(w, h) < 1 or max(w, h) / min(w, h) > limits.max_input_aspect:
             raise InvalidRequest(f"input image {i + 1} is {w}x{h}; its sides may differ by at most "
                                  f"{limits.max_input_aspect:g}x", "image")
+
+
+def _check_sampling(sampler, flow_shift, limits: ModelLimits) -> None:
+    if sampler is not None and sampler not in limits.samplers:
+        raise InvalidRequest(f"sampler must be one of {', '.join(limits.samplers)}, got {sampler!r}", "sampler")
+    if flow_shift is not None:
+        if isinstance(flow_shift, bool) or not isinstance(flow_shift, (int, float)) or not math.isfinite(flow_shift):
+            raise InvalidRequest(f"flow_shift must be a finite number, got {flow_shift!r}", "flow_shift")
+        if flow_shift <= 0:
+            raise InvalidRequest(f"flow_shift must be > 0, got {flow_shift}", "flow_shift")
 
 
 def _check_int(name: str, value) -> None:

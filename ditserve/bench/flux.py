@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -71,16 +72,17 @@ def block_update_rel_l2(ref, ours: FluxDiT, inp: FluxInputs) -> dict[str, float]
     but in bf16 an update far smaller than the stream it is added to loses its low bits to the
     rounding of the sum, and a compiled block (which rounds elsewhere than eager code) would then
     differ by tens of percent with correct math."""
-    img, txt, vec, pe = ours.embed(inp)
+    h = ours.embed(inp)
+    (img, txt), (vec, rope) = h.streams, h.consts
     img, txt = img * 0.01, txt * 0.01
     rotary = ref.pos_embed(torch.cat([inp.txt_ids, inp.img_ids]))
     blocks = ours.blocks
     _, img_ref = ref.transformer_blocks[0](hidden_states=img, encoder_hidden_states=txt, temb=vec,
                                            image_rotary_emb=rotary)
-    img_ours, _ = blocks[0](img, txt, vec, pe)
+    img_ours, _ = blocks[0](img, txt, vec, rope)
     _, single_ref = ref.single_transformer_blocks[0](hidden_states=img, encoder_hidden_states=txt, temb=vec,
                                                      image_rotary_emb=rotary)
-    single_ours, _ = blocks[ours.cfg.num_layers](img, txt, vec, pe)
+    single_ours, _ = blocks[ours.cfg.num_layers](img, txt, vec, rope)
     return {"double": rel_l2(img_ours - img, img_ref - img), "single": rel_l2(single_ours - img, single_ref - img)}
 
 
@@ -102,7 +104,7 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
     on_gpu = device == "cuda"
     ref, ours = build(model, device, dtype)
     inp = inputs(ours.cfg, height, width, txt_len, device, dtype)
-    pe = ours.positional_tables(inp.img_ids, inp.txt_ids)
+    inp = replace(inp, rope=ours.positional_tables(inp.img_ids, inp.txt_ids))  # once per run, as pipelines do
     flops = step_flops(ours.cfg, inp.img.shape[1], txt_len)
     row = base_row(model, "bfloat16", f"{width}x{height}, {inp.img.shape[1]}+{txt_len} tokens")
     row["step_tflop"] = flops / 1e12
@@ -112,8 +114,8 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
         row["sustained_floor_step_s"] = flops / (row["sustained_bf16_tflops"] * 1e12)
 
     expected = ref_call(ref, inp)
-    row["ditserve_eager_step_s"] = median_time(lambda: ours(inp, pe))
-    row["rel_l2_eager"] = rel_l2(ours(inp, pe), expected)
+    row["ditserve_eager_step_s"] = median_time(lambda: ours(inp))
+    row["rel_l2_eager"] = rel_l2(ours(inp), expected)
     row["rel_l2_block_update_eager"] = block_update_rel_l2(ref, ours, inp)
     if compare:
         row["diffusers_eager_step_s"] = median_time(lambda: ref_call(ref, inp))
@@ -124,8 +126,8 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
 
     row["fused_kernels"] = fused_kernels
     fast = accelerate_dit(ours, AccelConfig(compile=True, fused_kernels=fused_kernels), torch.device(device))
-    row["ditserve_step_s"] = median_time(lambda: fast(inp, pe), warmup=3, reps=20)
-    row["rel_l2_vs_diffusers"] = rel_l2(fast(inp, pe), expected)
+    row["ditserve_step_s"] = median_time(lambda: fast(inp), warmup=3, reps=20)
+    row["rel_l2_vs_diffusers"] = rel_l2(fast(inp), expected)
     row["rel_l2_block_update"] = block_update_rel_l2(ref, fast, inp)
     row["guard_ok"] = (max(row["rel_l2_vs_diffusers"], *row["rel_l2_block_update_eager"].values()) <= GUARD_REL_L2
                        and max(row["rel_l2_block_update"].values()) <= FAST_BLOCK_GUARD)
@@ -149,9 +151,9 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
             ref_fresh, fresh = build(model, device, dtype)  # same seed: the same weights
             fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8", attention=attn,
                                                       fused_kernels=fused_kernels), torch.device(device))
-            row[f"ditserve_{prefix}_step_s"] = median_time(lambda f=fast8: f(inp, pe), warmup=3, reps=20)
+            row[f"ditserve_{prefix}_step_s"] = median_time(lambda f=fast8: f(inp), warmup=3, reps=20)
             row[f"{prefix}_attention"] = attn
-            row[f"{prefix}_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp, pe), expected)
+            row[f"{prefix}_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp), expected)
             row[f"{prefix}_rel_l2_block_update"] = block_update_rel_l2(ref_fresh, fast8, inp)
             row[f"{prefix}_speedup_vs_diffusers_compiled"] = row.get(
                 "diffusers_compiled_step_s", float("nan")) / row[f"ditserve_{prefix}_step_s"]

@@ -13,18 +13,20 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from torch import nn
+
 from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults, Timings
+from ditserve.api.errors import Cancelled
 
 log = logging.getLogger(__name__)
 
-
-class Cancelled(Exception):
-    """Raised between denoising steps when the caller no longer wants the result."""
+__all__ = ["Cancelled", "Pipeline", "Pixels", "RunControl", "StageTimer"]  # Cancelled: api.errors'
 
 
 @dataclass
 class RunControl:
-    """How a run reports progress and learns it should stop (checked between steps)."""
+    """How a run reports progress and learns it should stop (checked before every stage and
+    between denoising steps)."""
 
     progress_bar: bool = False
     should_stop: Callable[[], bool] = lambda: False
@@ -87,11 +89,16 @@ class StepClock:
 
 
 class Pipeline:
-    """A loaded model family. Subclasses set the class-level spec and implement `run`."""
+    """A loaded model family. Subclasses set the class-level spec and implement the stages.
 
-    class_names: ClassVar[tuple[str, ...]] = ()
+    `dit_names` are the attributes holding DiTs (several for expert models, e.g. Wan 2.2 A14B):
+    the engine accelerates each one. `components()` lists every loaded module by name (offload,
+    memory reports).
+    """
+
     defaults: ClassVar[RequestDefaults] = RequestDefaults()
     limits: ClassVar[ModelLimits] = ModelLimits()
+    dit_names: ClassVar[tuple[str, ...]] = ("dit",)
 
     device: torch.device
     dtype: torch.dtype
@@ -104,26 +111,42 @@ class Pipeline:
     def batch_key(cls, req: GenerationRequest) -> tuple:
         """Requests with equal keys can run as one batch (a class method: the server, which never
         loads weights, computes it too)."""
-        return (req.height, req.width, req.num_inference_steps, req.do_true_cfg, req.max_sequence_length)
+        return (req.height, req.width, req.num_inference_steps, req.do_true_cfg, req.max_sequence_length,
+                req.sampler, req.flow_shift)
+
+    def components(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
 
     def run(self, requests: list[GenerationRequest], control: RunControl) -> tuple[Pixels, Timings]:
-        """Generate for resolved, validated, batch-compatible requests, stage by stage.
+        """Generate for resolved, validated, batch-compatible requests, stage by stage; a run
+        nobody wants any more stops at the next stage boundary (or denoising step).
 
         Families implement the stages with their own typed states: encode_prompt -> text embeds,
-        prepare_latents -> latents, timesteps -> Schedule, denoise -> latents, decode -> Pixels.
+        prepare_latents -> latents, sampling -> denoise.Sampling, denoise -> latents,
+        decode -> Pixels (or Frames).
         """
         timer = StageTimer(self.device)
-        with timer.stage("encode_prompt"):
+
+        def stage(name: str):
+            if control.should_stop():
+                raise Cancelled(f"cancelled before {name}")
+            return timer.stage(name)
+
+        with stage("encode_prompt"):
             cond = self.encode_prompt([r.prompt for r in requests], requests)
             uncond = None
-            if requests[0].do_true_cfg:
-                uncond = self.encode_prompt([r.negative_prompt for r in requests], requests)
-        with timer.stage("prepare_latents"):
+            if self.uses_negative_prompt(requests[0]):
+                uncond = self.encode_prompt([r.negative_prompt or "" for r in requests], requests)
+        with stage("prepare_latents"):
             latents = self.prepare_latents(requests)
-        with timer.stage("timesteps"):
-            sched = self.timesteps(latents, requests[0].num_inference_steps)
-        with timer.stage("denoise"):
-            latents = self.denoise(latents, cond, uncond, sched, requests, control, timer)
-        with timer.stage("decode"):
+        with stage("timesteps"):
+            sampling = self.sampling(latents, requests)
+        with stage("denoise"):
+            latents = self.denoise(latents, cond, uncond, sampling, requests, control, timer)
+        with stage("decode"):
             pixels = self.decode(latents)
         return pixels, timer.timings
+
+    def uses_negative_prompt(self, req: GenerationRequest) -> bool:
+        """Whether the run needs the negative prompt's embeddings (true CFG as diffusers decides)."""
+        return req.do_true_cfg

@@ -16,12 +16,14 @@ import torch
 
 from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults
 from ditserve.encoders.qwen import T2I_TEMPLATE, PromptEmbeds, PromptTemplate, QwenPromptEncoder
+from ditserve.models.common.dit import StepContext
 from ditserve.models.qwen_image.model import QwenImageDiT, QwenImageInputs, image_ids, text_ids
 from ditserve.models.qwen_image.weights import load_qwen_image_dit
 from ditserve.pipelines.base import Pipeline, Pixels, RunControl, StageTimer
-from ditserve.pipelines.stages import denoise, initial_noise, pack, repeat_per_image, unpack
-from ditserve.sampling.flow_match import FlowMatchConfig, Schedule, schedule
-from ditserve.sampling.guidance import norm_preserving_cfg
+from ditserve.pipelines.denoise import Sampling, denoise
+from ditserve.pipelines.stages import initial_noise, latent_grid, pack, repeat_per_image, unpack
+from ditserve.sampling.guidance import ClassifierFree, NoGuidance
+from ditserve.sampling.scheduler_config import SchedulerSpec, read_scheduler_config
 from ditserve.vae.qwen import decode_qwen, load_qwen_vae, spatial_scale
 
 log = logging.getLogger(__name__)
@@ -51,17 +53,16 @@ def joint_text(cond: PromptEmbeds, uncond: PromptEmbeds | None) -> PromptEmbeds:
 
 
 class QwenImagePipeline(Pipeline):
-    class_names = ("QwenImagePipeline",)
     defaults = RequestDefaults(height=1024, width=1024, num_inference_steps=50, guidance_scale=1.0,
                                true_cfg_scale=4.0, max_sequence_length=512)
     limits = ModelLimits(size_multiple=16, max_sequence_length=1024)
     template: ClassVar[PromptTemplate] = T2I_TEMPLATE
     truncate_text: ClassVar[bool] = True  # to max_sequence_length; the edit pipelines keep all tokens
 
-    def __init__(self, dit: QwenImageDiT, text: QwenPromptEncoder, vae, scheduler: FlowMatchConfig,
+    def __init__(self, dit: QwenImageDiT, text: QwenPromptEncoder, vae, scheduler_spec: SchedulerSpec,
                  device: torch.device, dtype: torch.dtype):
         self.dit, self.text, self.vae = dit, text, vae
-        self.scheduler = scheduler
+        self.scheduler_spec = scheduler_spec
         self.device, self.dtype = device, dtype
         self.vae_scale = spatial_scale(vae)
         self.latent_channels = vae.config.z_dim
@@ -73,10 +74,13 @@ class QwenImagePipeline(Pipeline):
             dit=load_qwen_image_dit(path / "transformer", device, dtype),
             text=QwenPromptEncoder.load(path / "text_encoder", path / "tokenizer", device, dtype, processor),
             vae=load_qwen_vae(path / "vae", device, dtype),
-            scheduler=FlowMatchConfig.from_json(path / "scheduler" / "scheduler_config.json"),
+            scheduler_spec=read_scheduler_config(path / "scheduler" / "scheduler_config.json"),
             device=device,
             dtype=dtype,
         )
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.dit, "text_encoder": self.text.model, "vae": self.vae}
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -95,40 +99,44 @@ class QwenImagePipeline(Pipeline):
         return None
 
     def prepare_latents(self, requests: list[GenerationRequest]) -> QwenLatents:
-        req = requests[0]
-        h = 2 * (req.height // (self.vae_scale * 2))
-        w = 2 * (req.width // (self.vae_scale * 2))
+        h, w = latent_grid(requests[0].height, requests[0].width, self.vae_scale)
         noise = initial_noise(requests, (1, self.latent_channels, h, w), self.device, self.dtype)
         return QwenLatents(pack(noise[:, 0]), (h, w))
 
-    def timesteps(self, latents: QwenLatents, num_steps: int) -> Schedule:
-        return schedule(num_steps, latents.x.shape[1], self.scheduler)
+    def sampling(self, latents: QwenLatents, requests: list[GenerationRequest]) -> Sampling:
+        req = requests[0]
+        solver = self.scheduler_spec.solver(req.sampler, req.flow_shift)
+        guidance = NoGuidance()
+        if req.do_true_cfg:
+            scales = repeat_per_image(torch.tensor([r.true_cfg_scale for r in requests]), requests)
+            guidance = ClassifierFree(scales, rescale="norm")
+        return Sampling(solver.schedule(req.num_inference_steps, latents.x.shape[1]), solver, guidance)
 
-    def denoise(self, latents: QwenLatents, cond: PromptEmbeds, uncond: PromptEmbeds | None, sched: Schedule,
+    def denoise(self, latents: QwenLatents, cond: PromptEmbeds, uncond: PromptEmbeds | None, sampling: Sampling,
                 requests: list[GenerationRequest], control: RunControl, timer: StageTimer) -> QwenLatents:
-        n, grids = latents.x.shape[0], latents.patch_grids()
-        text = joint_text(cond, uncond)
-        mask = None if bool(text.mask.all()) else text.mask
-        # float32 positions: bf16 cannot hold text positions past 256 exactly
-        img_ids, txt_ids = image_ids(grids, self.device), text_ids(grids, text.txt.shape[1], self.device)
-        pe = self.dit.positional_tables(img_ids, txt_ids, mask)
+        grids = latents.patch_grids()
+        texts = {("cond",): cond}
         if uncond is not None:
-            cfg_scale = repeat_per_image(torch.tensor([r.true_cfg_scale for r in requests]), requests)
+            texts |= {("uncond",): uncond, ("cond", "uncond"): joint_text(cond, uncond)}
+        # float32 positions: bf16 cannot hold text positions past 256 exactly
+        img_ids = image_ids(grids, self.device)
+        inputs = {branches: self._text_inputs(text, grids, img_ids) for branches, text in texts.items()}
 
-        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            img = x if latents.cond is None else torch.cat([x, latents.cond], dim=1)
-            if uncond is not None:
-                img, t = torch.cat([img, img]), torch.cat([t, t])
-            v = self.dit(QwenImageInputs(img=img, txt=text.txt, timesteps=t, img_ids=img_ids, txt_ids=txt_ids,
-                                         txt_mask=mask), pe)[:, : x.shape[1]]
-            if uncond is not None:
-                v_cond, v_uncond = v.split(n)
-                v = norm_preserving_cfg(v_cond, v_uncond, cfg_scale.to(v.device))
-            return v
+        def model(expert: int, x: torch.Tensor, t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+            txt, mask, txt_ids, rope = inputs[ctx.branches]
+            img = x if latents.cond is None else torch.cat([x, latents.cond.repeat(len(ctx.branches), 1, 1)], dim=1)
+            inp = QwenImageInputs(img=img, txt=txt, timesteps=t.to(x.dtype) / 1000, img_ids=img_ids,
+                                  txt_ids=txt_ids, txt_mask=mask, rope=rope)
+            return self.dit(inp, ctx)[:, : x.shape[1]]
 
-        with torch.no_grad():
-            x = denoise(latents.x, sched, predict, control, timer)
+        x = denoise(latents.x, sampling, model, control, timer)
         return QwenLatents(x, latents.grid, latents.cond, latents.cond_grids)
+
+    def _text_inputs(self, text: PromptEmbeds, grids, img_ids: torch.Tensor) -> tuple:
+        """Text tokens, key mask (None when nothing is padding), text positions and rotary table."""
+        mask = None if bool(text.mask.all()) else text.mask
+        txt_ids = text_ids(grids, text.txt.shape[1], self.device)
+        return text.txt, mask, txt_ids, self.dit.positional_tables(img_ids, txt_ids)
 
     def decode(self, latents: QwenLatents) -> Pixels:
         return Pixels(decode_qwen(self.vae, unpack(latents.x, latents.grid)))

@@ -20,7 +20,7 @@ from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults
 from ditserve.api.request import size_for_area
 from ditserve.encoders.qwen import EDIT_PLUS_TEMPLATE, EDIT_TEMPLATE
 from ditserve.pipelines.qwen_image import QwenImagePipeline, QwenLatents
-from ditserve.pipelines.stages import pack, repeat_per_image
+from ditserve.pipelines.stages import latent_grid, pack, repeat_per_image
 from ditserve.vae.qwen import encode_qwen, image_to_tensor
 
 VAE_IMAGE_AREA = 1024 * 1024
@@ -29,7 +29,6 @@ EDIT_DEFAULTS = RequestDefaults(height=1024, width=1024, num_inference_steps=50,
 
 
 class QwenImageEditPipeline(QwenImagePipeline):
-    class_names = ("QwenImageEditPipeline",)
     defaults = EDIT_DEFAULTS
     limits = ModelLimits(size_multiple=16, max_sequence_length=1024, min_images=1, max_images=1)
     template = EDIT_TEMPLATE
@@ -55,7 +54,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
     def prepare_latents(self, requests: list[GenerationRequest]) -> QwenLatents:
         latents = super().prepare_latents(requests)
         cond = [torch.cat([self.encode_image(im) for im in r.images], dim=1) for r in requests]
-        grids = tuple(_latent_grid(self.vae_size(im), self.vae_scale) for im in requests[0].images)
+        grids = tuple(latent_grid(h, w, self.vae_scale, patch=1)
+                      for w, h in (self.vae_size(im) for im in requests[0].images))
         return QwenLatents(latents.x, latents.grid, repeat_per_image(torch.cat(cond), requests), grids)
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
@@ -65,7 +65,6 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
 
 class QwenImageEditPlusPipeline(QwenImageEditPipeline):
-    class_names = ("QwenImageEditPlusPipeline",)
     limits = ModelLimits(size_multiple=16, max_sequence_length=1024, min_images=1, max_images=3)
     template = EDIT_PLUS_TEMPLATE
     condition_image_area = 384 * 384
@@ -75,8 +74,3 @@ def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Lanczos resize to (width, height), as diffusers' VaeImageProcessor.resize."""
     image = image.convert("RGB")
     return image if image.size == size else image.resize(size, resample=Image.LANCZOS)
-
-
-def _latent_grid(size: tuple[int, int], vae_scale: int) -> tuple[int, int]:
-    width, height = size
-    return height // vae_scale, width // vae_scale

@@ -1,21 +1,12 @@
-"""Stages shared by the flow-matching families: initial noise, 2x2 latent packing, the denoising loop."""
+"""Pieces shared by the families' stages: initial noise, latent grids, 2x2 latent packing.
+
+The denoising loop itself is pipelines/denoise.py."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-
 import torch
-from tqdm.auto import tqdm
 
 from ditserve.api import GenerationRequest
-from ditserve.pipelines.base import Cancelled, RunControl, StageTimer
-from ditserve.sampling.flow_match import Schedule, euler_step
-
-log = logging.getLogger(__name__)
-
-# velocity = predict(x, t) with t the batch's timesteps in [0, 1]
-Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def initial_noise(requests: list[GenerationRequest], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
@@ -26,6 +17,12 @@ def initial_noise(requests: list[GenerationRequest], shape: tuple[int, ...], dev
         gen = torch.Generator("cpu").manual_seed(req.seed)
         draws.append(torch.randn((req.num_images, *shape), generator=gen, dtype=dtype))
     return torch.cat(draws).to(device)
+
+
+def latent_grid(height: int, width: int, vae_scale: int, patch: int = 2) -> tuple[int, int]:
+    """(rows, cols) of latents for an image, floored to whole `patch`-sized patches (as the
+    diffusers pipelines size their latents)."""
+    return patch * (height // (vae_scale * patch)), patch * (width // (vae_scale * patch))
 
 
 def pack(latents_BCHW: torch.Tensor) -> torch.Tensor:
@@ -45,31 +42,3 @@ def repeat_per_image(t: torch.Tensor, requests: list[GenerationRequest]) -> torc
     """Per-request rows repeated for each request's images (num_images)."""
     counts = torch.tensor([r.num_images for r in requests], device=t.device)
     return t.repeat_interleave(counts, dim=0)
-
-
-def denoise(
-    x: torch.Tensor,
-    schedule: Schedule,
-    predict: Predictor,
-    control: RunControl,
-    timer: StageTimer,
-) -> torch.Tensor:
-    """Euler integration of the flow from sigma=1 to 0; per-step times go to the timer."""
-    total = len(schedule)
-    sigmas = schedule.sigmas.to(x.device)
-    timesteps = schedule.timesteps.to(x.device)
-    bar = tqdm(total=total, disable=not control.progress_bar, desc="denoise", leave=False)
-    clock = timer.step_clock()
-    for i in range(total):
-        if control.should_stop():
-            raise Cancelled(f"cancelled before step {i + 1}/{total}")
-        t = timesteps[i].expand(x.shape[0]).to(x.dtype) / 1000
-        x = euler_step(x, predict(x, t), sigmas[i], sigmas[i + 1])
-        clock.tick()
-        bar.update()
-        control.on_step(i + 1, total)
-    bar.close()
-    steps = clock.durations()
-    timer.timings.steps.extend(steps)
-    log.info("denoise: %d steps, %.4f s/step", total, sum(steps) / total)
-    return x

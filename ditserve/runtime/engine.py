@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from ditserve.accel import accelerate_dit
-from ditserve.api import EngineError, GenerationOutput, GenerationRequest, InvalidRequest
+from ditserve.api import Cancelled, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, parse_device, parse_dtype
-from ditserve.pipelines.base import Cancelled, Pipeline, RunControl
+from ditserve.pipelines.base import Pipeline, RunControl
 from ditserve.runtime.loader import ModelSource, inspect_model, load_pipeline
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,9 @@ class Engine:
         dtype = parse_dtype(cfg.model.dtype, device.type)
         source = source or inspect_model(cfg.model.path)
         pipeline = load_pipeline(source, device, dtype)
-        pipeline.dit = accelerate_dit(pipeline.dit, cfg.accel, device)
+        for name in pipeline.dit_names:  # every DiT the pipeline holds (both experts of Wan 2.2 A14B)
+            if getattr(pipeline, name, None) is not None:
+                setattr(pipeline, name, accelerate_dit(getattr(pipeline, name), cfg.accel, device))
         engine = cls(pipeline, source)
         if cfg.accel.compile:
             engine.warmup(warmup or engine.default_warmups(cfg.max_batch_size))

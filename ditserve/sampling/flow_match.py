@@ -1,7 +1,8 @@
-"""Flow-matching schedule and Euler step, reproducing diffusers' FlowMatchEulerDiscreteScheduler.
+"""Flow-matching Euler, reproducing diffusers' FlowMatchEulerDiscreteScheduler as the FLUX and
+Qwen-Image pipelines drive it (they pass `linspace(1, 1/N, N)` as sigmas).
 
-`sigmas = schedule(num_steps, image_seq_len, cfg)` is pure; so is `euler_step`. Per-request state
-(the sigma table) lives with the request, so concurrent requests never share a mutable scheduler.
+`FlowMatchEuler` follows the solver protocol (sampling/solver.py); `schedule` and `euler_step` are
+the pure pieces it is made of.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ditserve.sampling.solver import Schedule
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,6 @@ class FlowMatchConfig:
         return cls(**kwargs)
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """`sigmas` has num_steps + 1 entries (ending in 0); `timesteps` = sigmas[:-1] * T."""
-
-    sigmas: torch.Tensor
-    timesteps: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-
 def dynamic_shift_mu(image_seq_len: int, cfg: FlowMatchConfig) -> float:
     """Linear interpolation of the shift `mu` in the image sequence length (FLUX's rule)."""
     m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
@@ -61,12 +53,7 @@ def dynamic_shift_mu(image_seq_len: int, cfg: FlowMatchConfig) -> float:
     return image_seq_len * m + b
 
 
-def schedule(
-    num_steps: int,
-    image_seq_len: int,
-    cfg: FlowMatchConfig,
-    mu: float | None = None,
-) -> Schedule:
+def schedule(num_steps: int, image_seq_len: int, cfg: FlowMatchConfig) -> Schedule:
     """Sigmas and timesteps for `num_steps` Euler steps, as the diffusers pipelines compute them.
 
     The pipelines pass `linspace(1, 1/N, N)` as sigmas; the scheduler then shifts them
@@ -75,9 +62,7 @@ def schedule(
     """
     sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
     if cfg.use_dynamic_shifting:
-        if mu is None:
-            mu = dynamic_shift_mu(image_seq_len, cfg)
-        sigmas = _time_shift(cfg.time_shift_type, mu, sigmas)
+        sigmas = _time_shift(cfg.time_shift_type, dynamic_shift_mu(image_seq_len, cfg), sigmas)
     else:
         sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
     if cfg.shift_terminal:
@@ -101,3 +86,25 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
     """x_{next} = x + (sigma_next - sigma) * v, computed in float32, returned in v's dtype."""
     dt = sigma_next - sigma
     return (x.to(torch.float32) + dt * velocity).to(velocity.dtype)
+
+
+@dataclass(frozen=True)
+class EulerState:
+    sigmas: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FlowMatchEuler:
+    """First-order flow-match solver: x += (sigma_next - sigma) * v."""
+
+    cfg: FlowMatchConfig
+    name: str = "euler"
+
+    def schedule(self, num_steps: int, image_seq_len: int = 0) -> Schedule:
+        return schedule(num_steps, image_seq_len, self.cfg)
+
+    def init(self, sched: Schedule) -> EulerState:
+        return EulerState(sched.sigmas)
+
+    def step(self, x: torch.Tensor, model_out: torch.Tensor, i: int, state: EulerState):
+        return euler_step(x, model_out, state.sigmas[i], state.sigmas[i + 1]), state

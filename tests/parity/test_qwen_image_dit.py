@@ -62,7 +62,8 @@ def test_msrope_tables_match_diffusers(grids):
     rope = QwenEmbedRope(theta=10000, axes_dim=list(AXES), scale_rope=True)
     vid, txt = rope([[(1, h, w) for h, w in grids]], device=torch.device("cpu"), max_txt_seq_len=6)
     expected = torch.cat([txt, vid])  # [S, head_dim / 2] complex, text first as in the joint sequence
-    cos, sin = rope_tables(torch.cat([text_ids(grids, 6), image_ids(grids)]), AXES, 10000.0)
+    rope = rope_tables(torch.cat([text_ids(grids, 6), image_ids(grids)]), AXES, 10000.0)
+    cos, sin = rope.cos, rope.sin
     torch.testing.assert_close(cos[:, ::2], expected.real, rtol=0, atol=1e-5)
     torch.testing.assert_close(sin[:, ::2], expected.imag, rtol=0, atol=1e-5)
 

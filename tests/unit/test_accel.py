@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ditserve.accel import accelerate_dit
-from ditserve.accel.cudagraph import CudaGraphDiT
+from ditserve.accel.segments import SegmentedDiT, flatten, unflatten
 from ditserve.accel.fp8 import E4M3_MAX, FP8Linear, apply_fp8, quantize_rows
 from ditserve.config import AccelConfig
 from ditserve.models.flux import FluxConfig, FluxDiT
@@ -50,14 +50,51 @@ def test_cpu_accelerate_is_a_no_op_without_compile():
     assert not any(isinstance(m, FP8Linear) for m in dit.modules())
 
 
-def test_cuda_graph_wrapper_falls_back_on_cpu():
+def test_segmented_dit_equals_the_plain_forward_and_falls_back_on_cpu():
+    """Embed, block groups, head run one after another give the plain forward's output, whatever
+    the grouping; on the CPU no graph is captured."""
     dit = tiny_dit()
     inp = tiny_inputs()
-    pe = dit.positional_tables(inp.img_ids, inp.txt_ids)
-    wrapped = CudaGraphDiT(dit)
     with torch.no_grad():
-        assert torch.equal(wrapped(inp, pe), dit(inp, pe))
-    assert wrapped.cfg is dit.cfg and not wrapped.graphs
+        expected = dit(inp)
+        for group_size in (None, 1):
+            wrapped = SegmentedDiT(dit, graphs=True, group_size=group_size)
+            assert torch.equal(wrapped(inp), expected)
+            assert wrapped.cfg is dit.cfg and wrapped.blocks == dit.blocks
+            assert all(not fn.graphs for fn in wrapped.group_fns)
+    assert len(SegmentedDiT(dit, group_size=1).groups) == len(dit.blocks)
+
+
+def test_segment_hook_between_block_groups_sees_the_step_context():
+    """The hook after each block group (where a step cache skips or a parallel wrapper talks) gets
+    the hidden state and the step context; what it returns is what the next segment runs on."""
+    from ditserve.models.common.dit import Hidden, StepContext
+
+    dit = tiny_dit()
+    inp = tiny_inputs()
+    wrapped = SegmentedDiT(dit, graphs=False, group_size=1)
+    seen = []
+
+    def between(h: Hidden, k: int, ctx: StepContext) -> Hidden:
+        seen.append((k, ctx.step))
+        return Hidden((h.streams[0] * 0, h.streams[1]), h.consts) if k == 1 else h
+
+    wrapped.between = between
+    with torch.no_grad():
+        out = wrapped(inp, StepContext(step=3, num_steps=4))
+        vec = dit.embed(inp).consts[0]
+        zeroed = dit.final_layer(torch.zeros(1, 6, dit.cfg.hidden_size), vec)  # the last group's image zeroed
+    assert seen == [(0, 3), (1, 3)]
+    torch.testing.assert_close(out, zeroed)
+
+
+def test_flatten_round_trips_nested_inputs():
+    inp = tiny_inputs()
+    tensors, spec = flatten(inp)
+    assert len(tensors) == 7  # guidance set, rope None
+    back = unflatten(spec, tensors)
+    assert type(back) is FluxInputs and back.img is inp.img and back.rope is None
+    assert flatten(tiny_inputs())[1] == spec  # same shapes and dtypes: the same graph key
 
 
 def test_attention_backend_selection_and_fallbacks():
@@ -95,9 +132,9 @@ def _block_updates(dit: FluxDiT, seed: int = 0) -> list[torch.Tensor]:
     vec = torch.randn(1, dit.cfg.hidden_size, generator=g).to(dtype)
     ids = torch.cat([torch.zeros(8, 3), torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0),
                                                                    torch.arange(8.0), indexing="ij"), -1).view(64, 3)])
-    pe = dit.positional_tables(ids[8:], ids[:8])
+    rope = dit.positional_tables(ids[8:], ids[:8])
     with torch.no_grad():
-        return [block(img, txt, vec, pe)[0] - img for block in dit.blocks]
+        return [block(img, txt, vec, rope)[0] - img for block in dit.blocks]
 
 
 def test_fp8_linear_is_the_dequantised_matmul():

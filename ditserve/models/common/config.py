@@ -21,3 +21,11 @@ class DiffusersConfig:
     @classmethod
     def from_json(cls, path: str | Path):
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class HeadsConfig:
+    """Mixin for transformer configs with `num_attention_heads` x `attention_head_dim`."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim

@@ -1,9 +1,9 @@
 """MMDiT pieces shared by the dual-stream families (FLUX, Qwen-Image): adaptive LayerNorm
 modulation, QK-normed projections, the double-stream block and the modulated output layer.
 
-Shapes: img [B, L, D], txt [B, T, D], vec [B, D]. `pe` is the joint (txt, img) rotary table
-`(cos, sin)`, each [T + L, head_dim], optionally followed by a key mask [B, T + L] (bool, True =
-attend) when some text tokens are padding.
+Shapes: img [B, L, D], txt [B, T, D], vec [B, D]. `rope` is the joint (txt, img) `Rotary` table
+[T + L, head_dim]; `mask` an optional key mask [B, T + L] (bool, True = attend) when some text
+tokens are padding.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.models.common.attention import sdpa_attention
-from ditserve.models.common.rope import apply_rope
+from ditserve.models.common.rope import Rotary, apply_rope
 
 EPS = 1e-6
 
@@ -66,12 +66,12 @@ def mlp(dim: int, ratio: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-def norm_rope_qkv(parts, pe, heads: int):
+def norm_rope_qkv(parts, rope: Rotary, heads: int):
     """Queries, keys and values of the joint sequence, ready for attention.
 
     `parts` holds, in sequence order, one (qkv [B, S_i, 3 * heads * head_dim], QKNorm) per stream;
     queries and keys are RMS-normalised with their stream's weights, the streams concatenated and
-    rotated by the joint table `pe`. Returns q, k, v [B, sum S_i, heads, head_dim].
+    rotated by the joint table `rope`. Returns q, k, v [B, sum S_i, heads, head_dim].
     This is the reference; accel sets a fused kernel with the same contract on each block's `qkv_op`.
     """
     qs, ks, vs = [], [], []
@@ -82,17 +82,15 @@ def norm_rope_qkv(parts, pe, heads: int):
         ks.append(k)
         vs.append(v)
     q, k, v = (t[0] if len(t) == 1 else torch.cat(t, dim=1) for t in (qs, ks, vs))
-    cos, sin = pe[0], pe[1]
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return apply_rope(q, rope), apply_rope(k, rope), v
 
 
-def attend(op, q, k, v, pe) -> torch.Tensor:
+def attend(op, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The attention op over the joint sequence; heads flattened back into D.
 
-    A key mask (pe[2]) is passed to the op only when present, so ops without mask support still
-    serve every unpadded batch.
+    The key mask is passed to the op only when present, so ops without mask support still serve
+    every unpadded batch.
     """
-    mask = pe[2] if len(pe) > 2 else None
     out = op(q, k, v) if mask is None else op(q, k, v, mask=mask)
     return out.flatten(2)
 
@@ -109,14 +107,14 @@ class DoubleStreamBlock(nn.Module):
         self.qkv_op = norm_rope_qkv
         self.attn_op = sdpa_attention
 
-    def forward(self, img, txt, vec, pe):
+    def forward(self, img, txt, vec, rope: Rotary, mask: torch.Tensor | None = None):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
 
         q, k, v = self.qkv_op([(self.txt_attn.qkv(modulate(txt, t_shift1, t_scale1)), self.txt_attn.norm),
                                (self.img_attn.qkv(modulate(img, i_shift1, i_scale1)), self.img_attn.norm)],
-                              pe, self.heads)
-        attn = attend(self.attn_op, q, k, v, pe)
+                              rope, self.heads)
+        attn = attend(self.attn_op, q, k, v, mask)
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
         img = img + i_gate1[:, None] * self.img_attn.proj(img_attn)

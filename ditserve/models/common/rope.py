@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class Rotary:
+    """Rotary tables for a sequence: cos and sin [S, head_dim] (float32), one angle per
+    (real, imaginary) pair, repeated for both members of the pair."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> Rotary:
     """cos and sin tables [S, sum(axes_dim)] in float32 for integer positions `ids` [S, n_axes].
 
     Frequencies are computed in float64 (float32 on MPS, which lacks it), each repeated for the
@@ -19,16 +30,17 @@ def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> t
         angles = torch.outer(pos[:, i], freqs)
         cos.append(angles.cos().repeat_interleave(2, dim=1).float())
         sin.append(angles.sin().repeat_interleave(2, dim=1).float())
-    return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+    return Rotary(torch.cat(cos, dim=-1), torch.cat(sin, dim=-1))
 
 
-def apply_rope(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_BSHD: torch.Tensor, rope: Rotary) -> torch.Tensor:
     """Rotate consecutive (real, imag) pairs of the head dim by the position's angle, in float32.
 
     Eager, as one complex multiply: three passes over x instead of eight separate elementwise
     kernels (2.4x faster; the same bits). Under torch.compile, the real form, which inductor fuses
     (it generates no code for complex operators).
     """
+    cos, sin = rope.cos, rope.sin
     if not torch.compiler.is_compiling():
         freqs = torch.complex(cos[:, ::2], sin[:, ::2])[None, :, None, :]
         x = torch.view_as_complex(x_BSHD.float().contiguous().unflatten(-1, (-1, 2)))

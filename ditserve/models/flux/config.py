@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ditserve.models.common.config import DiffusersConfig
+from ditserve.models.common.config import DiffusersConfig, HeadsConfig
 
 
 @dataclass(frozen=True)
-class FluxConfig(DiffusersConfig):
+class FluxConfig(HeadsConfig, DiffusersConfig):
     in_channels: int = 64
     out_channels: int | None = None
     num_layers: int = 19
@@ -21,10 +21,6 @@ class FluxConfig(DiffusersConfig):
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     mlp_ratio: float = 4.0
     theta: float = 10000.0
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
 
     @property
     def out_dim(self) -> int:

@@ -1,8 +1,8 @@
 """FLUX.1: a rectified-flow MMDiT with double-stream then single-stream blocks.
 
-Forward = embed -> blocks -> head. Every block maps (img, txt, vec, pe) -> (img, txt), so caching,
-offload, sequence sharding and compilation can wrap the list from outside.
-Shapes: img [B, L, D], txt [B, T, D], vec [B, D]; pe = (cos, sin), each [T + L, head_dim].
+Forward = embed -> blocks -> head (models/common/dit.py). Every block maps (img, txt, vec, rope) ->
+(img, txt), so caching, offload, sequence sharding and compilation can wrap the list from outside.
+Shapes: img [B, L, D], txt [B, T, D], vec [B, D]; rope: a Rotary table [T + L, head_dim].
 The double-stream block and the modulation layers are shared with Qwen-Image (models/common/mmdit.py).
 """
 
@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.models.common.attention import sdpa_attention
+from ditserve.models.common.dit import DiT, Hidden
 from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
 from ditserve.models.common.mmdit import (DoubleStreamBlock, LastLayer, Modulation, QKNorm, attend, modulate,
                                           norm_rope_qkv)
-from ditserve.models.common.rope import rope_tables
+from ditserve.models.common.rope import Rotary, rope_tables
 from ditserve.models.flux.config import FluxConfig
+from ditserve.models.flux.plan import FLUX_PLAN
 
 
 class SingleStreamBlock(nn.Module):
@@ -36,19 +38,20 @@ class SingleStreamBlock(nn.Module):
         self.qkv_op = norm_rope_qkv
         self.attn_op = sdpa_attention
 
-    def forward(self, img, txt, vec, pe):
+    def forward(self, img, txt, vec, rope: Rotary):
         shift, scale, gate = self.modulation(vec)
         x = torch.cat([txt, img], dim=1)
         qkv, mlp_in = self.linear1(modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
-        q, k, v = self.qkv_op([(qkv, self.norm)], pe, self.heads)
-        attn = attend(self.attn_op, q, k, v, pe)
+        q, k, v = self.qkv_op([(qkv, self.norm)], rope, self.heads)
+        attn = attend(self.attn_op, q, k, v)
         x = x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))
         return x[:, txt.shape[1]:], x[:, : txt.shape[1]]
 
 
 @dataclass
 class FluxInputs:
-    """Per-step inputs; `timesteps` and `guidance` are in [0, 1] (sigma units)."""
+    """Per-step inputs; `timesteps` and `guidance` are in [0, 1] (sigma units). `rope` may be
+    computed once per run (`positional_tables`); None computes it from the ids."""
 
     img: torch.Tensor
     txt: torch.Tensor
@@ -57,9 +60,12 @@ class FluxInputs:
     img_ids: torch.Tensor
     txt_ids: torch.Tensor
     guidance: torch.Tensor | None = None
+    rope: Rotary | None = None
 
 
-class FluxDiT(nn.Module):
+class FluxDiT(DiT):
+    plan = FLUX_PLAN
+
     def __init__(self, cfg: FluxConfig):
         super().__init__()
         self.cfg = cfg
@@ -77,10 +83,10 @@ class FluxDiT(nn.Module):
         )
         self.final_layer = LastLayer(dim, cfg.out_dim)
 
-    def positional_tables(self, img_ids: torch.Tensor, txt_ids: torch.Tensor):
+    def positional_tables(self, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> Rotary:
         return rope_tables(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.cfg.theta)
 
-    def embed(self, inp: FluxInputs, pe=None):
+    def embed(self, inp: FluxInputs) -> Hidden:
         """Patch/text projections, the conditioning vector and the rotary tables."""
         img = self.img_in(inp.img)
         t = inp.timesteps.to(img.dtype) * 1000
@@ -92,19 +98,9 @@ class FluxDiT(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(g).to(inp.pooled.dtype))
         vec = vec + self.vector_in(inp.pooled)
         txt = self.txt_in(inp.txt)
-        if pe is None:
-            pe = self.positional_tables(inp.img_ids, inp.txt_ids)
-        return img, txt, vec, pe
+        rope = inp.rope if inp.rope is not None else self.positional_tables(inp.img_ids, inp.txt_ids)
+        return Hidden((img, txt), (vec, rope))
 
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return [*self.double_blocks, *self.single_blocks]
-
-    def head(self, img: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    def head(self, h: Hidden) -> torch.Tensor:
+        (img, _), (vec, _) = h.streams, h.consts
         return self.final_layer(img, vec)
-
-    def forward(self, inp: FluxInputs, pe=None) -> torch.Tensor:
-        img, txt, vec, pe = self.embed(inp, pe)
-        for block in self.blocks:
-            img, txt = block(img, txt, vec, pe)
-        return self.head(img, vec)

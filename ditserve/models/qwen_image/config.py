@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ditserve.models.common.config import DiffusersConfig
+from ditserve.models.common.config import DiffusersConfig, HeadsConfig
 
 # Variants of QwenImageTransformer2DModel that change the math; refused rather than run wrongly.
 _UNSUPPORTED = {
@@ -16,7 +16,7 @@ _UNSUPPORTED = {
 
 
 @dataclass(frozen=True)
-class QwenImageConfig(DiffusersConfig):
+class QwenImageConfig(HeadsConfig, DiffusersConfig):
     patch_size: int = 2
     in_channels: int = 64
     out_channels: int | None = 16
@@ -27,10 +27,6 @@ class QwenImageConfig(DiffusersConfig):
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     mlp_ratio: float = 4.0
     theta: float = 10000.0
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
 
     @property
     def out_dim(self) -> int:

@@ -1,10 +1,11 @@
 """Qwen-Image: a dual-stream MMDiT (60 double-stream blocks) over packed 2x2 latent patches and
 Qwen2.5-VL text tokens, with multi-scale rotary positions (MSRoPE).
 
-Forward = embed -> blocks -> head; every block maps (img, txt, vec, pe) -> (img, txt).
+Forward = embed -> blocks -> head (models/common/dit.py); every block maps
+(img, txt, vec, rope, mask) -> (img, txt).
 Shapes: img [B, L, D] (the target image's patches, then any condition images'), txt [B, T, D],
-vec [B, D]; pe = (cos, sin) over the joint (txt, img) sequence, plus a key mask [B, T + L] when
-some text is padding (cond and uncond prompts of different lengths in one batch).
+vec [B, D]; rope: a Rotary table over the joint (txt, img) sequence; mask: a key mask [B, T + L]
+when some text is padding (cond and uncond prompts of different lengths in one batch), else None.
 
 MSRoPE, as diffusers' `QwenEmbedRope` places positions (frame, row, column):
 - image k (0 = the image being generated, 1.. = edit conditions) sits on frame k; its rows and
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ditserve.models.common.dit import DiT, Hidden
 from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
 from ditserve.models.common.mmdit import EPS, DoubleStreamBlock, LastLayer
-from ditserve.models.common.rope import rope_tables
+from ditserve.models.common.rope import Rotary, rope_tables
 from ditserve.models.qwen_image.config import QwenImageConfig
+from ditserve.models.qwen_image.plan import QWEN_IMAGE_PLAN
 
 Grid = tuple[int, int]  # (rows, columns) of 2x2 patches
 
@@ -54,7 +57,7 @@ def text_ids(grids: Sequence[Grid], txt_len: int, device=None) -> torch.Tensor:
 @dataclass
 class QwenImageInputs:
     """Per-step inputs; `timesteps` are in [0, 1] (sigma units); `txt_mask` [B, T] (True = token)
-    is None when no text is padding."""
+    is None when no text is padding. `rope` may be computed once per run; None computes it."""
 
     img: torch.Tensor
     txt: torch.Tensor
@@ -62,9 +65,12 @@ class QwenImageInputs:
     img_ids: torch.Tensor
     txt_ids: torch.Tensor
     txt_mask: torch.Tensor | None = None
+    rope: Rotary | None = None
 
 
-class QwenImageDiT(nn.Module):
+class QwenImageDiT(DiT):
+    plan = QWEN_IMAGE_PLAN
+
     def __init__(self, cfg: QwenImageConfig):
         super().__init__()
         self.cfg = cfg
@@ -78,35 +84,26 @@ class QwenImageDiT(nn.Module):
         )
         self.final_layer = LastLayer(dim, cfg.out_dim)
 
-    def positional_tables(self, img_ids: torch.Tensor, txt_ids: torch.Tensor,
-                          txt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """(cos, sin) over (txt, img), plus the joint key mask when some text is padding."""
-        cos, sin = rope_tables(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.cfg.theta)
-        if txt_mask is None:
-            return cos, sin
-        img_mask = txt_mask.new_ones(txt_mask.shape[0], img_ids.shape[0])
-        return cos, sin, torch.cat([txt_mask.bool(), img_mask.bool()], dim=1)
+    def positional_tables(self, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> Rotary:
+        """The rotary table over (txt, img)."""
+        return rope_tables(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.cfg.theta)
 
-    def embed(self, inp: QwenImageInputs, pe=None):
-        """Patch/text projections, the timestep vector and the rotary tables (+ mask)."""
+    def embed(self, inp: QwenImageInputs) -> Hidden:
+        """Patch/text projections, the timestep vector, the rotary tables and the key mask."""
         img = self.img_in(inp.img)
         # as diffusers: the timestep is rounded to the model dtype, then embedded at scale 1000
         t = inp.timesteps.to(img.dtype)
         vec = self.time_in(timestep_embedding(t, scale=1000.0).to(img.dtype))
         txt = self.txt_in(self.txt_norm(inp.txt))
-        if pe is None:
-            pe = self.positional_tables(inp.img_ids, inp.txt_ids, inp.txt_mask)
-        return img, txt, vec, pe
+        rope = inp.rope if inp.rope is not None else self.positional_tables(inp.img_ids, inp.txt_ids)
+        return Hidden((img, txt), (vec, rope, joint_mask(inp.txt_mask, img.shape[1])))
 
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return list(self.double_blocks)
+    def head(self, h: Hidden) -> torch.Tensor:
+        return self.final_layer(h.streams[0], h.consts[0])
 
-    def head(self, img: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        return self.final_layer(img, vec)
 
-    def forward(self, inp: QwenImageInputs, pe=None) -> torch.Tensor:
-        img, txt, vec, pe = self.embed(inp, pe)
-        for block in self.blocks:
-            img, txt = block(img, txt, vec, pe)
-        return self.head(img, vec)
+def joint_mask(txt_mask: torch.Tensor | None, img_len: int) -> torch.Tensor | None:
+    """The key mask [B, T + L] over (txt, img) when some text is padding, else None."""
+    if txt_mask is None:
+        return None
+    return torch.cat([txt_mask.bool(), txt_mask.new_ones(txt_mask.shape[0], img_len, dtype=torch.bool)], dim=1)
