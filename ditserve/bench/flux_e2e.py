@@ -29,7 +29,7 @@ PROMPT = "a photograph of a lighthouse on a cliff at dusk, waves crashing below,
 def _random_encoders(arch: dict, folder: Path, device, dtype):
     import transformers
 
-    from training.tokenizers import save_clip_tokenizer, save_t5_tokenizer  # checkout-only helper
+    from ditserve.bench.tokenizers import save_clip_tokenizer, save_t5_tokenizer
 
     save_clip_tokenizer(folder / "tokenizer")
     save_t5_tokenizer(folder / "tokenizer_2")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from training.tokenizers import CLIP_MAX_LENGTH
+from ditserve.bench.tokenizers import CLIP_MAX_LENGTH
 
 from .scenes import CAPTION_WORDS, IMAGE_SIZE
 

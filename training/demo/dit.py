@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-from training.tokenizers import CLIP_BOS, CLIP_EOS, clip_vocab, learn_clip_merges, save_clip_tokenizer, save_t5_tokenizer
+from ditserve.bench.tokenizers import CLIP_BOS, CLIP_EOS, clip_vocab, learn_clip_merges, save_clip_tokenizer, save_t5_tokenizer
 
 from . import config
 from .common import STAGE_DIT, count_parameters, load_checkpoint, lr_at, save_checkpoint, step_generator, step_rng

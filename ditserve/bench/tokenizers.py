@@ -1,4 +1,4 @@
-"""Locally built tokenizers for the tiny test checkpoints and the demo model.
+"""Locally built tokenizers for random-weight benchmarks, the tiny test checkpoints and the demo model.
 
 Nothing here touches the network. Both tokenizers are deliberately small but
 cover arbitrary text, so different prompts give different token ids:
@@ -14,9 +14,7 @@ cover arbitrary text, so different prompts give different token ids:
 Each function writes a folder that ``<Class>.from_pretrained(folder)`` loads,
 and returns the vocabulary size to give the matching text encoder.
 
-Note: this module is ``training.tokenizers`` (``tests/tiny/tokenizers.py``
-re-exports it); it imports the ``tokenizers`` library absolutely, so neither
-folder may be put on ``sys.path`` as a top-level module path.
+``tests/tiny/tokenizers.py`` re-exports this module; ``training/`` imports it.
 """
 
 from __future__ import annotations
