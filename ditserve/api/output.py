@@ -29,8 +29,11 @@ class Timings:
 
 @dataclass
 class GenerationOutput:
-    """Images (PIL) of one request, and how long each part took."""
+    """What one request made — images (PIL), or for a video model videos (uint8 numpy arrays
+    [frames, height, width, 3], shown at `fps`) — and how long each part took."""
 
     images: list[Any]
     timings: Timings
     seed: int
+    videos: list[Any] = field(default_factory=list)
+    fps: int | None = None

@@ -25,6 +25,9 @@ class RequestDefaults:
     # Edit models: a request with input images but no size takes the (last) image's aspect ratio
     # at about this many pixels (sides rounded to multiples of 32, as diffusers); 0 = not used.
     image_size_area: int = 0
+    # video models (0 for image models): frames per video and the frame rate it is shown at
+    num_frames: int = 0
+    fps: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ class ModelLimits:
     max_input_pixels: int = 4096 * 4096
     max_input_aspect: float = 16.0
     samplers: tuple[str, ...] = SAMPLERS  # per-request `sampler` overrides this model accepts
+    # video: num_frames must be frame_multiple * k + 1 (Wan: 4k + 1); 0 = an image model
+    frame_multiple: int = 0
+    max_frames: int = 0
+    max_fps: int = 120
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,10 @@ class GenerationRequest:
     # solver overrides (None: the model folder's scheduler as configured)
     sampler: str | None = None
     flow_shift: float | None = None
+    # video models: frames, frame rate, and the guidance scale of the second (low-noise) expert
+    num_frames: int | None = None
+    fps: int | None = None
+    guidance_scale_2: float | None = None
 
     def resolve(self, defaults: RequestDefaults, limits: ModelLimits) -> "GenerationRequest":
         """Fill unset fields from `defaults`, pick a seed if none, and validate against `limits`."""
@@ -145,6 +156,7 @@ class GenerationRequest:
             )
         _check_images(self.images, limits)
         _check_sampling(self.sampler, self.flow_shift, limits)
+        _check_video(self, limits)
 
     @property
     def do_true_cfg(self) -> bool:
@@ -194,6 +206,26 @@ def _check_sampling(sampler, flow_shift, limits: ModelLimits) -> None:
             raise InvalidRequest(f"flow_shift must be a finite number, got {flow_shift!r}", "flow_shift")
         if flow_shift <= 0:
             raise InvalidRequest(f"flow_shift must be > 0, got {flow_shift}", "flow_shift")
+
+
+def _check_video(req: "GenerationRequest", limits: ModelLimits) -> None:
+    if not limits.frame_multiple:
+        for name in ("num_frames", "fps", "guidance_scale_2"):
+            if getattr(req, name) not in (None, 0):
+                raise InvalidRequest(f"{name} is for video models; this model makes images", name)
+        return
+    _check_int("num_frames", req.num_frames)
+    m = limits.frame_multiple
+    if req.num_frames < 1 or (req.num_frames - 1) % m or req.num_frames > limits.max_frames:
+        raise InvalidRequest(f"num_frames must be {m}k+1 (1, {m + 1}, {2 * m + 1}, ...) and at most "
+                             f"{limits.max_frames}, got {req.num_frames}", "num_frames")
+    _check_int("fps", req.fps)
+    if not 1 <= req.fps <= limits.max_fps:
+        raise InvalidRequest(f"fps must be between 1 and {limits.max_fps}, got {req.fps}", "fps")
+    value = req.guidance_scale_2
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value < 0):
+        raise InvalidRequest(f"guidance_scale_2 must be a finite number >= 0, got {value!r}", "guidance_scale_2")
 
 
 def _check_int(name: str, value) -> None:

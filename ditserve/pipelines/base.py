@@ -20,7 +20,7 @@ from ditserve.api.errors import Cancelled
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Cancelled", "Pipeline", "Pixels", "RunControl", "StageTimer"]  # Cancelled: api.errors'
+__all__ = ["Cancelled", "Frames", "Pipeline", "Pixels", "RunControl", "StageTimer"]  # Cancelled: api.errors'
 
 
 @dataclass
@@ -38,6 +38,13 @@ class Pixels:
     """Decoded images, uint8 [N, H, W, 3], in request order (num_images per request)."""
 
     images: np.ndarray
+
+
+@dataclass
+class Frames:
+    """Decoded videos, uint8 [N, F, H, W, 3], in request order (num_images videos per request)."""
+
+    videos: np.ndarray
 
 
 @dataclass
@@ -112,12 +119,12 @@ class Pipeline:
         """Requests with equal keys can run as one batch (a class method: the server, which never
         loads weights, computes it too)."""
         return (req.height, req.width, req.num_inference_steps, req.do_true_cfg, req.max_sequence_length,
-                req.sampler, req.flow_shift)
+                req.sampler, req.flow_shift, req.num_frames)
 
     def components(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
-    def run(self, requests: list[GenerationRequest], control: RunControl) -> tuple[Pixels, Timings]:
+    def run(self, requests: list[GenerationRequest], control: RunControl) -> tuple[Pixels | Frames, Timings]:
         """Generate for resolved, validated, batch-compatible requests, stage by stage; a run
         nobody wants any more stops at the next stage boundary (or denoising step).
 

@@ -15,7 +15,7 @@ from PIL import Image
 from ditserve.accel import accelerate_dit
 from ditserve.api import Cancelled, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, parse_device, parse_dtype
-from ditserve.pipelines.base import Pipeline, RunControl
+from ditserve.pipelines.base import Frames, Pipeline, RunControl
 from ditserve.runtime.loader import ModelSource, inspect_model, load_pipeline
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,14 @@ class Engine:
             raise EngineError(f"out of GPU memory: {exc}") from exc
         outputs, start = [], 0
         for req in requests:
-            images = [Image.fromarray(a) for a in pixels.images[start:start + req.num_images]]
-            start += req.num_images
-            outputs.append(GenerationOutput(images=images, timings=timings, seed=req.seed))
+            n = req.num_images
+            if isinstance(pixels, Frames):
+                videos = list(pixels.videos[start:start + n])
+                outputs.append(GenerationOutput(images=[], videos=videos, fps=req.fps, timings=timings, seed=req.seed))
+            else:
+                images = [Image.fromarray(a) for a in pixels.images[start:start + n]]
+                outputs.append(GenerationOutput(images=images, timings=timings, seed=req.seed))
+            start += n
         return outputs
 
     def generate(self, request: GenerationRequest, control: RunControl | None = None) -> GenerationOutput:
