@@ -20,7 +20,7 @@ CHECK = textwrap.dedent("""
     import torch
     from ditserve.accel.qk_rope import fused_norm_rope_qkv
     from ditserve.models.common.mmdit import QKNorm, norm_rope_qkv
-    from ditserve.models.common.rope import rope_tables
+    from ditserve.models.common.rope import Rotary, rope_tables
 
     torch.manual_seed({seed})
     batch, t, n, heads, dh = {shape}
@@ -34,10 +34,10 @@ CHECK = textwrap.dedent("""
     pe = rope_tables(torch.randint(0, 9, (t + n, 3)).float(), axes, 10000.0)
     with torch.no_grad():
         for parts, table in (([(txt, norms[0]), (img, norms[1])], pe),
-                             ([(txt, norms[0])], (pe[0][:t], pe[1][:t]))):
+                             ([(txt, norms[0])], Rotary(pe.cos[:t], pe.sin[:t]))):
             ref = norm_rope_qkv(parts, table, heads)
             got = fused_norm_rope_qkv([t for t, _ in parts], [n.q_norm.weight for _, n in parts],
-                                      [n.k_norm.weight for _, n in parts], table[0], table[1], heads, 1e-6)
+                                      [n.k_norm.weight for _, n in parts], table.cos, table.sin, heads, 1e-6)
             for r, g in zip(ref, got):
                 assert g.shape == r.shape, (g.shape, r.shape)
                 err = float((r - g).abs().max())
