@@ -87,13 +87,20 @@ def inspect_model(model: str | Path) -> ModelSource:
 
 
 def read_model_limits(path: Path, base: ModelLimits) -> ModelLimits:
-    """`base`, raised to 2 steps when the scheduler stretches its schedule to end at a terminal
-    sigma (`shift_terminal`): a 1-step schedule is then 0/0 (in diffusers too), an image of NaNs."""
+    """`base`, checked against the folder's scheduler config, which is read strictly (a key that
+    would change the math and that ditserve does not implement is refused here, before any weights
+    load); raised to 2 steps when the schedule ends at a terminal sigma (`shift_terminal`): a
+    1-step schedule is then 0/0 (in diffusers too), an image of NaNs."""
+    from ditserve.sampling.scheduler_config import read_scheduler_config
+
     file = path / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        raise InvalidRequest(f"{path} has no scheduler/scheduler_config.json", "model")
     try:
-        terminal = json.loads(file.read_text()).get("shift_terminal") if file.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return base  # loading the pipeline reports a malformed scheduler config
+        read_scheduler_config(file)
+        terminal = json.loads(file.read_text()).get("shift_terminal")
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:  # UnsupportedScheduler is a ValueError
+        raise InvalidRequest(f"{file}: {exc}", "model") from None
     return replace(base, min_steps=max(base.min_steps, 2)) if terminal else base
 
 

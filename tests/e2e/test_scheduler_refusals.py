@@ -1,0 +1,44 @@
+"""A folder whose scheduler config asks for math ditserve does not implement is refused with one
+line, before any weights load (CLI exit 2, Python InvalidRequest); never a quietly different image."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ditserve.api import InvalidRequest
+from ditserve.runtime.loader import inspect_model
+
+
+def with_scheduler(src, dst, **changes):
+    shutil.copytree(src, dst)
+    file = dst / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(file.read_text()) | changes
+    file.write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"use_karras_sigmas": True}, "use_karras_sigmas"),
+    ({"stochastic_sampling": True}, "stochastic_sampling"),
+    ({"_class_name": "EulerAncestralDiscreteScheduler"}, "EulerAncestralDiscreteScheduler"),
+])
+def test_unsupported_scheduler_is_one_line_exit_2(tiny_flux_schnell, tmp_path, changes, named):
+    folder = with_scheduler(tiny_flux_schnell, tmp_path / "m", **changes)
+    res = subprocess.run([sys.executable, "-m", "ditserve.cli.main", "generate", "--model-path", str(folder),
+                          "--prompt", "a fox", "--output", str(tmp_path / "x.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and named in lines[0], res.stderr
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(InvalidRequest, match=named):
+        inspect_model(folder)
+
+
+def test_harmless_scheduler_keys_still_load(tiny_qwen_image, tmp_path):
+    """Keys that cannot change the math as the pipeline drives the scheduler are accepted."""
+    folder = with_scheduler(tiny_qwen_image, tmp_path / "m", _diffusers_version="0.99.0", some_future_key=1)
+    assert inspect_model(folder).class_name == "QwenImagePipeline"
