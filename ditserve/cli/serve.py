@@ -7,9 +7,11 @@ import logging
 from pathlib import Path
 
 from ditserve.api import EngineError, InvalidRequest
-from ditserve.cli.generate import accel_config, add_model_args, default_model_path
+from ditserve.cli.generate import accel_config, add_model_args
 
 log = logging.getLogger(__name__)
+
+DEMO_MODEL_ID = "ditserve-demo"  # the id the bundled demo model is served under
 
 
 def add_parser(sub) -> None:
@@ -20,8 +22,13 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     p.add_argument("--api-key-file", default=None, help="read the API key from this file (keeps it out of ps)")
     p.add_argument("--served-model-name", default=None,
-                   help="the id in /v1/models and `model` (default: the model folder's name or the HF id)")
+                   help="the id in /v1/models and `model` (default: the model folder's name or the HF id; "
+                        f"{DEMO_MODEL_ID} for the bundled demo model)")
+    _add_network_args(p)
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get 429 (default 64)")
+    p.add_argument("--max-client-requests", type=int, default=None,
+                   help="requests one client address may have queued or running; more get 429 "
+                        "(default: a quarter of --max-queue)")
     p.add_argument("--max-batch-size", type=int, default=1,
                    help="most images in one pipeline call; compatible requests share it (default 1)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
@@ -31,50 +38,107 @@ def add_parser(sub) -> None:
     p.add_argument("--max-upload-bytes", type=int, default=32 << 20, help="multipart limit (default 32 MiB)")
     p.add_argument("--output-dir", default=None, help="where url outputs live (default: a fresh temp folder)")
     p.add_argument("--output-ttl", type=float, default=3600.0, help="seconds a url output lives (default 3600)")
-    p.add_argument("--max-pixels", type=int, default=None, help="cap on width*height below the model's")
-    p.add_argument("--max-steps", type=int, default=None, help="cap on num_inference_steps below the model's")
-    p.add_argument("--max-num-images", type=int, default=None, help="cap on n below the model's")
+    p.add_argument("--output-max-bytes", type=int, default=1 << 30,
+                   help="disk the url outputs may use; the oldest are deleted first (default 1 GiB)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="cap on width*height (default: 4x the model's default image area)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap on num_inference_steps (default: 4x the model's default steps, at least 50)")
+    p.add_argument("--max-num-images", type=int, default=None, help="cap on n (default 4)")
     p.add_argument("--worker-threads", type=int, default=None, help="torch CPU threads in the worker")
     p.set_defaults(run=run)
+
+
+def _add_network_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names served (.example.com: and its subdomains; *: any); "
+                        "IP addresses always pass (default: the --host name and localhost)")
+    p.add_argument("--public-url", default=None,
+                   help="the URL clients reach this server at (e.g. behind a proxy); url outputs use it")
+    p.add_argument("--forwarded-allow-ips", default="127.0.0.1",
+                   help="proxies whose X-Forwarded-For names the client, comma-separated (default 127.0.0.1)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections; more get 503 at once (default 256)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers; then 408 (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before the socket opens or weights load.
     from ditserve.config import EngineConfig, ModelConfig, env, parse_device, parse_dtype
-    from ditserve.config.server import ServerConfig
     from ditserve.runtime.loader import inspect_model
 
-    model = default_model_path(args.model_path)
+    model, demo = _model_path(args.model_path)
     source = inspect_model(model)
     device = parse_device(args.device)
     parse_dtype(args.dtype, device)
     if args.max_batch_size < 1:
         raise InvalidRequest(f"--max-batch-size must be at least 1, got {args.max_batch_size}", "max_batch_size")
-    config = ServerConfig(
-        host=args.host, port=args.port, api_key=_api_key(args), served_model_name=args.served_model_name,
-        max_queue=args.max_queue, request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
-        max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes, output_dir=args.output_dir,
-        output_ttl_s=args.output_ttl, max_pixels=args.max_pixels, max_steps=args.max_steps,
-        max_num_images=args.max_num_images, worker_threads=args.worker_threads,
-    )
+    config = _server_config(args)
     engine = EngineConfig(ModelConfig(str(source.path), device, args.dtype), max_batch_size=args.max_batch_size,
                           accel=accel_config(args))
-    model_id = args.served_model_name or (Path(model).name if Path(model).expanduser().is_dir() else model)
+    model_id = args.served_model_name or (DEMO_MODEL_ID if demo else
+                                          Path(model).name if Path(model).expanduser().is_dir() else model)
 
     from ditserve.server.app import create_app
     from ditserve.server.runner import bind, serve
 
+    config.limits_for(source.limits, source.defaults)  # refuses caps that no request could meet
     sock = bind(config.host, config.port)
     app = create_app(source, model_id, engine, config, log_level=env.log_level())
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info("ditserve serving %s (%s) on http://%s:%d", model_id, source.class_name, shown, port)
-    if config.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
+    _log_policy(app.state.ditserve)
     fatal = serve(app, app.state.ditserve, sock)
     if fatal:
         raise EngineError(f"the model could not be loaded: {fatal}")
     return 0
+
+
+def _server_config(args: argparse.Namespace):
+    from ditserve.config.server import ServerConfig
+
+    hosts = None if args.allowed_hosts is None else tuple(args.allowed_hosts.split(","))
+    return ServerConfig(
+        host=args.host, port=args.port, api_key=_api_key(args), served_model_name=args.served_model_name,
+        max_queue=args.max_queue, request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+        max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes, output_dir=args.output_dir,
+        output_ttl_s=args.output_ttl, output_max_bytes=args.output_max_bytes, max_pixels=args.max_pixels,
+        max_steps=args.max_steps, max_num_images=args.max_num_images,
+        max_client_requests=args.max_client_requests, max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout, allowed_hosts=hosts, public_url=args.public_url,
+        forwarded_allow_ips=args.forwarded_allow_ips, worker_threads=args.worker_threads,
+    )
+
+
+def _model_path(given: str | None) -> tuple[str, bool]:
+    """`--model-path`, else $DITSERVE_DEFAULT_MODEL, else the bundled demo model; and whether it is the demo."""
+    from ditserve import demo
+    from ditserve.config import env
+
+    if given or env.demo_model_path():
+        return given or env.demo_model_path(), False
+    bundled = demo.model_path()
+    if bundled is None:
+        raise InvalidRequest("--model-path is required (the bundled demo model is not installed)", "model")
+    log.info("no --model-path: serving the bundled demo model as %r (64x64 shapes; try %r)", DEMO_MODEL_ID,
+             demo.EXAMPLE_PROMPT)
+    return str(bundled), True
+
+
+def _log_policy(state) -> None:
+    """What an operator should check at start: limits, Host policy, exposure."""
+    cfg, limits, defaults = state.config, state.limits, state.defaults
+    log.info("limits: %d pixels (default %dx%d), %d steps (default %d), n <= %d, %d per client, %d queued, "
+             "%d connections", limits.max_pixels, defaults.width, defaults.height, limits.max_steps,
+             defaults.num_inference_steps, limits.max_num_images, cfg.client_limit, cfg.max_queue,
+             cfg.max_connections)
+    hosts = cfg.host_allow_list()
+    log.info("Host header: %s", "any (--allowed-hosts *)" if hosts is None else
+             ", ".join(sorted(hosts)) + " or an IP address")
+    if cfg.api_key is None and cfg.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", cfg.host)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:

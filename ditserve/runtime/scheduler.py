@@ -3,7 +3,8 @@
 Requests wait in arrival order. When the worker is free, the oldest request leaves the queue
 together with the queued requests that share its batch key, up to `max_batch_size` images.
 A cancelled request leaves the queue at once; in the running batch it is marked for the worker,
-which stops between denoising steps once every request of its batch is cancelled.
+which stops between denoising steps once every request of its batch is cancelled. A batch the
+worker never took (it died just before) goes back to the head of the queue for the next worker.
 
 Tickets know nothing of HTTP: a request handler awaits one and cancels it when its client goes
 away; an asynchronous job (video) can hold one and poll its progress instead.
@@ -20,9 +21,13 @@ from dataclasses import dataclass
 
 from ditserve.api import DitserveError, GenerationOutput, GenerationRequest, Overloaded
 from ditserve.pipelines.base import Cancelled, Pipeline
-from ditserve.runtime.worker import WorkerHandle
+from ditserve.runtime.worker import NotStarted, WorkerHandle
 
 log = logging.getLogger(__name__)
+
+
+# Times a request is offered to a fresh worker after the previous one died before taking it.
+MAX_ATTEMPTS = 3
 
 
 class Unavailable(Overloaded):
@@ -48,6 +53,7 @@ class Ticket:
     step: int = 0
     total_steps: int = 0
     cancelled: bool = False
+    attempts: int = 0  # batches it was sent in that the worker never took
 
     @property
     def queue_s(self) -> float:
@@ -83,14 +89,19 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, request: GenerationRequest) -> Ticket:
-        """Queue a resolved request; raises Overloaded when the queue is full, Unavailable when draining."""
+    def check_room(self) -> None:
+        """Raise Overloaded when the queue is full, Unavailable when draining: callers check before
+        they spend work on a request (decoding its uploads), and `submit` checks again."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new requests",
                               retry_after=self.retry_after())
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"the queue is full ({len(self._queue)} requests waiting); retry later",
                              retry_after=self.retry_after())
+
+    def submit(self, request: GenerationRequest) -> Ticket:
+        """Queue a resolved request; raises Overloaded when the queue is full, Unavailable when draining."""
+        self.check_room()
         ticket = Ticket(next(self._seqs), request, self.batch_key(request),
                         asyncio.get_running_loop().create_future(), time.monotonic())
         self._queue.append(ticket)
@@ -154,6 +165,8 @@ class Scheduler:
             outputs = await self.worker.run([t.seq for t in batch], [t.request for t in batch])
         except Cancelled:
             self.runs_stopped_total += 1
+        except NotStarted as exc:
+            self._requeue(batch, exc)
         except DitserveError as exc:
             for ticket in batch:
                 _settle(ticket.future, error=exc)
@@ -164,6 +177,20 @@ class Scheduler:
         finally:
             self._running = []
             self._changed()
+
+    def _requeue(self, batch: list[Ticket], exc: NotStarted) -> None:
+        """Put a batch the worker never took back at the head of the queue, in order; a request offered
+        to MAX_ATTEMPTS workers that each died before taking it fails with `exc`."""
+        waiting = [t for t in batch if not t.future.done()]
+        for ticket in waiting:
+            ticket.attempts += 1
+            ticket.started_at, ticket.batch_images = None, 0
+        again = [t for t in waiting if t.attempts < MAX_ATTEMPTS]
+        for ticket in waiting:
+            if ticket not in again:
+                _settle(ticket.future, error=exc)
+        self._queue[:0] = again
+        log.warning("%s; %d request(s) back in the queue", exc, len(again))
 
     def _on_progress(self, step: int, total: int) -> None:
         self.steps_total += 1

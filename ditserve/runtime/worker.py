@@ -4,19 +4,24 @@ The server process never loads weights. It talks to one worker child (multiproce
 through two one-way pipes: batches go down, progress and results come up. Cancellation is a
 shared array of request ids that the child checks between denoising steps, so stopping a request
 needs no message round trip. When the child dies its pipe closes, the batch in flight fails with
-`WorkerDied`, and `WorkerHandle` starts a fresh child.
+`WorkerDied` (or `NotStarted` when the child never acknowledged it, so the scheduler can queue it
+again), and `WorkerHandle` starts a fresh child.
+
+Uploaded input images travel to the child as their compressed bytes and are decoded there, so the
+server process never holds their pixels while they wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import logging
 import multiprocessing as mp
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
 from ditserve.api import DitserveError, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
@@ -34,6 +39,25 @@ class Batch:
     batch_id: int
     seqs: tuple[int, ...]
     requests: tuple[GenerationRequest, ...]
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An input image as its uploaded file (PNG, JPEG or WebP), decoded to RGB in the worker."""
+
+    data: bytes
+
+    def decode(self):
+        from PIL import Image
+
+        return Image.open(io.BytesIO(self.data)).convert("RGB")
+
+
+@dataclass(frozen=True)
+class Started:
+    """Worker → server: the batch arrived and is being run (before it, a death loses no work)."""
+
+    batch_id: int
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,10 @@ class WorkerDied(EngineError):
     """The worker process exited while it held this request."""
 
 
+class NotStarted(WorkerDied):
+    """The worker process exited before it took the batch: no work was done, so it may run again."""
+
+
 # -- the child process ------------------------------------------------------------------------
 
 def worker_main(tasks: Connection, results: Connection, cancel, config: EngineConfig,
@@ -98,6 +126,7 @@ def worker_main(tasks: Connection, results: Connection, cancel, config: EngineCo
             return
         if batch is None:
             return
+        results.send(Started(batch.batch_id))
         message = _run(engine, batch, cancel, results)
         results.send(message)
         if isinstance(message, Failed) and message.fatal:
@@ -114,10 +143,32 @@ def _run(engine, batch: Batch, cancel, results: Connection) -> Done | Failed:
         results.send(Progress(batch.batch_id, step, total))
 
     try:
-        outputs = engine.run_batch(list(batch.requests), RunControl(should_stop=should_stop, on_step=on_step))
+        requests = [_unpacked(r) for r in batch.requests]
+        outputs = engine.run_batch(requests, RunControl(should_stop=should_stop, on_step=on_step))
     except Exception as exc:  # noqa: BLE001 - reported to the server; the worker keeps serving
         return _failure(batch.batch_id, exc)
     return Done(batch.batch_id, outputs, _gpu_memory(engine.pipeline.device))
+
+
+def _packed(request: GenerationRequest) -> GenerationRequest:
+    """`request` with its lazily opened uploads (header read, pixels not decoded) as their bytes:
+    pickling a PIL image would decode it here, in the server's event loop, and send raw pixels."""
+    from PIL import ImageFile
+
+    def pack(image):
+        fp = getattr(image, "fp", None)
+        if isinstance(image, ImageFile.ImageFile) and isinstance(fp, io.BytesIO):
+            return EncodedImage(fp.getvalue())
+        return image
+
+    return replace(request, images=tuple(pack(im) for im in request.images)) if request.images else request
+
+
+def _unpacked(request: GenerationRequest) -> GenerationRequest:
+    if not any(isinstance(im, EncodedImage) for im in request.images):
+        return request
+    return replace(request, images=tuple(im.decode() if isinstance(im, EncodedImage) else im
+                                         for im in request.images))
 
 
 def _failure(batch_id: int | None, exc: Exception) -> Failed:
@@ -167,7 +218,7 @@ class WorkerHandle:
         self._proc = None
         self._tasks: Connection | None = None
         self._started: asyncio.Future | None = None
-        self._running: tuple[int, asyncio.Future] | None = None
+        self._running: _InFlight | None = None
         self._restarter: asyncio.Task | None = None
 
     @property
@@ -184,18 +235,21 @@ class WorkerHandle:
         await self._ready.wait()
 
     async def run(self, seqs: list[int], requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        """Run one batch; raises Cancelled, InvalidRequest, EngineError or WorkerDied."""
+        """Run one batch; raises Cancelled, InvalidRequest, EngineError, WorkerDied, or NotStarted when
+        the worker died before it took the batch."""
         from ditserve.pipelines.base import Cancelled
 
         if not self.ready:
-            raise WorkerDied("the worker process is not running")
+            raise NotStarted("the worker process is not running")
         batch_id = next(self._batch_ids)
         future = self._loop.create_future()
-        self._running = (batch_id, future)
+        self._running = _InFlight(batch_id, future)
         try:
-            self._tasks.send(Batch(batch_id, tuple(seqs), tuple(requests)))
+            self._tasks.send(Batch(batch_id, tuple(seqs), tuple(_packed(r) for r in requests)))
         except OSError:
-            pass  # the child is gone; the reader thread reports its exit and fails `future`
+            # The child is gone (it died moments ago); the reader thread reports its exit, and
+            # `future` fails with NotStarted because the child never acknowledged the batch.
+            log.warning("batch %d could not be sent: the worker process is gone", batch_id)
         try:
             message = await future
         finally:
@@ -284,23 +338,27 @@ class WorkerHandle:
             error = InvalidRequest(message.message, message.param) if message.kind == "invalid" \
                 else EngineError(message.message)
             _resolve(self._started, error=error)
-        elif self._running is not None and self._running[0] == message.batch_id:
+        elif self._running is not None and self._running.batch_id == message.batch_id:
+            self._running.started = True
             if isinstance(message, Progress):
                 self.on_progress(message.step, message.total)
-            else:
+            elif not isinstance(message, Started):
                 if isinstance(message, Done):
                     self.memory = message.memory
-                _resolve(self._running[1], message)
+                _resolve(self._running.future, message)
 
     def _on_exit(self, proc) -> None:
         if proc is not self._proc:
             return
         self._ready.clear()
         self.pid = None
-        died = WorkerDied(f"the worker process {_exit_reason(proc.exitcode)}; it is being restarted")
+        reason = _exit_reason(proc.exitcode)
+        died = WorkerDied(f"the worker process {reason}; it is being restarted")
         _resolve(self._started, error=died)
         if self._running is not None:
-            _resolve(self._running[1], error=died)
+            error = died if self._running.started else NotStarted(f"the worker process {reason} before it "
+                                                                   "took the batch")
+            _resolve(self._running.future, error=error)
         if self.state in ("stopping", "stopped"):
             self.state = "stopped"
             return
@@ -320,6 +378,15 @@ class WorkerHandle:
                 delay = min(30.0, max(0.5, delay * 2))
                 log.error("worker restart failed (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
+
+
+@dataclass
+class _InFlight:
+    """The batch the worker holds; `started` once the worker acknowledged it."""
+
+    batch_id: int
+    future: asyncio.Future
+    started: bool = False
 
 
 def _resolve(future: asyncio.Future | None, result=None, error: BaseException | None = None) -> None:

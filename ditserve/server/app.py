@@ -8,7 +8,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import ditserve
@@ -19,6 +19,8 @@ from ditserve.runtime.loader import ModelSource
 from ditserve.runtime.scheduler import Scheduler, batch_key_for
 from ditserve.runtime.worker import WorkerHandle
 from ditserve.server import images
+from ditserve.server.admission import ClientLimiter
+from ditserve.server.docs import docs_page, install_openapi_security
 from ditserve.server.errors import documented, error_response, install_error_handlers
 from ditserve.server.metrics import Metrics
 from ditserve.server.middleware import Guard
@@ -32,23 +34,27 @@ log = logging.getLogger(__name__)
 def create_app(source: ModelSource, model_id: str, engine: EngineConfig, config: ServerConfig,
                log_level: str = "INFO") -> FastAPI:
     """An app serving `source`; its worker starts with the app's lifespan, not here."""
+    limits = config.limits_for(source.limits, source.defaults)  # InvalidRequest: caps no request can meet
     worker = WorkerHandle(engine, slots=engine.max_batch_size, threads=config.worker_threads,
                           log_level=log_level)
     scheduler = Scheduler(worker, batch_key_for(source.pipeline_cls), max_queue=config.max_queue,
                           max_batch_size=engine.max_batch_size)
     metrics = Metrics(scheduler)
-    state = ServerState(source=source, model_id=model_id, config=config,
-                        limits=config.limits_for(source.limits), worker=worker,
-                        scheduler=scheduler, store=OutputStore(config.output_ttl_s, config.output_dir),
+    store = OutputStore(config.output_ttl_s, config.output_dir, max_bytes=config.output_max_bytes)
+    state = ServerState(source=source, model_id=model_id, config=config, limits=limits,
+                        defaults=config.defaults_for(source.defaults, limits), worker=worker,
+                        scheduler=scheduler, clients=ClientLimiter(config.client_limit), store=store,
                         metrics=metrics, created=int(time.time()))
-    app = FastAPI(title="ditserve", version=ditserve.__version__, lifespan=_lifespan,
-                  description="OpenAI-compatible image generation with diffusion transformers.")
+    app = FastAPI(title="ditserve", version=ditserve.__version__, lifespan=_lifespan, docs_url=None,
+                  redoc_url=None, description="OpenAI-compatible image generation with diffusion transformers.")
     app.state.ditserve = state
     install_error_handlers(app)
+    install_openapi_security(app, secured=config.api_key is not None)
     app.include_router(system)
     app.include_router(images.router)
     app.add_middleware(Guard, metrics=metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       max_upload_bytes=config.max_upload_bytes, upload_paths=images.UPLOAD_PATHS)
+                       max_upload_bytes=config.max_upload_bytes, upload_paths=images.UPLOAD_PATHS,
+                       json_paths=images.JSON_PATHS, allowed_hosts=config.host_allow_list())
     return app
 
 
@@ -85,13 +91,14 @@ async def _sweep(store: OutputStore) -> None:
 system = APIRouter()
 
 
-@system.get("/health", summary="The server process is alive")
+# HEAD as well as GET: load balancers and uptime checks probe with HEAD.
+@system.api_route("/health", methods=["GET", "HEAD"], summary="The server process is alive")
 async def health() -> dict:
     return {"status": "ok"}
 
 
-@system.get("/ready", summary="The model is loaded and the server is not draining",
-            responses=documented(503))
+@system.api_route("/ready", methods=["GET", "HEAD"], summary="The model is loaded and the server is not draining",
+                  responses=documented(503))
 async def ready(request: Request):
     state = state_of(request)
     if state.draining:
@@ -106,6 +113,11 @@ async def ready(request: Request):
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@system.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+async def docs(request: Request) -> HTMLResponse:
+    return docs_page(request.app)
 
 
 def _card(state: ServerState) -> ModelCard:

@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException
 from ditserve.api import EngineError, InvalidRequest, Overloaded
 from ditserve.runtime.scheduler import Unavailable
 from ditserve.runtime.worker import WorkerDied
+from ditserve.server.admission import ClientLimited
+from ditserve.server.store import OutputTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,19 @@ class ErrorEnvelope(BaseModel):
 
 class RequestTimedOut(Exception):
     """The request did not finish within --request-timeout."""
+
+
+class ModelNotFound(Exception):
+    """The request names a model this server does not serve."""
+
+    def __init__(self, model: str, served: str):
+        super().__init__(model)
+        self.model, self.served = model, served
+
+
+def model_not_found(model: str, served: str) -> JSONResponse:
+    return error_response(404, f"The model '{model[:200]}' does not exist; this server serves '{served}'",
+                          "invalid_request_error", "model", "model_not_found")
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
@@ -57,7 +72,8 @@ def documented(*statuses: int) -> dict:
 
 _STATUS_TEXT = {
     400: "invalid request", 401: "missing or wrong API key", 404: "not found",
-    413: "request body too large", 429: "queue full; retry after Retry-After seconds",
+    413: "request body too large", 415: "wrong Content-Type for this route",
+    429: "queue full, or this client's share of it in use; retry after Retry-After seconds",
     500: "engine failure", 503: "not ready or shutting down", 504: "request timed out",
 }
 
@@ -70,8 +86,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
+    if kind == "missing" and param is None:
+        return "The request body is empty; send a JSON object with at least 'prompt'", None, "invalid_json"
     if kind == "missing":
         return f"Missing required parameter: '{param}'", param, "missing_required_parameter"
+    if kind == "string_pattern_mismatch" and param == "size":
+        return (f"size must be 'WIDTHxHEIGHT' (e.g. 1024x1024) or 'auto', got {str(first.get('input'))[:100]!r}",
+                param, "invalid_value")
     if kind in ("json_invalid", "json_type") or param is None:
         return f"The request body is not a valid JSON object: {first.get('msg')}", None, "invalid_json"
     return f"Invalid value for '{param}': {first.get('msg')}", param, "invalid_value"
@@ -93,7 +114,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         if isinstance(exc, Unavailable):
             return error_response(503, str(exc), "server_error", None, "unavailable", exc.retry_after)
+        if isinstance(exc, ClientLimited):
+            return error_response(429, str(exc), "rate_limit_error", None, "client_limit", exc.retry_after)
         return error_response(429, str(exc), "rate_limit_error", None, "queue_full", exc.retry_after)
+
+    @app.exception_handler(ModelNotFound)
+    async def _no_model(request: Request, exc: ModelNotFound) -> JSONResponse:
+        return model_not_found(exc.model, exc.served)
 
     @app.exception_handler(RequestTimedOut)
     async def _timeout(request: Request, exc: RequestTimedOut) -> JSONResponse:
@@ -101,7 +128,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError) -> JSONResponse:
-        code = "worker_died" if isinstance(exc, WorkerDied) else "engine_error"
+        code = ("worker_died" if isinstance(exc, WorkerDied) else
+                "output_too_large" if isinstance(exc, OutputTooLarge) else "engine_error")
         log.error("request failed: %s", exc)
         return error_response(500, str(exc), "server_error", None, code)
 

@@ -7,36 +7,43 @@ import base64
 import io
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from ditserve.api import GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.api.images import read_image
 from ditserve.runtime.scheduler import Ticket
-from ditserve.server.errors import RequestTimedOut, documented, error_response
+from ditserve.server.errors import ModelNotFound, RequestTimedOut, documented, error_response
 from ditserve.server.schemas import (MEDIA_TYPES, ImageData, ImageEditBody, ImageGenerationBody, ImagesResponse,
                                      TimingsBody, edits_openapi)
-from ditserve.server.state import ServerState, model_not_found, state_of
+from ditserve.server.state import ServerState, state_of
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 UPLOAD_PATHS = frozenset({"/v1/images/edits"})
+JSON_PATHS = frozenset({"/v1/images/generations"})
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads this answer
 
 
-_ANSWERS = documented(400, 401, 404, 413, 429, 500, 503, 504)
+_ANSWERS = documented(400, 401, 404, 413, 415, 429, 500, 503, 504)
 
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
              responses=_ANSWERS)
 async def generations(body: ImageGenerationBody, request: Request):
     """Generate images from a prompt (OpenAI's Images API)."""
-    return await _generate(request, body, body.to_request())
+    state = state_of(request)
+    resolved = _resolved(state, body, body.to_request())  # a bad request is a 400 even when the queue is full
+    with _admitted(request, state):
+        return await _generate(request, state, body, resolved)
 
 
 @router.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
@@ -47,13 +54,30 @@ async def edits(request: Request):
     if not state.limits.max_images:  # answered before the upload is parsed
         raise InvalidRequest(f"the loaded model does not edit images ({state.source.class_name} generates "
                              "from text only); serve an image-editing model for /v1/images/edits", "image")
-    async with request.form(max_files=state.limits.max_images + 1, max_fields=64) as form:
-        body, uploads = _edit_fields(form)
-        images = []
-        for i, upload in enumerate(uploads):
-            name = f"image {i + 1} ({upload.filename or 'unnamed'})"
-            images.append(await asyncio.to_thread(read_image, await upload.read(), name, state.limits))
-    return await _generate(request, body, body.to_request(tuple(images)))
+    with _admitted(request, state):  # before the upload is parsed and decoded: a full queue costs nothing
+        async with request.form(max_files=state.limits.max_images + 1, max_fields=64) as form:
+            body, uploads = _edit_fields(form)
+            images = []
+            for i, upload in enumerate(uploads):
+                name = f"image {i + 1} ({upload.filename or 'unnamed'})"
+                images.append(await asyncio.to_thread(_checked_upload, await upload.read(), name, state.limits))
+        return await _generate(request, state, body, _resolved(state, body, body.to_request(tuple(images))))
+
+
+@contextmanager
+def _admitted(request: Request, state: ServerState) -> Iterator[None]:
+    """Room in the queue and in this client's share of it, or Overloaded (429/503), before any work."""
+    state.scheduler.check_room()
+    client = request.client.host if request.client else "unknown"
+    with state.clients.hold(client, state.scheduler.retry_after()):
+        yield
+
+
+def _checked_upload(data: bytes, name: str, limits) -> Image.Image:
+    """The upload decoded once to check it (a corrupt file is a 400 now, not a failure in the worker),
+    then reopened lazily: the queued request holds the compressed bytes, the worker decodes them."""
+    read_image(data, name, limits)
+    return Image.open(io.BytesIO(data))
 
 
 def _edit_fields(form) -> tuple[ImageEditBody, list[UploadFile]]:
@@ -70,12 +94,15 @@ def _edit_fields(form) -> tuple[ImageEditBody, list[UploadFile]]:
     return body, [upload for _, upload in files]
 
 
-async def _generate(request: Request, body: ImageGenerationBody, unresolved: GenerationRequest):
-    """Resolve, queue, wait, encode: the part generations and edits share."""
-    state = state_of(request)
+def _resolved(state: ServerState, body: ImageGenerationBody, unresolved: GenerationRequest) -> GenerationRequest:
+    """The request with the server's defaults, checked against its limits; ModelNotFound or InvalidRequest."""
     if body.model is not None and body.model != state.model_id:
-        return model_not_found(body.model, state)
-    resolved = unresolved.resolve(state.source.defaults, state.limits)
+        raise ModelNotFound(body.model, state.model_id)
+    return unresolved.resolve(state.defaults, state.limits)
+
+
+async def _generate(request: Request, state: ServerState, body: ImageGenerationBody, resolved: GenerationRequest):
+    """Queue, wait, encode: the part generations and edits share."""
     ticket = state.scheduler.submit(resolved)
     output = await _wait(request, state, ticket)
     if output is None:
@@ -85,7 +112,7 @@ async def _generate(request: Request, body: ImageGenerationBody, unresolved: Gen
     encoded = await asyncio.to_thread(_encode_all, output, fmt, body.output_compression)
     if body.response_format == "url":
         stored = [state.store.put(b, MEDIA_TYPES[fmt]) for b in encoded]
-        data = [ImageData(url=str(request.url_for("image_content", image_id=s.id))) for s in stored]
+        data = [ImageData(url=_content_url(request, state, s.id)) for s in stored]
     else:
         data = [ImageData(b64_json=base64.b64encode(b).decode("ascii")) for b in encoded]
     timings = output.timings
@@ -95,6 +122,13 @@ async def _generate(request: Request, body: ImageGenerationBody, unresolved: Gen
         timings=TimingsBody(queue_s=ticket.queue_s, total_s=timings.total_s, stages=timings.stages,
                             mean_step_s=timings.to_dict()["mean_step_s"], batch_images=ticket.batch_images),
     )
+
+
+def _content_url(request: Request, state: ServerState, image_id: str) -> str:
+    """The stored image's URL: under --public-url when given, else from the (allow-listed) Host."""
+    if state.config.public_url is None:
+        return str(request.url_for("image_content", image_id=image_id))
+    return state.config.public_url.rstrip("/") + request.app.url_path_for("image_content", image_id=image_id)
 
 
 async def _wait(request: Request, state: ServerState, ticket: Ticket) -> GenerationOutput | None:

@@ -1,4 +1,5 @@
-"""Running the app on uvicorn: a socket bound up front, and a SIGTERM that drains before exiting."""
+"""Running the app on uvicorn: a socket bound up front, bounded connections, and a SIGTERM that
+drains before exiting."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import uvicorn
 
 from ditserve.api import InvalidRequest
+from ditserve.server.protocol import guarded_protocol
 from ditserve.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,10 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app, state: ServerState, sock: socket.socket) -> str | None:
     """Serve until drained or stopped; returns the fatal error that stopped it, if any."""
-    config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=10)
+    cfg = state.config
+    config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=10,
+                            http=guarded_protocol(cfg.header_timeout_s, cfg.max_connections),
+                            forwarded_allow_ips=cfg.forwarded_allow_ips)
     server = DrainingServer(config, state)
     server.run(sockets=[sock])
     return server.fatal

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ditserve.api import GenerationRequest, InvalidRequest
 
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+SIZE_PATTERN = r"^(auto|\d{1,5}x\d{1,5})$"  # the same rule as _SIZE, for the OpenAPI document
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_IGNORED = "accepted for OpenAI compatibility, no effect"
 
 
 class ImageGenerationBody(BaseModel):
@@ -26,21 +28,25 @@ class ImageGenerationBody(BaseModel):
     prompt: str = Field(min_length=1, description="What to draw.")
     model: str | None = Field(None, description="The served model's id (see /v1/models); optional.")
     n: int | None = Field(None, ge=1, description="Number of images (default 1).")
-    size: str | None = Field(None, description='"WIDTHxHEIGHT" in pixels, or "auto" for the model default.',
-                             examples=["1024x1024"])
+    size: str | None = Field(None, pattern=SIZE_PATTERN, examples=["1024x1024"],
+                             description='"WIDTHxHEIGHT" in pixels, or "auto" for the model default.')
     response_format: Literal["b64_json", "url"] | None = Field(
         None, description="b64_json (default) or url: a link to GET /v1/images/{id}/content, valid for a TTL.")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Default png.")
     output_compression: int | None = Field(
         None, ge=0, le=100, description="JPEG/WebP quality 0-100 (default 95); PNG is lossless.")
-    # Accepted for compatibility; they do not change the picture.
-    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = None
-    style: Literal["vivid", "natural"] | None = None
+    # OpenAI's fields that some clients send by default: accepted and ignored, unless a value asks for
+    # something the served model cannot do (then 400).
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = Field(
+        None, description=f"Ignored ({_IGNORED}); quality follows num_inference_steps.")
+    style: Literal["vivid", "natural"] | None = Field(None, description=f"Ignored ({_IGNORED}).")
     background: Literal["auto", "opaque", "transparent"] | None = Field(
-        None, description="transparent is refused: the image models served here draw opaque images.")
-    moderation: Literal["auto", "low"] | None = None
-    user: str | None = None
-    safety_identifier: str | None = None
+        None, description="auto and opaque are accepted; transparent is refused (400): the image models "
+                          "served here draw opaque images.")
+    moderation: Literal["auto", "low"] | None = Field(None, description=f"Ignored ({_IGNORED}); ditserve "
+                                                                        "does no content moderation.")
+    user: str | None = Field(None, description=f"Ignored ({_IGNORED}).")
+    safety_identifier: str | None = Field(None, description=f"Ignored ({_IGNORED}).")
     stream: bool | None = Field(None, description="Only false: images are returned whole.")
     partial_images: int | None = Field(None, ge=0, description="Only 0 (streaming is not supported).")
     # ditserve extensions (the openai client sends them with `extra_body`)
@@ -78,7 +84,7 @@ class ImageEditBody(ImageGenerationBody):
 
     model_config = ConfigDict(extra="forbid", strict=False)
 
-    input_fidelity: Literal["high", "low"] | None = None  # accepted for compatibility; no effect
+    input_fidelity: Literal["high", "low"] | None = Field(None, description=f"Ignored ({_IGNORED}).")
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:

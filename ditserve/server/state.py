@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ditserve.api import ModelLimits
+from ditserve.api import ModelLimits, RequestDefaults
 from ditserve.config.server import ServerConfig
 from ditserve.runtime.loader import ModelSource
 from ditserve.runtime.scheduler import Scheduler
 from ditserve.runtime.worker import WorkerHandle
-from ditserve.server.errors import error_response
+from ditserve.server.admission import ClientLimiter
+from ditserve.server import errors
 from ditserve.server.metrics import Metrics
 from ditserve.server.store import OutputStore
 
@@ -25,9 +26,11 @@ class ServerState:
     source: ModelSource
     model_id: str
     config: ServerConfig
-    limits: ModelLimits
+    limits: ModelLimits  # the model's, under the server's caps
+    defaults: RequestDefaults  # the model's, lowered to fit those caps
     worker: WorkerHandle
     scheduler: Scheduler
+    clients: ClientLimiter
     store: OutputStore
     metrics: Metrics
     created: int
@@ -41,5 +44,4 @@ def state_of(request: Request) -> ServerState:
 
 
 def model_not_found(model: str, state: ServerState) -> JSONResponse:
-    return error_response(404, f"The model '{model[:200]}' does not exist; this server serves "
-                               f"'{state.model_id}'", "invalid_request_error", "model", "model_not_found")
+    return errors.model_not_found(model, state.model_id)

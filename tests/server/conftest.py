@@ -6,9 +6,10 @@ import pytest
 
 from live_server import API_KEY, LiveServer, start
 
-# Loose caps and a small queue: the overload, batching, cancellation and crash tests need long runs.
+# Loose caps and a small queue: the overload, batching, cancellation and crash tests need long runs
+# (1000 steps) and fill the whole queue from one client.
 MAIN_FLAGS = ("--max-queue", "4", "--max-batch-size", "4", "--request-timeout", "120",
-              "--served-model-name", "tiny-flux")
+              "--served-model-name", "tiny-flux", "--max-steps", "1000", "--max-client-requests", "64")
 
 
 @pytest.fixture(scope="session")

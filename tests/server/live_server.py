@@ -47,10 +47,12 @@ async def release(server, task: asyncio.Task) -> None:
 class LiveServer:
     """`ditserve serve --port 0` in a subprocess; `url` once it is listening."""
 
-    def __init__(self, model: Path, log_path: Path, *args: str, api_key: str | None = None):
+    def __init__(self, model: Path | None, log_path: Path, *args: str, api_key: str | None = None):
+        """`model` None: no --model-path, so the bundled demo model."""
         self.api_key = api_key
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "ditserve.cli.main", "serve", "--model-path", str(model), "--port", "0",
+        where = [] if model is None else ["--model-path", str(model)]
+        cmd = [sys.executable, "-m", "ditserve.cli.main", "serve", *where, "--port", "0",
                "--device", "cpu", "--worker-threads", "1", *args]
         if api_key:
             cmd += ["--api-key", api_key]
@@ -117,6 +119,10 @@ class LiveServer:
                 return child
         raise AssertionError("no worker process")
 
+    def server_rss(self) -> int:
+        """Resident memory of the server process alone (not its worker), in bytes."""
+        return psutil.Process(self.proc.pid).memory_info().rss
+
     def rss(self) -> int:
         """Resident memory of the server process and its worker, in bytes."""
         return psutil.Process(self.proc.pid).memory_info().rss + self.worker().memory_info().rss
@@ -133,7 +139,7 @@ class LiveServer:
         self._log.close()
 
 
-def start(model: Path, log_path: Path, *args: str, api_key: str | None = None) -> LiveServer:
+def start(model: Path | None, log_path: Path, *args: str, api_key: str | None = None) -> LiveServer:
     server = LiveServer(model, log_path, *args, api_key=api_key)
     try:
         server.wait_ready()

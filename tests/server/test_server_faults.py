@@ -113,3 +113,24 @@ def test_queued_requests_survive_a_worker_crash(server):
     crashed, queued = asyncio.run(scenario())
     assert crashed.status_code == 500 and queued.status_code == 200
     server.wait_ready()
+
+
+def test_request_sent_as_the_worker_dies_is_served_by_the_next(server):
+    """A batch the worker never took (it was stopped, then killed, before reading it) is not failed:
+    it goes back to the queue and the restarted worker serves it."""
+    restarts = server.metrics()["ditserve_worker_restarts_total"]
+    worker = server.worker()
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120) as client:
+            worker.suspend()  # SIGSTOP: the batch goes into its pipe, unread
+            task = asyncio.create_task(post(client, {**GOOD, "seed": 6}))
+            await asyncio.to_thread(server.wait_metric, "ditserve_running_requests", lambda v: v == 1)
+            worker.kill()
+            return await task
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 200, response.text
+    assert server.metrics()["ditserve_worker_restarts_total"] == restarts + 1
+    assert "back in the queue" in server.log_text()
+    server.wait_ready()

@@ -106,3 +106,56 @@ def test_no_model_work_and_still_healthy(server):
     assert server.http.get("/health").status_code == 200
     ok = server.http.post("/v1/images/generations", json=GOOD)
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+
+
+def test_empty_body_says_so(server):
+    """Issue 24.9: not "Missing required parameter: 'None'"."""
+    response = server.http.post("/v1/images/generations", content=b"", headers={"content-type": "application/json"})
+    error = assert_envelope(response, 400)
+    assert "None" not in error["message"] and "empty" in error["message"] and "prompt" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_wrong_content_type_is_415(server, content_type):
+    """Issue 23.7: a JSON route names the content type it expects, before reading the body."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = server.http.post("/v1/images/generations", content=json.dumps(GOOD), headers=headers)
+    error = assert_envelope(response, 415)
+    assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    assert server.http.post("/v1/images/generations", content=json.dumps(GOOD),
+                            headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
+
+
+def test_edits_expect_a_form(server):
+    error = assert_envelope(server.http.post("/v1/images/edits", json={"prompt": "x"}), 415)
+    assert "multipart/form-data" in error["message"]
+
+
+def test_probes_answer_head(server):
+    """Issue 24.9: load balancers probe with HEAD."""
+    for path in ("/health", "/ready"):
+        response = server.http.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+
+
+def test_openapi_declares_the_key_and_the_size_pattern(server):
+    schema = server.http.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer", "description": "the server's --api-key, as 'Authorization: Bearer KEY'"}
+    paths = schema["paths"]
+    assert paths["/v1/images/generations"]["post"]["security"] == [{"bearerAuth": []}]
+    assert paths["/v1/models"]["get"]["security"] == [{"bearerAuth": []}]
+    assert "security" not in paths["/v1/images/{image_id}/content"]["get"]  # the id is the capability
+    assert "security" not in paths["/health"]["get"]
+    size = schema["components"]["schemas"]["ImageGenerationBody"]["properties"]["size"]["anyOf"][0]
+    assert size["pattern"] == r"^(auto|\d{1,5}x\d{1,5})$"
+
+
+def test_docs_page_works_offline(server):
+    """Issue 24.9: /docs is plain HTML from this server, no scripts or assets from a CDN."""
+    response = server.http.get("/docs")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert "POST /v1/images/generations" in page and "num_inference_steps" in page
+    assert server.http.get("/redoc").status_code == 404

@@ -21,7 +21,7 @@ TIMEOUT_S = 5
 @pytest.fixture(scope="module")
 def short_server(tiny_flux_dev, tmp_path_factory):
     live = start(tiny_flux_dev, tmp_path_factory.mktemp("short") / "server.log",
-                 "--request-timeout", str(TIMEOUT_S), "--max-batch-size", "1")
+                 "--request-timeout", str(TIMEOUT_S), "--max-batch-size", "1", "--max-steps", "1000")
     yield live
     live.stop()
 
@@ -62,6 +62,14 @@ BAD_FLAGS = [
     (["--api-key-file", "/nonexistent/key"], "cannot read --api-key-file"),
     (["--api-key", "a", "--api-key-file", "/etc/hostname"], "not both"),
     (["--device", "tpu"], "unsupported device"),
+    # caps no request could meet (the model's smallest image is 16x16)
+    (["--max-pixels", "100"], "--max-pixels 100 is below this model's smallest image"),
+    (["--max-connections", "0"], "max_connections must be positive"),
+    (["--header-timeout", "0"], "header_timeout_s must be positive"),
+    (["--max-client-requests", "0"], "max_client_requests must be positive"),
+    (["--output-max-bytes", "0"], "output_max_bytes must be positive"),
+    (["--public-url", "ftp://example.com"], "public_url must be an http(s) URL"),
+    (["--allowed-hosts", ","], "allowed_hosts is empty"),
 ]
 
 
@@ -71,6 +79,12 @@ def test_bad_flags_exit_2_before_listening(tiny_flux_dev, capsys, flags, needle)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_step_cap_below_the_models_minimum_exits_2(tiny_qwen_image_edit, capsys):
+    """Its scheduler ends at a terminal sigma, so it needs 2 steps: --max-steps 1 could serve nothing."""
+    assert main(["serve", "--model-path", str(tiny_qwen_image_edit), "--port", "0", "--max-steps", "1"]) == 2
+    assert "--max-steps 1 is below this model's minimum of 2 steps" in capsys.readouterr().err
 
 
 def test_taken_port_exits_2(tiny_flux_dev, capsys):

@@ -79,6 +79,15 @@ def test_compat_fields_are_accepted(client):
     assert len(result.data) == 1
 
 
+def test_ignored_fields_are_documented_as_ignored(server):
+    """Issue 23.14: what OpenAI clients may send and ditserve does not do is documented as ignored;
+    a value that asks for something impossible (a transparent background) is a 400 (test_server_invalid)."""
+    fields = server.http.get("/openapi.json").json()["components"]["schemas"]["ImageGenerationBody"]["properties"]
+    for name in ("quality", "style", "moderation", "user", "safety_identifier"):
+        assert fields[name]["description"].startswith("Ignored"), name
+    assert "transparent is refused" in fields["background"]["description"]
+
+
 def test_models(client):
     assert [m.id for m in client.models.list().data] == ["tiny-flux"]
     assert client.models.retrieve("tiny-flux").owned_by == "ditserve"

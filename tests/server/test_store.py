@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ditserve.server.store import JobStore, OutputStore
+import stat
+
+import pytest
+
+from ditserve.server.store import JobStore, OutputStore, OutputTooLarge
 
 
 class Clock:
@@ -58,3 +62,35 @@ def test_jobs_track_status_and_expire():
     assert jobs.get(job.id).progress == 40 and jobs.get("job_nope") is None
     clock.now += 10
     assert jobs.get(job.id) is None and jobs.sweep() == 0
+
+
+def test_quota_evicts_oldest_first(tmp_path):
+    store = OutputStore(ttl_s=60, root=tmp_path / "out", max_bytes=10)
+    a, b, c = (store.put(bytes(4), "image/png") for _ in range(3))  # 12 bytes: a had to go
+    assert store.get(a.id) is None and not a.path.exists()
+    assert store.get(b.id) and store.get(c.id) and store.bytes == 8
+    d = store.put(bytes(10), "image/png")  # takes the whole quota
+    assert [store.get(x.id) for x in (b, c)] == [None, None] and store.get(d.id) and store.bytes == 10
+    with pytest.raises(OutputTooLarge, match="b64_json"):
+        store.put(bytes(11), "image/png")
+    assert store.get(d.id) is not None  # a refused output evicts nothing
+    assert sum(p.stat().st_size for p in store.root.iterdir()) == 10
+
+
+def test_folder_and_files_are_private(tmp_path):
+    store = OutputStore(ttl_s=60, root=tmp_path / "new" / "out")
+    stored = store.put(b"x", "image/png")
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(stored.path.stat().st_mode) == 0o600
+    owned = OutputStore(ttl_s=60)
+    assert stat.S_IMODE(owned.root.stat().st_mode) == 0o700
+    owned.close()
+
+
+def test_an_earlier_servers_outputs_are_removed(tmp_path):
+    (tmp_path / ("img_" + "a" * 32 + ".png")).write_bytes(b"old")
+    (tmp_path / ("vid_" + "b" * 32 + ".mp4")).write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("the operator's")
+    (tmp_path / ("img_" + "c" * 31 + ".png")).write_bytes(b"not ours")
+    OutputStore(ttl_s=60, root=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img_" + "c" * 31 + ".png", "notes.txt"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
+import signal
+import time
 
 import pytest
 
@@ -12,7 +15,7 @@ from ditserve.api import DitserveError, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, ModelConfig
 from ditserve.pipelines.base import Cancelled
 from ditserve.runtime.loader import inspect_model
-from ditserve.runtime.worker import WorkerHandle
+from ditserve.runtime.worker import NotStarted, WorkerHandle
 
 
 def handle_for(model) -> WorkerHandle:
@@ -71,6 +74,27 @@ def test_worker_runs_cancels_and_reports(tiny_flux_dev):
 
     handle = asyncio.run(scenario())
     assert handle.state == "stopped" and not handle._proc.is_alive()
+
+
+def test_batch_sent_to_a_dead_worker_is_not_started(tiny_flux_dev):
+    """The worker died a moment ago and the handle has not heard yet: the send fails, and the batch
+    comes back as NotStarted (the scheduler queues it again), not as a failed request."""
+    async def scenario():
+        handle = handle_for(tiny_flux_dev)
+        await handle.start()
+        try:
+            os.kill(handle.pid, signal.SIGKILL)
+            time.sleep(1.0)  # blocks the event loop: the child is gone, its exit not yet processed
+            assert handle.ready
+            with pytest.raises(NotStarted, match="before it took the batch"):
+                await handle.run([1], [resolved(tiny_flux_dev, steps=2)])
+            await asyncio.wait_for(handle.wait_ready(), 120)  # a harness limit: the restart loads the model
+            assert len(await handle.run([2], [resolved(tiny_flux_dev, steps=2)])) == 1
+            assert handle.restarts == 1
+        finally:
+            await handle.stop()
+
+    asyncio.run(scenario())
 
 
 def test_load_failure_is_reported_at_start(tiny_flux_dev, tmp_path):
