@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from ditserve.api import DitserveError, GenerationOutput, GenerationRequest, Overloaded
-from ditserve.pipelines.base import Cancelled, Pipeline
+from ditserve.api import Cancelled, DitserveError, GenerationOutput, GenerationRequest, Overloaded
 from ditserve.runtime.worker import NotStarted, WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -32,11 +31,6 @@ MAX_ATTEMPTS = 3
 
 class Unavailable(Overloaded):
     """Not taking new requests (draining for shutdown); the HTTP edge answers 503."""
-
-
-def batch_key_for(pipeline_cls: type[Pipeline]) -> Callable[[GenerationRequest], Hashable]:
-    """The family's `batch_key` (a class method), computed in the server process, which never loads weights."""
-    return pipeline_cls.batch_key
 
 
 @dataclass(eq=False)

@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
-from ditserve.api import DitserveError, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
+from ditserve.api import Cancelled, DitserveError, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,6 @@ def _unpacked(request: GenerationRequest) -> GenerationRequest:
 
 
 def _failure(batch_id: int | None, exc: Exception) -> Failed:
-    from ditserve.pipelines.base import Cancelled
 
     if isinstance(exc, Cancelled):
         return Failed(batch_id, "cancelled", str(exc))
@@ -237,8 +236,7 @@ class WorkerHandle:
     async def run(self, seqs: list[int], requests: list[GenerationRequest]) -> list[GenerationOutput]:
         """Run one batch; raises Cancelled, InvalidRequest, EngineError, WorkerDied, or NotStarted when
         the worker died before it took the batch."""
-        from ditserve.pipelines.base import Cancelled
-
+    
         if not self.ready:
             raise NotStarted("the worker process is not running")
         batch_id = next(self._batch_ids)

@@ -16,7 +16,7 @@ from ditserve.api import DitserveError
 from ditserve.config import EngineConfig
 from ditserve.config.server import ServerConfig
 from ditserve.runtime.loader import ModelSource
-from ditserve.runtime.scheduler import Scheduler, batch_key_for
+from ditserve.runtime.scheduler import Scheduler
 from ditserve.runtime.worker import WorkerHandle
 from ditserve.server import images
 from ditserve.server.admission import ClientLimiter
@@ -37,7 +37,8 @@ def create_app(source: ModelSource, model_id: str, engine: EngineConfig, config:
     limits = config.limits_for(source.limits, source.defaults)  # InvalidRequest: caps no request can meet
     worker = WorkerHandle(engine, slots=engine.max_batch_size, threads=config.worker_threads,
                           log_level=log_level)
-    scheduler = Scheduler(worker, batch_key_for(source.pipeline_cls), max_queue=config.max_queue,
+    # batch_key is a class method: the server process never loads weights
+    scheduler = Scheduler(worker, source.pipeline_cls.batch_key, max_queue=config.max_queue,
                           max_batch_size=engine.max_batch_size)
     metrics = Metrics(scheduler)
     store = OutputStore(config.output_ttl_s, config.output_dir, max_bytes=config.output_max_bytes)

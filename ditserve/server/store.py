@@ -1,4 +1,4 @@
-"""Server-made outputs and asynchronous jobs, by server-generated id, with a time to live.
+"""Server-made outputs, by server-generated id, with a time to live.
 
 No client-chosen name ever reaches the file system: an id is `<kind>_<32 hex>` drawn from
 `secrets`, files are named after it inside a folder the server owns, and lookups go through the
@@ -6,8 +6,6 @@ in-memory index, so an unknown, malformed or expired id is simply not found.
 
 `OutputStore` backs `response_format=url` for images: its folder is 0700 and its files 0600 (only the
 server's user reads them), and it holds at most `max_bytes`, evicting the oldest outputs first.
-`JobStore` is the record an asynchronous job keeps while it runs (OpenAI's `/v1/videos`: create → poll status and progress → fetch the
-content); a video job holds a scheduler Ticket and, when done, the ids of its stored outputs.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ditserve.api import EngineError
@@ -130,44 +128,3 @@ class OutputStore:
             path.unlink(missing_ok=True)
         if stale:
             log.info("removed %d outputs an earlier server left in %s", len(stale), self.root)
-
-
-@dataclass
-class Job:
-    """An asynchronous job as OpenAI's video API reports it."""
-
-    id: str
-    created_at: float
-    expires_at: float
-    status: str = "queued"  # queued | in_progress | completed | failed | cancelled
-    progress: int = 0  # percent
-    error: dict | None = None
-    output_ids: list[str] = field(default_factory=list)
-
-
-class JobStore:
-    """Jobs by id, forgotten `ttl_s` after creation (their outputs expire in the OutputStore)."""
-
-    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.time):
-        self.ttl_s, self.clock = ttl_s, clock
-        self._jobs: dict[str, Job] = {}
-
-    def create(self) -> Job:
-        now = self.clock()
-        job = Job(new_id("job"), now, now + self.ttl_s)
-        self._jobs[job.id] = job
-        return job
-
-    def get(self, job_id: str) -> Job | None:
-        job = self._jobs.get(job_id) if _ID.fullmatch(job_id) else None
-        if job is not None and job.expires_at <= self.clock():
-            del self._jobs[job_id]
-            return None
-        return job
-
-    def sweep(self) -> int:
-        now = self.clock()
-        expired = [i for i, j in self._jobs.items() if j.expires_at <= now]
-        for job_id in expired:
-            del self._jobs[job_id]
-        return len(expired)

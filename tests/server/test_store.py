@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from ditserve.server.store import JobStore, OutputStore, OutputTooLarge
+from ditserve.server.store import OutputStore, OutputTooLarge
 
 
 class Clock:
@@ -51,17 +51,6 @@ def test_close_removes_what_the_store_made(tmp_path):
     given.put(b"x", "image/png")
     given.close()
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
-
-
-def test_jobs_track_status_and_expire():
-    clock = Clock()
-    jobs = JobStore(ttl_s=10, clock=clock)
-    job = jobs.create()
-    assert job.id.startswith("job_") and job.status == "queued" and jobs.get(job.id) is job
-    job.status, job.progress = "in_progress", 40
-    assert jobs.get(job.id).progress == 40 and jobs.get("job_nope") is None
-    clock.now += 10
-    assert jobs.get(job.id) is None and jobs.sweep() == 0
 
 
 def test_quota_evicts_oldest_first(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from ditserve.api import DitserveError, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, ModelConfig
-from ditserve.pipelines.base import Cancelled
+from ditserve.api import Cancelled
 from ditserve.runtime.loader import inspect_model
 from ditserve.runtime.worker import NotStarted, WorkerHandle
 
@@ -38,9 +38,9 @@ def test_worker_runs_cancels_and_reports(tiny_flux_dev):
         handle = handle_for(tiny_flux_dev)
         await handle.start()
         try:
-            # A flag set before the run is seen before the first step.
+            # A flag set before the run is seen before the first stage: no work at all.
             handle.cancel(0, 101)
-            with pytest.raises(Cancelled, match=r"before step 1/500"):
+            with pytest.raises(Cancelled, match=r"before encode_prompt"):
                 await handle.run([101], [long])
 
             # Set mid-run, it stops the run at the next step boundary: every step the worker ran

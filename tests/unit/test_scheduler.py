@@ -1,0 +1,74 @@
+"""runtime.Scheduler without a server: a real worker process on the tiny FLUX checkpoint, driven
+from asyncio as the HTTP handlers drive it."""
+
+import asyncio
+
+import pytest
+
+from ditserve.api import Cancelled, GenerationRequest, Overloaded
+from ditserve.config import EngineConfig, ModelConfig
+from ditserve.runtime.loader import inspect_model
+from ditserve.runtime.scheduler import Scheduler
+from ditserve.runtime.worker import WorkerHandle
+
+
+def request(model, steps=2, size=32, seed=0, num_images=1) -> GenerationRequest:
+    source = inspect_model(model)
+    req = GenerationRequest("a fox", height=size, width=size, num_inference_steps=steps, seed=seed,
+                            max_sequence_length=16, num_images=num_images)
+    return req.resolve(source.defaults, source.limits)
+
+
+def scenario(model, body, max_queue=8, max_batch_size=2):
+    async def main():
+        worker = WorkerHandle(EngineConfig(ModelConfig(str(model), "cpu", "float32"), max_batch_size=max_batch_size),
+                              slots=max_batch_size, threads=1)
+        await worker.start()
+        sched = Scheduler(worker, inspect_model(model).pipeline_cls.batch_key, max_queue=max_queue,
+                          max_batch_size=max_batch_size)
+        loop = asyncio.create_task(sched.run())
+        try:
+            return await body(sched)
+        finally:
+            loop.cancel()
+            await worker.stop()
+    return asyncio.run(main())
+
+
+def test_compatible_requests_share_a_batch_and_others_wait(tiny_flux_schnell):
+    async def body(sched):
+        a, b, c = (sched.submit(request(tiny_flux_schnell, seed=s)) for s in (1, 2, 3))
+        other = sched.submit(request(tiny_flux_schnell, size=48))  # another size: another batch key
+        outs = await asyncio.gather(*(t.future for t in (a, b, c, other)))
+        return [t.batch_images for t in (a, b, c, other)], outs, sched.steps_total
+
+    sizes, outs, steps = scenario(tiny_flux_schnell, body)
+    # the worker is busy with the first request while the rest queue up: a batch never mixes keys
+    # and never exceeds max_batch_size images
+    assert all(n <= 2 for n in sizes) and sizes[3] == 1
+    assert [o.seed for o in outs] == [1, 2, 3, 0] and outs[3].images[0].size == (48, 48)
+    assert steps == 2 * len({id(o.timings) for o in outs})  # one progress report per step per batch
+
+
+def test_full_queue_refuses_and_cancelled_request_leaves_it(tiny_flux_schnell):
+    async def body(sched):
+        running = sched.submit(request(tiny_flux_schnell, steps=40))
+        while sched.running == 0:
+            await asyncio.sleep(0.01)
+        waiting = [sched.submit(request(tiny_flux_schnell, steps=40, size=48)) for _ in range(2)]
+        with pytest.raises(Overloaded, match="queue is full"):
+            sched.submit(request(tiny_flux_schnell))
+        sched.cancel(waiting[0])
+        assert sched.queue_length == 1
+        sched.cancel(running)  # stops in the worker at the next step
+        sched.cancel(waiting[1])
+        await sched.wait_idle()
+        return running, waiting, sched.runs_stopped_total
+
+    running, waiting, stopped = scenario(tiny_flux_schnell, body, max_queue=2, max_batch_size=1)
+    assert all(t.future.cancelled() for t in (running, *waiting))
+    assert stopped == 1 and running.step < 40  # stopped at a stage boundary or a step, long before the end
+
+
+def test_cancelled_error_is_the_api_type():
+    assert issubclass(Cancelled, Exception) and Cancelled.__module__ == "ditserve.api.errors"
