@@ -56,6 +56,10 @@ class ImageGenerationBody(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     true_cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     max_sequence_length: int | None = Field(None, ge=1, description="Most prompt tokens the text encoder sees.")
+    sampler: Literal["euler", "unipc", "dpm++"] | None = Field(
+        None, description="Solver override; default: the model folder's scheduler.")
+    flow_shift: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                     description="Flow-matching shift override (static shift).")
 
     def to_request(self, images: tuple = ()) -> GenerationRequest:
         """The unresolved request (with decoded input `images` for an edit); resolving validates it."""
@@ -73,6 +77,7 @@ class ImageGenerationBody(BaseModel):
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
             true_cfg_scale=self.true_cfg_scale, seed=self.seed, num_images=self.n or 1,
             max_sequence_length=self.max_sequence_length, images=images,
+            sampler=self.sampler, flow_shift=self.flow_shift,
         )
 
 

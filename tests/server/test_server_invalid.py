@@ -46,6 +46,10 @@ BAD_FIELDS = [
     ({"stream": True}, "stream", "not supported"),
     ({"partial_images": 2}, "partial_images", "not supported"),
     ({"image_path": "/etc/passwd"}, "image_path", "Unrecognized"),
+    ({"sampler": "ddim"}, "sampler", "euler"),
+    ({"flow_shift": 0}, "flow_shift", "flow_shift"),
+    ({"flow_shift": "big"}, "flow_shift", "number"),
+    ({"num_frames": 9}, "num_frames", "Unrecognized"),  # an image model takes no video fields
 ]
 
 
