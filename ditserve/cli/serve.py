@@ -46,6 +46,9 @@ def add_parser(sub) -> None:
                    help="cap on num_inference_steps (default: 4x the model's default steps, at least 50)")
     p.add_argument("--max-num-images", type=int, default=None, help="cap on n (default 4)")
     p.add_argument("--worker-threads", type=int, default=None, help="torch CPU threads in the worker")
+    p.add_argument("--data-dir", default=None,
+                   help="video models: where /v1/videos jobs and their files live (default ~/.cache/ditserve/jobs)")
+    p.add_argument("--job-timeout", type=float, default=3600.0, help="seconds one video job may run (default 3600)")
     p.set_defaults(run=run)
 
 
@@ -109,6 +112,7 @@ def _server_config(args: argparse.Namespace):
         max_client_requests=args.max_client_requests, max_connections=args.max_connections,
         header_timeout_s=args.header_timeout, allowed_hosts=hosts, public_url=args.public_url,
         forwarded_allow_ips=args.forwarded_allow_ips, worker_threads=args.worker_threads,
+        data_dir=args.data_dir, job_timeout_s=args.job_timeout,
     )
 
 

@@ -17,3 +17,11 @@ def demo_model_path() -> str | None:
 def commit_override() -> str | None:
     """The commit a benchmark reports when it runs from a copy without git metadata."""
     return os.environ.get("DITSERVE_COMMIT")
+
+
+def cache_dir():
+    """ditserve's per-user cache folder: $XDG_CACHE_HOME/ditserve, else ~/.cache/ditserve."""
+    from pathlib import Path
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ditserve"

@@ -57,6 +57,10 @@ class ServerConfig:
     forwarded_allow_ips: str = "127.0.0.1"
     # torch intra-op threads in the worker (None: torch's default).
     worker_threads: int | None = None
+    # Video jobs (/v1/videos): where their SQLite store and files live (None: a per-user cache folder),
+    # and how long one job may run before it fails.
+    data_dir: str | None = None
+    job_timeout_s: float = 3600.0
 
     def __post_init__(self):
         positive = {
@@ -67,6 +71,7 @@ class ServerConfig:
             "max_steps": self.max_steps, "max_num_images": self.max_num_images,
             "max_client_requests": self.max_client_requests, "max_connections": self.max_connections,
             "header_timeout_s": self.header_timeout_s, "worker_threads": self.worker_threads,
+            "job_timeout_s": self.job_timeout_s,
         }
         for name, value in positive.items():
             if value is not None and not value > 0:
@@ -116,6 +121,12 @@ class ServerConfig:
             log.warning("default %s lowered from %s to %s to fit the server's caps", name,
                         getattr(defaults, name), value)
         return replace(defaults, **changed)
+
+    def jobs_dir(self) -> str:
+        """The video-job folder: --data-dir, else ~/.cache/ditserve/jobs (XDG_CACHE_HOME honoured)."""
+        from ditserve.config.env import cache_dir
+
+        return self.data_dir or str(cache_dir() / "jobs")
 
     def host_allow_list(self) -> frozenset[str] | None:
         """Host header names served (lower case, no port), or None for any. IP literals always pass:

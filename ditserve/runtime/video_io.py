@@ -84,3 +84,29 @@ def read_video(data: bytes) -> tuple[np.ndarray, Fraction]:
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         return np.stack(frames), stream.average_rate
+
+
+def thumbnail(frames: np.ndarray) -> bytes:
+    """The first frame as WebP (what `/content?variant=thumbnail` serves)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frames[0]).save(buf, format="WEBP", quality=90)
+    return buf.getvalue()
+
+
+def spritesheet(frames: np.ndarray, columns: int = 8, max_tiles: int = 32) -> bytes:
+    """Up to `max_tiles` evenly spaced frames on a grid, as JPEG (`variant=spritesheet`)."""
+    from PIL import Image
+
+    picks = np.linspace(0, len(frames) - 1, min(len(frames), max_tiles)).round().astype(int)
+    rows = -(-len(picks) // columns)
+    cols = min(columns, len(picks))
+    h, w = frames.shape[1:3]
+    sheet = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for k, i in enumerate(picks):
+        r, c = divmod(k, columns)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = frames[i]
+    buf = io.BytesIO()
+    Image.fromarray(sheet).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()

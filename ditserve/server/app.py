@@ -18,7 +18,7 @@ from ditserve.config.server import ServerConfig
 from ditserve.runtime.loader import ModelSource
 from ditserve.runtime.scheduler import Scheduler
 from ditserve.runtime.worker import WorkerHandle
-from ditserve.server import images
+from ditserve.server import images, videos
 from ditserve.server.admission import ClientLimiter
 from ditserve.server.docs import docs_page, install_openapi_security
 from ditserve.server.errors import documented, error_response, install_error_handlers
@@ -26,6 +26,7 @@ from ditserve.server.metrics import Metrics
 from ditserve.server.middleware import Guard
 from ditserve.server.schemas import ModelCard, ModelList
 from ditserve.server.state import ServerState, model_not_found, state_of
+from ditserve.server.jobs import JobStore
 from ditserve.server.store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ def create_app(source: ModelSource, model_id: str, engine: EngineConfig, config:
                         defaults=config.defaults_for(source.defaults, limits), worker=worker,
                         scheduler=scheduler, clients=ClientLimiter(config.client_limit), store=store,
                         metrics=metrics, created=int(time.time()))
+    if limits.frame_multiple:  # a video model: durable jobs for /v1/videos
+        state.jobs = metrics.jobs = JobStore(config.jobs_dir(), config.output_ttl_s)
+        state.job_runner = videos.JobRunner(state)
     app = FastAPI(title="ditserve", version=ditserve.__version__, lifespan=_lifespan, docs_url=None,
                   redoc_url=None, description="OpenAI-compatible image generation with diffusion transformers.")
     app.state.ditserve = state
@@ -53,8 +57,9 @@ def create_app(source: ModelSource, model_id: str, engine: EngineConfig, config:
     install_openapi_security(app, secured=config.api_key is not None)
     app.include_router(system)
     app.include_router(images.router)
+    app.include_router(videos.router)
     app.add_middleware(Guard, metrics=metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       max_upload_bytes=config.max_upload_bytes, upload_paths=images.UPLOAD_PATHS,
+                       max_upload_bytes=config.max_upload_bytes, upload_paths=images.UPLOAD_PATHS | videos.UPLOAD_PATHS,
                        json_paths=images.JSON_PATHS, allowed_hosts=config.host_allow_list())
     return app
 
@@ -65,13 +70,22 @@ async def _lifespan(app: FastAPI):
     tasks = [asyncio.create_task(state.scheduler.run(), name="ditserve-dispatch"),
              asyncio.create_task(_start_worker(state), name="ditserve-worker-start"),
              asyncio.create_task(_sweep(state.store), name="ditserve-sweep")]
+    if state.jobs is not None:
+        if recovered := state.job_runner.recover():
+            log.info("%d unfinished video job(s) from an earlier server are back in the queue", recovered)
+        tasks.append(asyncio.create_task(_sweep(state.jobs, state.config.output_ttl_s), name="ditserve-job-sweep"))
     try:
         yield
     finally:
         for task in tasks:
             task.cancel()
+        if state.job_runner is not None:
+            for job_id in list(state.job_runner.tasks):  # stays in the store as queued/in_progress: re-run later
+                state.job_runner.tasks.pop(job_id).cancel()
         await state.worker.stop()
         state.store.close()
+        if state.jobs is not None:
+            state.jobs.close()
 
 
 async def _start_worker(state: ServerState) -> None:
@@ -82,11 +96,13 @@ async def _start_worker(state: ServerState) -> None:
         state.on_fatal(str(exc))
 
 
-async def _sweep(store: OutputStore) -> None:
+async def _sweep(store: OutputStore | JobStore, ttl_s: float | None = None) -> None:
+    """Delete expired outputs (or video jobs) now and then."""
+    ttl_s = store.ttl_s if ttl_s is None else ttl_s
     while True:
-        await asyncio.sleep(min(60.0, store.ttl_s / 2))
+        await asyncio.sleep(min(60.0, ttl_s / 2))
         if removed := store.sweep():
-            log.info("removed %d expired outputs", removed)
+            log.info("removed %d expired %s", removed, "video jobs" if isinstance(store, JobStore) else "outputs")
 
 
 system = APIRouter()

@@ -41,6 +41,7 @@ _ANSWERS = documented(400, 401, 404, 413, 415, 429, 500, 503, 504)
 async def generations(body: ImageGenerationBody, request: Request):
     """Generate images from a prompt (OpenAI's Images API)."""
     state = state_of(request)
+    _images_only(state)
     resolved = _resolved(state, body, body.to_request())  # a bad request is a 400 even when the queue is full
     with _admitted(request, state):
         return await _generate(request, state, body, resolved)
@@ -51,6 +52,7 @@ async def generations(body: ImageGenerationBody, request: Request):
 async def edits(request: Request):
     """Edit images (multipart: image or image[], prompt, ...), with a model that edits."""
     state = state_of(request)
+    _images_only(state)
     if not state.limits.max_images:  # answered before the upload is parsed
         raise InvalidRequest(f"the loaded model does not edit images ({state.source.class_name} generates "
                              "from text only); serve an image-editing model for /v1/images/edits", "image")
@@ -62,6 +64,12 @@ async def edits(request: Request):
                 name = f"image {i + 1} ({upload.filename or 'unnamed'})"
                 images.append(await asyncio.to_thread(_checked_upload, await upload.read(), name, state.limits))
         return await _generate(request, state, body, _resolved(state, body, body.to_request(tuple(images))))
+
+
+def _images_only(state: ServerState) -> None:
+    if state.limits.frame_multiple:
+        raise InvalidRequest(f"the loaded model makes videos ({state.source.class_name}); create a video job "
+                             "with POST /v1/videos", "model")
 
 
 @contextmanager

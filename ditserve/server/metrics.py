@@ -26,7 +26,20 @@ class Metrics:
                                     ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_images = Histogram("ditserve_batch_images", "Images in the pipeline call of a request",
                                       buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.job_time = Histogram("ditserve_video_job_seconds", "Video job wall time, by outcome", ["status"],
+                                  buckets=_LATENCY_BUCKETS + (1200, 1800, 3600), registry=r)
+        self.step_time = Histogram("ditserve_step_seconds", "Denoising step time (mean over a batch)",
+                                   buckets=_LATENCY_BUCKETS, registry=r)
+        self.jobs = None  # the video-job store, when the model makes videos: counts by status at scrape
         r.register(_EngineState(scheduler))
+        r.register(_JobState(self))
+
+    def observe_job(self, status: str, seconds: float) -> None:
+        self.job_time.labels(status).observe(seconds)
+
+    def observe_steps(self, steps: list[float]) -> None:
+        if steps:
+            self.step_time.observe(sum(steps) / len(steps))
 
     def observe_generation(self, ticket: Ticket, stages: dict[str, float]) -> None:
         self.queue_time.observe(ticket.queue_s)
@@ -58,6 +71,19 @@ class _EngineState:
         for kind, value in w.memory.items():
             memory.add_metric([kind], value)
         yield memory
+
+
+class _JobState:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        if self.metrics.jobs is None:
+            return
+        family = GaugeMetricFamily("ditserve_video_jobs", "Video jobs in the store, by status", labels=["status"])
+        for status, count in self.metrics.jobs.counts().items():
+            family.add_metric([status], count)
+        yield family
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -156,3 +156,25 @@ def edits_openapi() -> dict:
                   **schema["properties"]}
     form = {"type": "object", "required": ["prompt"], "properties": properties}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
+
+
+class VideoCreateBody(BaseModel):
+    """`POST /v1/videos` fields (JSON, or form fields as text: types are converted, unknown refused)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    prompt: str = Field(max_length=100_000)
+    model: str | None = None
+    seconds: str | None = Field(None, description="Clip length; with fps it sets the frame count "
+                                                  "(num_frames wins). A string, as OpenAI sends it.")
+    size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT (default: the model's)")
+    # ditserve extensions
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    negative_prompt: str | None = None
+    num_frames: int | None = Field(None, ge=1, description="Frames (4k+1 for Wan); wins over seconds.")
+    fps: int | None = Field(None, ge=1)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    guidance_scale_2: float | None = Field(None, ge=0, allow_inf_nan=False)
+    sampler: Literal["euler", "unipc", "dpm++"] | None = None
+    flow_shift: float | None = Field(None, gt=0, allow_inf_nan=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -16,7 +17,11 @@ from ditserve.runtime.worker import WorkerHandle
 from ditserve.server.admission import ClientLimiter
 from ditserve.server import errors
 from ditserve.server.metrics import Metrics
+from ditserve.server.jobs import JobStore
 from ditserve.server.store import OutputStore
+
+if TYPE_CHECKING:
+    from ditserve.server.videos import JobRunner
 
 
 @dataclass
@@ -34,6 +39,8 @@ class ServerState:
     store: OutputStore
     metrics: Metrics
     created: int
+    jobs: JobStore | None = None  # video jobs (a video model only)
+    job_runner: "JobRunner | None" = None
     draining: bool = False
     # Called when the first worker cannot load the model; the runner then stops the server.
     on_fatal: Callable[[str], None] = lambda message: None
