@@ -121,6 +121,12 @@ class Pipeline:
         return (req.height, req.width, req.num_inference_steps, req.do_true_cfg, req.max_sequence_length,
                 req.sampler, req.flow_shift, req.num_frames)
 
+    @classmethod
+    def for_folder(cls, path: Path, defaults: RequestDefaults, limits: ModelLimits):
+        """The request defaults and limits for this folder (a family whose folders differ — e.g.
+        Wan's TI2V-5B — adjusts them; read from configs, before any weights load)."""
+        return defaults, limits
+
     def components(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 

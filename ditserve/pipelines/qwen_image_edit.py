@@ -21,7 +21,8 @@ from ditserve.api.request import size_for_area
 from ditserve.encoders.qwen import EDIT_PLUS_TEMPLATE, EDIT_TEMPLATE
 from ditserve.pipelines.qwen_image import QwenImagePipeline, QwenLatents
 from ditserve.pipelines.stages import latent_grid, pack, repeat_per_image
-from ditserve.vae.qwen import encode_qwen, image_to_tensor
+from ditserve.vae.kl import image_to_tensor
+from ditserve.vae.qwen import encode_qwen
 
 VAE_IMAGE_AREA = 1024 * 1024
 EDIT_DEFAULTS = RequestDefaults(height=1024, width=1024, num_inference_steps=50, guidance_scale=1.0,

@@ -12,6 +12,8 @@ _PIPELINES: dict[str, str] = {
     "QwenImagePipeline": "ditserve.pipelines.qwen_image:QwenImagePipeline",
     "QwenImageEditPipeline": "ditserve.pipelines.qwen_image_edit:QwenImageEditPipeline",
     "QwenImageEditPlusPipeline": "ditserve.pipelines.qwen_image_edit:QwenImageEditPlusPipeline",
+    "WanPipeline": "ditserve.pipelines.wan:WanPipeline",
+    "WanImageToVideoPipeline": "ditserve.pipelines.wan:WanImageToVideoPipeline",
 }
 
 

@@ -82,8 +82,8 @@ def inspect_model(model: str | Path) -> ModelSource:
                and not (path / name).is_dir()]
     if missing:
         raise InvalidRequest(f"{path} lacks component folders {missing}", "model")
-    return ModelSource(path, class_name, cls, read_model_defaults(path, cls.defaults),
-                       read_model_limits(path, cls.limits))
+    defaults, limits = cls.for_folder(path, cls.defaults, read_model_limits(path, cls.limits))
+    return ModelSource(path, class_name, cls, read_model_defaults(path, defaults), limits)
 
 
 def read_model_limits(path: Path, base: ModelLimits) -> ModelLimits:

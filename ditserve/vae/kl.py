@@ -1,4 +1,5 @@
-"""diffusers' AutoencoderKL: load, and decode normalised latents to uint8 pixels."""
+"""diffusers' AutoencoderKL: load, and decode normalised latents to uint8 pixels; the pixel conversions
+every VAE shares (PIL image -> [-1, 1] tensor, [-1, 1] tensor -> uint8)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def load_autoencoder_kl(folder: Path, device, dtype: torch.dtype):
@@ -13,6 +15,15 @@ def load_autoencoder_kl(folder: Path, device, dtype: torch.dtype):
 
     vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype)
     return vae.to(device).eval().requires_grad_(False)
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """RGB image -> [1, 3, height, width] in [-1, 1], resized with Lanczos as diffusers' VaeImageProcessor."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
 def to_uint8(image_BCHW: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ditserve.vae.kl import to_uint8
 
@@ -33,15 +32,6 @@ def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
     std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
     return mean, std
-
-
-def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """RGB image -> [1, 3, height, width] in [-1, 1], resized with Lanczos as diffusers' VaeImageProcessor."""
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    array = np.asarray(image).astype(np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
 @torch.no_grad()

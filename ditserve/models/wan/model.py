@@ -1,0 +1,199 @@
+"""Wan: a video DiT over 3D patches of a causal-VAE latent, with cross-attention to UMT5 text.
+
+Forward = embed -> blocks -> head (models/common/dit.py). Every block maps
+(x, context, mod, rope) -> x. Shapes: x [B, L, D] with L = F'·H'·W' patches in (frame, row,
+column) order; context [B, T, D] (image tokens first, then 512 text tokens, for Wan 2.1 I2V);
+mod [B, 6, D] or, with per-token timesteps (TI2V-5B), [B, L, 6, D], in float32; rope a Rotary
+table [L, head_dim] split over (frame, row, column).
+
+As the reference implementation does, the norms, the modulation and the residual sums run in
+float32, and queries and keys are RMS-normalised across all heads before RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditserve.models.common.attention import sdpa_attention
+from ditserve.models.common.dit import DiT, Hidden
+from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
+from ditserve.models.common.rope import Rotary, apply_rope, rope_tables
+from ditserve.models.wan.config import WanConfig
+from ditserve.models.wan.plan import WAN_PLAN
+
+TEXT_TOKENS = 512  # Wan 2.1 I2V: context tokens before the last 512 are image tokens
+
+
+def modulation(table: torch.Tensor, mod: torch.Tensor) -> list[torch.Tensor]:
+    """A learned table [1, n, D] plus the time modulation, [B, n, D] or per token [B, L, n, D]: n
+    vectors, each [B, 1, D] or [B, L, D], ready to broadcast over the tokens."""
+    if mod.ndim == 4:
+        return [m.squeeze(-2) for m in (table[:, None] + mod).chunk(table.shape[1], dim=-2)]
+    return list((table + mod).chunk(table.shape[1], dim=-2))
+
+
+def layer_norm32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    """LayerNorm computed in float32 (affine from `norm` when given), returned in float32."""
+    w = b = None
+    if norm is not None:
+        w, b = norm.weight.float(), norm.bias.float()
+    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with q/k RMS-normalised across heads; cross-attention may also attend
+    to image tokens through their own key/value projections (Wan 2.1 I2V), the two results summed."""
+
+    def __init__(self, dim: int, heads: int, eps: float, image_kv: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+        self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+        if image_kv:
+            self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+        self.attn_op = sdpa_attention
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.heads, -1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope: Rotary | None = None):
+        image = None
+        if context is None:
+            context = x
+        elif self.add_k_proj is not None:
+            image, context = context[:, :-TEXT_TOKENS], context[:, -TEXT_TOKENS:]
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(context)))
+        v = self._heads(self.to_v(context))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = self.attn_op(q, k, v).flatten(2).type_as(q)
+        if image is not None:
+            k_img = self._heads(self.norm_added_k(self.add_k_proj(image)))
+            out = out + self.attn_op(q, k_img, self._heads(self.add_v_proj(image))).flatten(2).type_as(q)
+        return self.to_out(out)
+
+
+class WanBlock(nn.Module):
+    """Modulated self-attention, cross-attention to the context, modulated FFN."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.eps = cfg.eps
+        self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.eps)
+        self.attn2 = Attention(dim, cfg.num_attention_heads, cfg.eps, image_kv=cfg.added_kv_proj_dim is not None)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.eps) if cfg.cross_attn_norm else None
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mod: torch.Tensor, rope: Rotary, *_for_head) -> torch.Tensor:
+        shift, scale, gate, c_shift, c_scale, c_gate = modulation(self.scale_shift_table.float(), mod)
+        attn = self.attn1((layer_norm32(x, self.eps) * (1 + scale) + shift).type_as(x), rope=rope)
+        x = (x.float() + attn * gate).type_as(x)
+        normed = x if self.norm2 is None else layer_norm32(x, self.eps, self.norm2).type_as(x)
+        x = x + self.attn2(normed, context)
+        ff = self.ffn((layer_norm32(x, self.eps) * (1 + c_scale) + c_shift).type_as(x))
+        return (x.float() + ff.float() * c_gate).type_as(x)
+
+
+class ImageEmbedder(nn.Module):
+    """CLIP image tokens -> model width: LayerNorm, MLP (exact GELU), LayerNorm, all norms in float32."""
+
+    def __init__(self, in_dim: int, dim: int, pos_len: int | None):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(in_dim), nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, in_dim)) if pos_len else None
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:  # first and last frame's tokens side by side
+            img = img.reshape(-1, 2 * img.shape[1], img.shape[2]) + self.pos_embed
+        h = layer_norm32(img, self.norm1.eps, self.norm1).type_as(img)
+        return layer_norm32(self.ff(h), self.norm2.eps, self.norm2).type_as(img)
+
+
+class Head(nn.Module):
+    """Final modulated LayerNorm (shift, scale from the time embedding) and projection to patches."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, cfg.hidden_size))
+        self.proj_out = nn.Linear(cfg.hidden_size, cfg.out_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        shift, scale = modulation(self.scale_shift_table, temb.unsqueeze(-2))
+        return self.proj_out((layer_norm32(x, self.eps) * (1 + scale) + shift).type_as(x))
+
+
+@dataclass
+class WanInputs:
+    """Per-step inputs. `latents` [B, C, F, H, W]; `timesteps` [B] or per token [B, L] (training
+    units, 0..1000); `context` [B, 512, text_dim] UMT5 states; `image` [B, 257, image_dim] CLIP
+    states (Wan 2.1 I2V) or None; `rope` may be computed once per run."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    context: torch.Tensor
+    image: torch.Tensor | None = None
+    rope: Rotary | None = None
+
+
+class WanDiT(DiT):
+    plan = WAN_PLAN
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.hidden_size
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.time_in = MLPEmbedder(cfg.freq_dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_in = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.image_in = ImageEmbedder(cfg.image_dim, dim, cfg.pos_embed_seq_len) if cfg.image_dim else None
+        self.layers = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head_out = Head(cfg)
+
+    def grid(self, latents_shape) -> tuple[int, int, int]:
+        """(frames, rows, columns) of patches for latents [B, C, F, H, W]."""
+        pt, ph, pw = self.cfg.patch_size
+        return latents_shape[2] // pt, latents_shape[3] // ph, latents_shape[4] // pw
+
+    def positional_tables(self, grid: tuple[int, int, int], device=None) -> Rotary:
+        f, h, w = grid
+        ids = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+        return rope_tables(ids.reshape(-1, 3).to(device), self.cfg.rope_axes, 10000.0)
+
+    def embed(self, inp: WanInputs) -> Hidden:
+        """Patches, the time embedding (per sample or per token) and its six modulation vectors,
+        the text (and image) context, the rotary table."""
+        x = self.patch_embedding(inp.latents).flatten(2).transpose(1, 2)
+        t = inp.timesteps
+        freq = timestep_embedding(t.flatten().float(), self.cfg.freq_dim)
+        freq = freq.unflatten(0, t.shape).to(self.time_in.in_layer.weight.dtype)
+        temb = self.time_in(freq).type_as(inp.context)
+        mod = self.time_proj(F.silu(temb)).unflatten(-1, (6, -1)).float()
+        context = self.text_in(inp.context)
+        if inp.image is not None:
+            context = torch.cat([self.image_in(inp.image), context], dim=1)
+        rope = inp.rope if inp.rope is not None else self.positional_tables(self.grid(inp.latents.shape), x.device)
+        return Hidden((x,), (context, mod, rope, temb, self.grid(inp.latents.shape)))
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def head(self, h: Hidden) -> torch.Tensor:
+        """Project each patch back and rearrange patches into latents [B, C, F, H, W]."""
+        x, (temb, (f, hh, ww)) = h.streams[0], h.consts[3:]
+        out = self.head_out(x, temb)
+        pt, ph, pw = self.cfg.patch_size
+        out = out.reshape(x.shape[0], f, hh, ww, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(x.shape[0], -1, f * pt, hh * ph, ww * pw)
