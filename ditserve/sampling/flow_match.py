@@ -7,9 +7,8 @@ the pure pieces it is made of.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +30,20 @@ class FlowMatchConfig:
     max_image_seq_len: int = 4096
     shift_terminal: float | None = None
     time_shift_type: str = "exponential"
+    # where the unshifted sigmas come from: "pipeline" = linspace(1, 1/N, N), as the FLUX and
+    # Qwen-Image pipelines pass them; "scheduler" = the scheduler's own spacing between its
+    # (shifted) training sigmas, as a pipeline that passes none gets (Wan with an Euler scheduler)
+    spacing: str = "pipeline"
 
     @classmethod
     def from_json(cls, path: str | Path) -> "FlowMatchConfig":
-        raw = json.loads(Path(path).read_text())
-        unsupported = [
-            k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                        "invert_sigmas", "stochastic_sampling") if raw.get(k)
-        ]
-        if unsupported:
-            raise ValueError(f"{path}: unsupported scheduler options {unsupported}")
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
-        return cls(**kwargs)
+        """A flow-match Euler folder's config, read strictly (sampling/scheduler_config.py)."""
+        from ditserve.sampling.scheduler_config import UnsupportedScheduler, read_scheduler_config
+
+        spec = read_scheduler_config(path)
+        if spec.euler is None:
+            raise UnsupportedScheduler(f"{spec.class_name} is not a flow-match Euler scheduler")
+        return spec.euler
 
 
 def dynamic_shift_mu(image_seq_len: int, cfg: FlowMatchConfig) -> float:
@@ -60,9 +60,9 @@ def schedule(num_steps: int, image_seq_len: int, cfg: FlowMatchConfig) -> Schedu
     (static `shift`, or dynamic with `mu` from the image sequence length), optionally stretches
     them to end at `shift_terminal`, and appends a final 0.
     """
-    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    sigmas = base_sigmas(num_steps, cfg)
     if cfg.use_dynamic_shifting:
-        sigmas = _time_shift(cfg.time_shift_type, dynamic_shift_mu(image_seq_len, cfg), sigmas)
+        sigmas = time_shift(cfg.time_shift_type, dynamic_shift_mu(image_seq_len, cfg), sigmas)
     else:
         sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
     if cfg.shift_terminal:
@@ -73,7 +73,18 @@ def schedule(num_steps: int, image_seq_len: int, cfg: FlowMatchConfig) -> Schedu
     return Schedule(sigmas=torch.cat([sig, torch.zeros(1)]), timesteps=timesteps)
 
 
-def _time_shift(kind: str, mu: float, t: np.ndarray) -> np.ndarray:
+def base_sigmas(num_steps: int, cfg: FlowMatchConfig) -> np.ndarray:
+    """The unshifted sigmas the schedule starts from (see FlowMatchConfig.spacing)."""
+    if cfg.spacing == "pipeline":
+        return np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    t = cfg.num_train_timesteps
+    train = torch.from_numpy(np.linspace(1, t, t, dtype=np.float32)[::-1].copy()) / t
+    if not cfg.use_dynamic_shifting:
+        train = cfg.shift * train / (1 + (cfg.shift - 1) * train)
+    return np.linspace(train[0].item() * t, train[-1].item() * t, num_steps) / t
+
+
+def time_shift(kind: str, mu: float, t: np.ndarray) -> np.ndarray:
     if kind == "exponential":
         return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
     if kind == "linear":

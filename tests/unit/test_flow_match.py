@@ -70,6 +70,6 @@ def test_config_from_json_reads_scheduler_config(tmp_path):
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_DEV}))
     assert FlowMatchConfig.from_json(path) == FlowMatchConfig(**FLUX_DEV)
-    path.write_text(json.dumps({**FLUX_DEV, "use_karras_sigmas": True}))
+    path.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_DEV, "use_karras_sigmas": True}))
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         FlowMatchConfig.from_json(path)
