@@ -68,3 +68,20 @@ def tiny_qwen_image_edit_plus(tmp_path_factory) -> Path:
     """Qwen-Image-Edit-2509-like (``QwenImageEditPlusPipeline``): several input images."""
     from tiny.qwen_image import build_tiny_qwen_image
     return _build_once(tmp_path_factory, "tiny_qwen_image_edit_plus", build_tiny_qwen_image, kind="edit_plus")
+
+
+# --- tiny Wan 2.1 / 2.2 (diffusers format) -------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+    """A function `variant -> folder` (t2v, i2v, a14b, i2v_a14b, ti2v), each built once per session."""
+    from tiny.wan import build_tiny_wan
+
+    built: dict[str, Path] = {}
+
+    def get(variant: str = "t2v") -> Path:
+        if variant not in built:
+            built[variant] = _build_once(tmp_path_factory, f"tiny_wan_{variant}", build_tiny_wan, variant=variant)
+        return built[variant]
+
+    return get
