@@ -1,4 +1,4 @@
-"""`ditserve generate`: one request from the command line, images to files."""
+"""`ditserve generate`: one request from the command line, images or videos to files."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ditserve.api import GenerationRequest, InvalidRequest
 log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".png")  # .png: numbered lossless frames
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def accel_config(args: argparse.Namespace):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate images from a prompt")
+    p = sub.add_parser("generate", help="generate images or videos from a prompt")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
@@ -51,9 +52,19 @@ def add_parser(sub) -> None:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="input image to edit (PNG, JPEG, WebP), with an image-editing model; repeatable")
-    p.add_argument("--output", default="output.png",
-                   help="image file (.png, .jpg, .webp); several images get _0, _1, ... suffixes")
+                   help="input image (PNG, JPEG, WebP): to edit, or to animate with an image-to-video model; "
+                        "repeatable for models that take several")
+    p.add_argument("--num-frames", type=int, default=None, help="video models: frames (4k+1 for Wan; default 81)")
+    p.add_argument("--fps", type=int, default=None, help="video models: frame rate of the file (default 16)")
+    p.add_argument("--guidance-scale-2", type=float, default=None,
+                   help="guidance of the second (low-noise) expert, Wan 2.2 A14B (default: --guidance-scale)")
+    p.add_argument("--sampler", default=None, choices=["euler", "unipc", "dpm++"],
+                   help="solver override (default: the model folder's scheduler)")
+    p.add_argument("--flow-shift", type=float, default=None, help="flow-matching shift override (static)")
+    p.add_argument("--output", default=None,
+                   help="image file (.png, .jpg, .webp; default output.png) or, for a video model, video file "
+                        "(.mp4 H.264, .webm VP9, .gif, or .png for numbered frames; default output.mp4); "
+                        "several outputs get _0, _1, ... suffixes")
     p.add_argument("--perf-dump-path", default=None, help="write stage and step times as JSON here")
     p.set_defaults(run=run)
 
@@ -75,10 +86,12 @@ def default_model_path(given: str | None) -> str:
     return str(bundled)
 
 
-def output_paths(output: str, n: int) -> list[Path]:
+def output_paths(output: str, n: int, video: bool = False) -> list[Path]:
     path = Path(output)
-    if path.suffix.lower() not in IMAGE_FORMATS:
-        raise InvalidRequest(f"output {output} must end in one of {', '.join(IMAGE_FORMATS)}", "output")
+    allowed = VIDEO_SUFFIXES if video else tuple(IMAGE_FORMATS)
+    if path.suffix.lower() not in allowed:
+        kind = "a video model's output" if video else "output"
+        raise InvalidRequest(f"{kind} {output} must end in one of {', '.join(allowed)}", "output")
     if n == 1:
         return [path]
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
@@ -119,8 +132,11 @@ def run(args: argparse.Namespace) -> int:
         true_cfg_scale=args.true_cfg_scale, seed=args.seed, num_images=args.num_images,
         max_sequence_length=args.max_sequence_length,
         images=tuple(read_image_file(path, source.limits) for path in args.image),
+        num_frames=args.num_frames, fps=args.fps, guidance_scale_2=args.guidance_scale_2,
+        sampler=args.sampler, flow_shift=args.flow_shift,
     ).resolve(source.defaults, source.limits)
-    paths = output_paths(args.output, request.num_images)
+    video = bool(source.limits.frame_multiple)
+    paths = output_paths(args.output or ("output.mp4" if video else "output.png"), request.num_images, video)
     for path in paths:
         check_writable(path, "--output")
     if args.perf_dump_path:
@@ -136,6 +152,13 @@ def run(args: argparse.Namespace) -> int:
     for image, path in zip(out.images, paths):
         image.save(path, format=IMAGE_FORMATS[path.suffix.lower()])
         log.info("wrote %s", path)
+    if out.videos:
+        from ditserve.runtime.video_io import write_video
+
+        for frames, path in zip(out.videos, paths):
+            written = write_video(frames, path, out.fps)
+            log.info("wrote %s (%d frames, %dx%d, %d fps)", path if len(written) == 1 else f"{len(written)} frames "
+                     f"{written[0]}..", len(frames), frames.shape[2], frames.shape[1], out.fps)
     if args.perf_dump_path:
         described = {**request.__dict__, "images": [f"{im.width}x{im.height}" for im in request.images]}
         dump = {"model": str(source.path), "request": described, **out.timings.to_dict()}
