@@ -43,11 +43,19 @@ class Generator:
         num_images: int = 1,
         max_sequence_length: int | None = None,
         images: Sequence = (),
+        num_frames: int | None = None,
+        fps: int | None = None,
+        guidance_scale_2: float | None = None,
+        sampler: str | None = None,
+        flow_shift: float | None = None,
         progress_bar: bool = False,
     ) -> GenerationOutput:
-        """Images (PIL) with the stage and step timings; unset arguments take the family's defaults.
+        """Images (PIL) — or, for a video model, `videos` (uint8 [frames, H, W, 3]) — with the stage
+        and step timings; unset arguments take the family's defaults.
 
-        `images` (a PIL image or several) are the input of an image-editing model (e.g. Qwen-Image-Edit).
+        `images` (a PIL image or several) are the input of an image-editing model (e.g. Qwen-Image-Edit)
+        or of an image-to-video model. `sampler` (euler, unipc) and `flow_shift` override the folder's
+        scheduler.
         """
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
@@ -55,5 +63,6 @@ class Generator:
             true_cfg_scale=true_cfg_scale, seed=seed, num_images=num_images,
             max_sequence_length=max_sequence_length,
             images=tuple(images) if isinstance(images, (list, tuple)) else (images,),
+            num_frames=num_frames, fps=fps, guidance_scale_2=guidance_scale_2, sampler=sampler, flow_shift=flow_shift,
         )
         return self.engine.generate(request, RunControl(progress_bar=progress_bar))
