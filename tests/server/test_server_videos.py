@@ -1,0 +1,135 @@
+"""`/v1/videos` on a tiny Wan checkpoint, driven by the official `openai` client: durable jobs with
+progress, pagination, content, cancellation by DELETE, restart, bad input."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from live_server import API_KEY, assert_envelope, start
+from openai import OpenAI
+from PIL import Image
+
+from ditserve.runtime.video_io import read_video
+
+FLAGS = ("--max-queue", "8", "--max-steps", "2000", "--max-client-requests", "8")
+SMALL = {"size": "48x32", "num_inference_steps": "2", "num_frames": "5", "seed": "3"}
+
+
+@pytest.fixture(scope="module")
+def video_server(tiny_wan, tmp_path_factory):
+    data = tmp_path_factory.mktemp("video_data")
+    live = start(tiny_wan("t2v"), data / "server.log", *FLAGS, "--data-dir", str(data / "jobs"), api_key=API_KEY)
+    live.data = data
+    yield live
+    live.stop()
+
+
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_create_and_poll_then_download(video_server, tiny_wan):
+    c = client(video_server)
+    video = c.videos.create_and_poll(prompt="a cat walks", seconds="1", poll_interval_ms=100,
+                                     extra_body={**SMALL, "fps": "4"})
+    assert video.status == "completed" and video.progress == 100 and video.object == "video"
+    assert video.size == "48x32" and video.seconds == "1" and video.error is None
+    data = c.videos.download_content(video.id).read()
+    frames, rate = read_video(data)
+    assert frames.shape == (5, 32, 48, 3) and rate == 4  # 1 s at 4 fps -> 4k+1 = 5 frames
+    thumb = Image.open(io.BytesIO(c.videos.download_content(video.id, variant="thumbnail").read()))
+    assert thumb.size == (48, 32)
+    sheet = Image.open(io.BytesIO(c.videos.download_content(video.id, variant="spritesheet").read()))
+    assert sheet.size == (5 * 48, 32)
+
+    from ditserve import Generator
+    from ditserve.api import GenerationRequest
+
+    api = Generator.from_pretrained(tiny_wan("t2v"), device="cpu", dtype="float32").engine.generate(
+        GenerationRequest(prompt="a cat walks", seed=3, num_frames=5, fps=4, height=32, width=48,
+                          num_inference_steps=2)).videos[0]
+    assert np.abs(np.asarray(thumb.convert("RGB")).astype(int) - api[0]).mean() < 12  # first frame, WebP-lossy
+
+
+def test_progress_moves_and_delete_cancels_within_a_step(video_server):
+    c = client(video_server)
+    long = c.videos.create(prompt="a long one", extra_body={**SMALL, "num_inference_steps": "900"})
+    seen = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = c.videos.retrieve(long.id)
+        seen.add((job.status, job.progress))
+        if job.status == "in_progress" and job.progress >= 1:
+            break
+        time.sleep(0.1)
+    assert any(s == "in_progress" for s, _ in seen), seen
+    steps = video_server.metrics()["ditserve_denoise_steps_total"]
+    deleted = c.videos.delete(long.id)
+    assert deleted.deleted and deleted.id == long.id
+    # the worker stops within a step and takes the next job
+    short = c.videos.create_and_poll(prompt="next", poll_interval_ms=100, extra_body=SMALL)
+    assert short.status == "completed"
+    assert video_server.metrics()["ditserve_denoise_steps_total"] - steps < 60
+    with pytest.raises(Exception) as info:
+        c.videos.retrieve(long.id)
+    assert getattr(info.value, "status_code", None) == 404
+
+
+def test_list_pages(video_server):
+    c = client(video_server)
+    ids = [c.videos.create(prompt=f"clip {i}", extra_body=SMALL).id for i in range(3)]
+    first = c.videos.list(limit=2, order="asc")
+    everything = [v.id for v in c.videos.list(limit=100, order="asc").data]
+    assert [v.id for v in first.data] == everything[:2] and first.has_more
+    later = c.videos.list(limit=100, order="asc", after=first.data[-1].id)
+    assert [v.id for v in later.data] == everything[2:]
+    assert set(ids) <= set(everything)
+    newest = c.videos.list(limit=1).data[0]
+    assert newest.id == everything[-1]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"size": "50x32"}, "size"), ({"num_frames": "6"}, "num_frames"), ({"seconds": "-1"}, "seconds"),
+    ({"seconds": "9999"}, "num_frames"), ({"num_inference_steps": "zero"}, "num_inference_steps"),
+    ({"sampler": "ddim"}, "sampler"), ({"model": "sora-2"}, "model"), ({"unknown": "1"}, "unknown"),
+])
+def test_bad_input_is_400_before_any_job(video_server, body, param):
+    before = video_server.metrics().get("ditserve_video_jobs{status=queued}", 0)
+    r = video_server.http.post("/v1/videos", data={"prompt": "x", **body})
+    error = assert_envelope(r, 404 if param == "model" else 400)
+    assert param in (error["param"] or "") or param in error["message"]
+    assert video_server.metrics().get("ditserve_video_jobs{status=queued}", 0) == before
+
+
+def test_an_image_for_a_text_to_video_model_and_unknown_ids(video_server):
+    png = io.BytesIO()
+    Image.new("RGB", (48, 32)).save(png, format="PNG")
+    r = video_server.http.post("/v1/videos", data={"prompt": "x"},
+                               files={"input_reference": ("a.png", png.getvalue(), "image/png")})
+    assert assert_envelope(r, 400)["param"] == "image"
+    assert_envelope(video_server.http.get("/v1/videos/video_" + "0" * 32), 404)
+    assert_envelope(video_server.http.get("/v1/videos/../../etc/passwd"), 404)
+    assert_envelope(video_server.http.post("/v1/videos/video_x/remix", json={"prompt": "y"}), 400)
+    # and the image endpoints say this model makes videos
+    assert "video" in assert_envelope(video_server.http.post("/v1/images/generations", json={"prompt": "x"}),
+                                      400)["message"]
+
+
+def test_completed_jobs_survive_a_restart(tiny_wan, tmp_path):
+    data = tmp_path / "jobs"
+    first = start(tiny_wan("t2v"), tmp_path / "a.log", *FLAGS, "--data-dir", str(data), api_key=API_KEY)
+    try:
+        done = client(first).videos.create_and_poll(prompt="keep me", poll_interval_ms=100, extra_body=SMALL)
+        content = client(first).videos.download_content(done.id).read()
+    finally:
+        first.stop()
+    second = start(tiny_wan("t2v"), tmp_path / "b.log", *FLAGS, "--data-dir", str(data), api_key=API_KEY)
+    try:
+        again = client(second).videos.retrieve(done.id)
+        assert again.status == "completed" and (again.model_extra or {}).get("seed") == 3
+        assert client(second).videos.download_content(done.id).read() == content
+    finally:
+        second.stop()
