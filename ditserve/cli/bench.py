@@ -16,8 +16,10 @@ log = logging.getLogger(__name__)
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark a DiT step (and end to end) against diffusers on a GPU")
     p.add_argument("--model", default="flux.1-dev", help="an entry of ditserve/bench/architectures.json")
-    p.add_argument("--height", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image)")
-    p.add_argument("--width", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image)")
+    p.add_argument("--height", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image), 480 (Wan)")
+    p.add_argument("--width", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image), 832 (Wan)")
+    p.add_argument("--num-frames", type=int, default=81, help="Wan: video frames (default 81)")
+    p.add_argument("--vae", action="store_true", help="Wan: also time the VAE decode (whole and tiled)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps for --end-to-end")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"])
     p.add_argument("--quantization", default=None, choices=["fp8"])
@@ -40,14 +42,24 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in architectures() or args.model.startswith("_"):
         names = [k for k in architectures() if not k.startswith("_")]
         raise InvalidRequest(f"unknown model {args.model!r}; known: {', '.join(names)}", "model")
-    if not args.model.startswith(("flux", "qwen-image")):
-        raise InvalidRequest(f"bench supports the flux.1 and qwen-image models so far, not {args.model}", "model")
+    if not args.model.startswith(("flux", "qwen-image", "wan")):
+        raise InvalidRequest(f"bench supports the flux.1, qwen-image and wan models so far, not {args.model}", "model")
     qwen = args.model.startswith("qwen-image")
     if qwen and (args.end_to_end or args.quantization):
         raise InvalidRequest("bench for qwen-image times the eager DiT step only "
                              "(no --end-to-end, no --quantization yet)", "model")
     if not torch.cuda.is_available():
         raise InvalidRequest("ditserve bench needs a CUDA GPU", "device")
+    if args.model.startswith("wan"):
+        from ditserve.bench.wan import bench_step as wan_bench_step
+        from ditserve.bench.wan import bench_vae_decode
+
+        height, width = args.height or 480, args.width or 832
+        rows = [wan_bench_step(args.model, height, width, args.num_frames, args.quantization,
+                               compare=args.compare == "diffusers")]
+        if args.vae:
+            rows.append(bench_vae_decode(height, width, args.num_frames))
+        return _write(rows, args.json)
     height, width = args.height or (1328 if qwen else 1024), args.width or (1328 if qwen else 1024)
     if qwen:
         from ditserve.bench.qwen_image import bench_step as qwen_bench_step
@@ -63,10 +75,15 @@ def run(args: argparse.Namespace) -> int:
         row = bench_step(args.model, height, width, quantization=args.quantization,
                          compare=args.compare == "diffusers", fused_kernels=args.fused_kernels,
                          attention=args.attention_backend)
-    sys.stdout.write(json.dumps(row, indent=2) + "\n")  # the result is the output
-    if args.json:
-        path = Path(args.json)
-        rows = json.loads(path.read_text()) if path.exists() else []
+    return _write([row], args.json)
+
+
+def _write(rows: list[dict], json_path: str | None) -> int:
+    for row in rows:
+        sys.stdout.write(json.dumps(row, indent=2) + "\n")  # the result is the output
+    if json_path:
+        path = Path(json_path)
+        old = json.loads(path.read_text()) if path.exists() else []
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rows + [row], indent=2))
+        path.write_text(json.dumps(old + rows, indent=2))
     return 0
