@@ -3,6 +3,7 @@ its guard holds, and a wrong model would fail it."""
 
 import pytest
 from tiny.bench import shrink
+from torch import nn
 
 from ditserve.bench import wan as bench
 
@@ -29,7 +30,8 @@ def test_guard_catches_a_wrong_model(shrunk, monkeypatch):
 
     def broken(*args, **kwargs):
         ref, ours = real(*args, **kwargs)  # the two share weight tensors: break the math, not a weight
-        ours.layers[0].norm2 = None  # cross-attention without its LayerNorm
+        ffn = ours.layers[0].ffn
+        ours.layers[0].ffn = nn.Sequential(ffn[0], nn.ReLU(), ffn[2])  # the wrong activation (4.5% off)
         return ref, ours
 
     monkeypatch.setattr(bench, "build", broken)
