@@ -133,3 +133,27 @@ def test_completed_jobs_survive_a_restart(tiny_wan, tmp_path):
         assert client(second).videos.download_content(done.id).read() == content
     finally:
         second.stop()
+
+
+def test_image_to_video_and_the_job_time_limit(tiny_wan, tmp_path):
+    """An input_reference animates with an image-to-video model; a job past --job-timeout fails with
+    code `timeout` and the worker moves on."""
+    live = start(tiny_wan("i2v"), tmp_path / "i2v.log", *FLAGS, "--data-dir", str(tmp_path / "jobs"),
+                 "--job-timeout", "3", api_key=API_KEY)
+    try:
+        c = client(live)
+        png = io.BytesIO()
+        Image.fromarray((np.random.RandomState(0).rand(40, 56, 3) * 255).astype("uint8")).save(png, format="PNG")
+        video = c.videos.create_and_poll(prompt="it moves", input_reference=("in.png", png.getvalue(), "image/png"),
+                                         poll_interval_ms=100, extra_body=SMALL)
+        assert video.status == "completed"
+        assert read_video(c.videos.download_content(video.id).read())[0].shape == (5, 32, 48, 3)
+        slow = c.videos.create_and_poll(prompt="too slow", input_reference=("in.png", png.getvalue(), "image/png"),
+                                        poll_interval_ms=200, extra_body={**SMALL, "num_inference_steps": "990",
+                                                                                "size": "96x64", "num_frames": "17"})
+        assert slow.status == "failed" and slow.error.code == "timeout"
+        after = c.videos.create_and_poll(prompt="next", input_reference=("in.png", png.getvalue(), "image/png"),
+                                         poll_interval_ms=100, extra_body=SMALL)
+        assert after.status == "completed"
+    finally:
+        live.stop()
