@@ -2,16 +2,18 @@
 
 Forward = embed -> blocks -> head (models/common/dit.py). Every block maps
 (x, context, mod, rope) -> x. Shapes: x [B, L, D] with L = F'·H'·W' patches in (frame, row,
-column) order; context [B, T, D] (image tokens first, then 512 text tokens, for Wan 2.1 I2V);
-mod [B, 6, D] or, with per-token timesteps (TI2V-5B), [B, L, 6, D], in float32; rope a Rotary
-table [L, head_dim] split over (frame, row, column).
+column) order; context [B, T, D] (Wan 2.1 I2V: image tokens first, then 512 text tokens); mod
+[B, 6, D] or, with per-token timesteps (TI2V-5B), [B, L, 6, D], in float32; rope a Rotary table
+[L, head_dim] split over (frame, row, column).
 
-As the reference implementation does, the norms, the modulation and the residual sums run in
-float32, and queries and keys are RMS-normalised across all heads before RoPE.
+As the reference implementation does, the norms, the modulation and the gated residual sums run in
+float32 whatever the model dtype, and queries and keys are RMS-normalised across all heads (one
+norm over the model width) before RoPE.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ from ditserve.models.wan.config import WanConfig
 from ditserve.models.wan.plan import WAN_PLAN
 
 TEXT_TOKENS = 512  # Wan 2.1 I2V: context tokens before the last 512 are image tokens
+ROPE_THETA = 10000.0
 
 
 def modulation(table: torch.Tensor, mod: torch.Tensor) -> list[torch.Tensor]:
@@ -45,8 +48,9 @@ def layer_norm32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) 
 
 
 class Attention(nn.Module):
-    """Self- or cross-attention with q/k RMS-normalised across heads; cross-attention may also attend
-    to image tokens through their own key/value projections (Wan 2.1 I2V), the two results summed."""
+    """Self- or cross-attention with q/k RMS-normalised across heads. With `image_kv` (Wan 2.1 I2V)
+    the cross-attention also attends to the image tokens at the front of the context through their own
+    key/value projections; the two attention outputs are summed before the output projection."""
 
     def __init__(self, dim: int, heads: int, eps: float, image_kv: bool = False):
         super().__init__()
@@ -67,7 +71,8 @@ class Attention(nn.Module):
         if context is None:
             context = x
         elif self.add_k_proj is not None:
-            image, context = context[:, :-TEXT_TOKENS], context[:, -TEXT_TOKENS:]
+            n_img = context.shape[1] - TEXT_TOKENS  # the reference's split: text is the last 512
+            image, context = context[:, :n_img], context[:, n_img:]
         q = self._heads(self.norm_q(self.to_q(x)))
         k = self._heads(self.norm_k(self.to_k(context)))
         v = self._heads(self.to_v(context))
@@ -81,7 +86,7 @@ class Attention(nn.Module):
 
 
 class WanBlock(nn.Module):
-    """Modulated self-attention, cross-attention to the context, modulated FFN."""
+    """Modulated self-attention with RoPE, cross-attention to the context, modulated FFN."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -93,18 +98,20 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mod: torch.Tensor, rope: Rotary, *_for_head) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mod: torch.Tensor, rope: Rotary,
+                *_head_consts) -> torch.Tensor:
         shift, scale, gate, c_shift, c_scale, c_gate = modulation(self.scale_shift_table.float(), mod)
         attn = self.attn1((layer_norm32(x, self.eps) * (1 + scale) + shift).type_as(x), rope=rope)
         x = (x.float() + attn * gate).type_as(x)
         normed = x if self.norm2 is None else layer_norm32(x, self.eps, self.norm2).type_as(x)
-        x = x + self.attn2(normed, context)
+        x = x + self.attn2(normed, context)  # ungated, in the model dtype, as the reference
         ff = self.ffn((layer_norm32(x, self.eps) * (1 + c_scale) + c_shift).type_as(x))
         return (x.float() + ff.float() * c_gate).type_as(x)
 
 
 class ImageEmbedder(nn.Module):
-    """CLIP image tokens -> model width: LayerNorm, MLP (exact GELU), LayerNorm, all norms in float32."""
+    """CLIP image tokens -> model width: LayerNorm, MLP (exact GELU), LayerNorm, the norms in float32.
+    FLF2V (`pos_len`): the first and last frame's tokens side by side, plus learned positions."""
 
     def __init__(self, in_dim: int, dim: int, pos_len: int | None):
         super().__init__()
@@ -113,20 +120,20 @@ class ImageEmbedder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, in_dim)) if pos_len else None
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if self.pos_embed is not None:  # first and last frame's tokens side by side
+        if self.pos_embed is not None:  # [2B, T, C] (first, last per video) -> [B, 2T, C]
             img = img.reshape(-1, 2 * img.shape[1], img.shape[2]) + self.pos_embed
-        h = layer_norm32(img, self.norm1.eps, self.norm1).type_as(img)
-        return layer_norm32(self.ff(h), self.norm2.eps, self.norm2).type_as(img)
+        h = self.ff(layer_norm32(img, self.norm1.eps, self.norm1).type_as(img))
+        return layer_norm32(h, self.norm2.eps, self.norm2).type_as(h)
 
 
 class Head(nn.Module):
-    """Final modulated LayerNorm (shift, scale from the time embedding) and projection to patches."""
+    """Final LayerNorm modulated by the time embedding (shift, scale) and projection to patches."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.eps = cfg.eps
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, cfg.hidden_size))
-        self.proj_out = nn.Linear(cfg.hidden_size, cfg.out_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
+        self.proj_out = nn.Linear(cfg.hidden_size, cfg.out_dim * math.prod(cfg.patch_size))
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         shift, scale = modulation(self.scale_shift_table, temb.unsqueeze(-2))
@@ -135,9 +142,14 @@ class Head(nn.Module):
 
 @dataclass
 class WanInputs:
-    """Per-step inputs. `latents` [B, C, F, H, W]; `timesteps` [B] or per token [B, L] (training
-    units, 0..1000); `context` [B, 512, text_dim] UMT5 states; `image` [B, 257, image_dim] CLIP
-    states (Wan 2.1 I2V) or None; `rope` may be computed once per run."""
+    """One model call, tensors in the model's dtype except the timesteps.
+
+    `latents` [B, C_in, F, H, W] (I2V: noisy latents, mask and condition concatenated on channels);
+    `timesteps` [B] or per token [B, L] (TI2V `expand_timesteps`; L = F'·H'·W'), in training units
+    0..1000, any dtype; `context` [B, 512, text_dim] UMT5 states; `image` [B, 257, image_dim] CLIP
+    states (Wan 2.1 I2V; FLF2V: [2B, 257, image_dim], first and last frame per video) or None;
+    `rope` the rotary table (`WanDiT.positional_tables`), computed once per run, or None.
+    """
 
     latents: torch.Tensor
     timesteps: torch.Tensor
@@ -147,6 +159,8 @@ class WanInputs:
 
 
 class WanDiT(DiT):
+    """Wan 2.1 / 2.2 DiT. `forward(WanInputs) -> [B, C_out, F, H, W]` (flow velocity)."""
+
     plan = WAN_PLAN
 
     def __init__(self, cfg: WanConfig):
@@ -167,31 +181,37 @@ class WanDiT(DiT):
         return latents_shape[2] // pt, latents_shape[3] // ph, latents_shape[4] // pw
 
     def positional_tables(self, grid: tuple[int, int, int], device=None) -> Rotary:
+        """Rotary table [F'·H'·W', head_dim] for a token grid; a side past `rope_max_seq_len` is
+        refused (the reference's precomputed table ends there)."""
+        if max(grid) > self.cfg.rope_max_seq_len:
+            raise ValueError(f"Wan token grid {grid} exceeds rope_max_seq_len={self.cfg.rope_max_seq_len}")
         f, h, w = grid
         ids = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
-        return rope_tables(ids.reshape(-1, 3).to(device), self.cfg.rope_axes, 10000.0)
+        return rope_tables(ids.reshape(-1, 3).to(device), self.cfg.rope_axes, ROPE_THETA)
+
+    def time_embedding(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps [B] or [B, L] -> temb [..., D] in `like`'s dtype (the MLP runs in its own
+        dtype, float32 when loaded by weights.py) and the six modulation vectors [..., 6, D] in float32."""
+        freq = timestep_embedding(t.flatten().float(), self.cfg.freq_dim).unflatten(0, t.shape)
+        temb = self.time_in(freq.to(self.time_in.in_layer.weight.dtype)).type_as(like)
+        return temb, self.time_proj(F.silu(temb)).unflatten(-1, (6, -1)).float()
 
     def embed(self, inp: WanInputs) -> Hidden:
         """Patches, the time embedding (per sample or per token) and its six modulation vectors,
         the text (and image) context, the rotary table."""
-        x = self.patch_embedding(inp.latents).flatten(2).transpose(1, 2)
-        t = inp.timesteps
-        freq = timestep_embedding(t.flatten().float(), self.cfg.freq_dim)
-        freq = freq.unflatten(0, t.shape).to(self.time_in.in_layer.weight.dtype)
-        temb = self.time_in(freq).type_as(inp.context)
-        mod = self.time_proj(F.silu(temb)).unflatten(-1, (6, -1)).float()
+        grid = self.grid(inp.latents.shape)
+        x = self.patch_embedding(inp.latents).flatten(2).transpose(1, 2).contiguous()
+        if inp.timesteps.ndim == 2 and inp.timesteps.shape[1] != x.shape[1]:
+            raise ValueError(f"per-token timesteps {tuple(inp.timesteps.shape)} do not match {x.shape[1]} tokens")
+        temb, mod = self.time_embedding(inp.timesteps, inp.context)
         context = self.text_in(inp.context)
         if inp.image is not None:
             context = torch.cat([self.image_in(inp.image), context], dim=1)
-        rope = inp.rope if inp.rope is not None else self.positional_tables(self.grid(inp.latents.shape), x.device)
-        return Hidden((x,), (context, mod, rope, temb, self.grid(inp.latents.shape)))
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return list(self.layers)
+        rope = inp.rope if inp.rope is not None else self.positional_tables(grid, x.device)
+        return Hidden((x,), (context, mod, rope, temb, grid))
 
     def head(self, h: Hidden) -> torch.Tensor:
-        """Project each patch back and rearrange patches into latents [B, C, F, H, W]."""
+        """Project each patch back and rearrange patches into latents [B, C_out, F, H, W]."""
         x, (temb, (f, hh, ww)) = h.streams[0], h.consts[3:]
         out = self.head_out(x, temb)
         pt, ph, pw = self.cfg.patch_size

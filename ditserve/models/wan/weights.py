@@ -1,18 +1,34 @@
-"""diffusers WanTransformer3DModel keys -> our WanDiT keys."""
+"""diffusers WanTransformer3DModel keys -> our WanDiT keys, and the loader (meta build, single or
+sharded safetensors, one tensor in flight at a time)."""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from ditserve.models.common.loading import KeyMap, load_dit
+from ditserve.models.common.loading import KeyMap, assign_mapped, checkpoint_files
 from ditserve.models.common.loading import linear_keys as _linear
 from ditserve.models.wan.config import WanConfig
 from ditserve.models.wan.model import WanDiT
 
-# kept in float32 whatever the load dtype, as diffusers keeps them (`_keep_in_fp32_modules`)
-FLOAT32_PARAMS = ("scale_shift_table", "time_in.")
+log = logging.getLogger(__name__)
+
+# diffusers' `_keep_in_fp32_modules` for this class: a checkpoint tensor whose dotted path has one
+# of these components is loaded in float32 whatever the load dtype (time embedder, modulation
+# tables, the block norms: in Wan only the affine cross-attention norm2 and the image embedder's
+# norm1/norm2 have weights)
+KEEP_FLOAT32 = frozenset({"rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"})
+# tensors diffusers skips on load (`_keys_to_ignore_on_load_unexpected`): some Wan 2.1 I2V
+# checkpoints carry an unused query norm for the image tokens
+IGNORED = re.compile("norm_added_q")
+
+
+def keeps_float32(checkpoint_key: str) -> bool:
+    return not KEEP_FLOAT32.isdisjoint(checkpoint_key.split("."))
 
 
 def _norm(ours: str, theirs: str, bias: bool = True) -> KeyMap:
@@ -34,10 +50,11 @@ def _attention(o: str, t: str, image_kv: bool) -> KeyMap:
     return m
 
 
-def wan_key_map(cfg: WanConfig) -> KeyMap:
+def _embedders(cfg: WanConfig) -> KeyMap:
     c = "condition_embedder"
     m: KeyMap = {"patch_embedding.weight": ["patch_embedding.weight"], "patch_embedding.bias": ["patch_embedding.bias"]}
-    m |= _linear("time_in.in_layer", f"{c}.time_embedder.linear_1") | _linear("time_in.out_layer", f"{c}.time_embedder.linear_2")
+    m |= _linear("time_in.in_layer", f"{c}.time_embedder.linear_1")
+    m |= _linear("time_in.out_layer", f"{c}.time_embedder.linear_2")
     m |= _linear("time_proj", f"{c}.time_proj")
     m |= _linear("text_in.0", f"{c}.text_embedder.linear_1") | _linear("text_in.2", f"{c}.text_embedder.linear_2")
     if cfg.image_dim:
@@ -46,6 +63,12 @@ def wan_key_map(cfg: WanConfig) -> KeyMap:
         m |= _linear("image_in.ff.0", f"{i}.ff.net.0.proj") | _linear("image_in.ff.2", f"{i}.ff.net.2")
         if cfg.pos_embed_seq_len:
             m["image_in.pos_embed"] = [f"{i}.pos_embed"]
+    return m
+
+
+def wan_key_map(cfg: WanConfig) -> KeyMap:
+    """Each WanDiT parameter -> the diffusers checkpoint tensor that fills it."""
+    m = _embedders(cfg)
     for k in range(cfg.num_layers):
         o, t = f"layers.{k}", f"blocks.{k}"
         m |= _attention(f"{o}.attn1", f"{t}.attn1", False)
@@ -60,10 +83,23 @@ def wan_key_map(cfg: WanConfig) -> KeyMap:
 
 
 def load_wan_dit(folder: str | Path, device: torch.device | str, dtype: torch.dtype) -> WanDiT:
-    """Build WanDiT on the meta device and fill it from a diffusers `transformer/` (or `transformer_2/`)
-    folder; the modulation tables and time embedding stay in float32."""
-    model = load_dit(folder, WanConfig, WanDiT, wan_key_map, device, dtype)
-    for name, param in model.named_parameters():
-        if name.startswith(FLOAT32_PARAMS) or name.endswith(FLOAT32_PARAMS):
-            param.data = param.data.float()
-    return model
+    """Build WanDiT on the meta device and fill it from a diffusers `transformer/` (or
+    `transformer_2/`) folder, single-file or sharded. Tensors diffusers keeps in float32 (see
+    KEEP_FLOAT32) are read into float32 straight from the checkpoint, the rest into `dtype`."""
+    folder = Path(folder)
+    cfg = WanConfig.from_json(folder / "config.json")
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    files = {key: path for key, path in checkpoint_files(folder).items() if not IGNORED.search(key)}
+    handles: dict[Path, object] = {}
+
+    def get_tensor(key: str) -> torch.Tensor:
+        path = files[key]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path].get_tensor(key).to(device=device, dtype=torch.float32 if keeps_float32(key) else dtype)
+
+    # dtype None: every tensor already has its own dtype (float32 or `dtype`)
+    assign_mapped(model, wan_key_map(cfg), set(files), get_tensor, device, None, where=str(folder))
+    log.debug("loaded Wan DiT (%d layers) from %s", cfg.num_layers, folder)
+    return model.eval()
