@@ -148,7 +148,7 @@ class JobStore:
         with self._lock:
             self._db.execute("UPDATE jobs SET status = 'queued', progress = 0 WHERE status = 'in_progress'")
             rows = self._db.execute("SELECT * FROM jobs WHERE status = 'queued' AND expires_at > ? "
-                                    "ORDER BY created_at, id", (int(self.clock()),)).fetchall()
+                                    "ORDER BY created_at, rowid", (int(self.clock()),)).fetchall()
             columns = self._columns()
         return [_job(r, columns) for r in rows]
 
