@@ -51,6 +51,19 @@ def model_not_found(model: str, served: str) -> JSONResponse:
                           "invalid_request_error", "model", "model_not_found")
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods of every route whose path matches the request's (Starlette's own 405 names only
+    the first matching route's)."""
+    from starlette.routing import Match
+
+    methods = set()
+    scope = {**request.scope, "method": "GET"}
+    for route in request.app.router.routes:
+        if getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
 def error_response(status: int, message: str, type_: str, param: str | None = None,
                    code: str | None = None, retry_after: float | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
@@ -140,8 +153,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code in (404, 405):
             message = f"{message}: {request.method} {request.url.path[:200]}"
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        headers = exc.headers
+        if exc.status_code == 405:  # every method of the path, when several routes share it
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
         return error_response(exc.status_code, message, type_, None,
-                              codes.get(exc.status_code, f"http_{exc.status_code}"), headers=exc.headers)
+                              codes.get(exc.status_code, f"http_{exc.status_code}"), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

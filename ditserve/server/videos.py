@@ -138,6 +138,15 @@ def video_object(job: Job, prompt: str | None = None) -> dict:
             "error": job.error, "remixed_from_video_id": None, "seed": job.seed, "timings": job.timings}
 
 
+def _jobs(request: Request):
+    """The job store, or a 400 when the served model makes images (it has none)."""
+    state = state_of(request)
+    if state.jobs is None:
+        raise InvalidRequest(f"the loaded model makes images ({state.source.class_name}); video jobs need a "
+                             "video model", "model")
+    return state.jobs
+
+
 def _not_found(video_id: str) -> JSONResponse:
     return error_response(404, f"no video job {video_id[:80]!r} (unknown, deleted or expired id)",
                           "invalid_request_error", "video_id", "not_found")
@@ -151,7 +160,7 @@ async def list_videos(request: Request, after: str | None = None, limit: int = 2
     if order not in ("asc", "desc"):
         raise InvalidRequest(f"order must be 'asc' or 'desc', got {order!r}", "order")
     try:
-        jobs, more = state_of(request).jobs.list(after, limit, order)
+        jobs, more = _jobs(request).list(after, limit, order)
     except KeyError:
         raise InvalidRequest(f"after: no video job {after[:80]!r}", "after") from None
     data = [video_object(j) for j in jobs]
@@ -159,9 +168,9 @@ async def list_videos(request: Request, after: str | None = None, limit: int = 2
             "last_id": data[-1]["id"] if data else None, "has_more": more}
 
 
-@router.get("/v1/videos/{video_id}", responses=documented(401, 404))
+@router.get("/v1/videos/{video_id}", responses=documented(400, 401, 404))
 async def retrieve(video_id: str, request: Request):
-    job = state_of(request).jobs.get(video_id)
+    job = _jobs(request).get(video_id)
     return _not_found(video_id) if job is None else video_object(job)
 
 
@@ -171,7 +180,7 @@ async def content(video_id: str, request: Request, variant: str = "video"):
     """The finished video (MP4), a thumbnail of its first frame (WebP) or a spritesheet (JPEG)."""
     if variant not in VARIANTS:
         raise InvalidRequest(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}", "variant")
-    jobs = state_of(request).jobs
+    jobs = _jobs(request)
     job = jobs.get(video_id)
     if job is None:
         return _not_found(video_id)
@@ -181,11 +190,11 @@ async def content(video_id: str, request: Request, variant: str = "video"):
     return Response(jobs.content_path(job.id, variant).read_bytes(), media_type=_MEDIA[variant])
 
 
-@router.delete("/v1/videos/{video_id}", responses=documented(401, 404))
+@router.delete("/v1/videos/{video_id}", responses=documented(400, 401, 404))
 async def delete(video_id: str, request: Request):
     """Delete a job and its files; a queued or running job is cancelled first."""
     state = state_of(request)
-    job = state.jobs.get(video_id)
+    job = _jobs(request).get(video_id)
     if job is None:
         return _not_found(video_id)
     state.job_runner.cancel(job.id)
