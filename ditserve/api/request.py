@@ -48,7 +48,7 @@ class ModelLimits:
     max_images: int = 0
     max_input_pixels: int = 4096 * 4096
     max_input_aspect: float = 16.0
-    samplers: tuple[str, ...] = ("euler", "unipc")  # per-request `sampler` overrides this model accepts
+    samplers: tuple[str, ...] = SAMPLERS  # per-request `sampler` overrides this model accepts
     # video: num_frames must be frame_multiple * k + 1 (Wan: 4k + 1); 0 = an image model
     frame_multiple: int = 0
     max_frames: int = 0

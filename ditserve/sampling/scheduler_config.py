@@ -10,7 +10,8 @@ Overrides per request (as SGLang Diffusion and diffusers users set them):
 - `sampler`: euler | unipc | dpm++ builds that solver from the folder's shift: a flow-match folder's
   `shift` becomes the multistep solvers' `flow_shift`, a multistep folder's `flow_shift` becomes
   Euler's `shift` (Euler then spaces sigmas as the scheduler itself does, as a pipeline passing no
-  sigmas gets); dynamic shifting carries over to Euler only.
+  sigmas gets); dynamic shifting carries over to Euler and UniPC, DPM-Solver++ takes the folder's
+  static shift.
 - `flow_shift`: a static shift replacing the folder's (dynamic shifting, where configured, is then off).
 """
 
@@ -23,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from ditserve.api.request import SAMPLERS
+from ditserve.sampling.dpm import DPMConfig, DPMSolverPP
 from ditserve.sampling.flow_match import FlowMatchConfig, FlowMatchEuler, dynamic_shift_mu
 from ditserve.sampling.solver import Solver
 from ditserve.sampling.unipc import UniPC, UniPCConfig
@@ -34,7 +36,8 @@ class UnsupportedScheduler(ValueError):
 
 _EULER = "FlowMatchEulerDiscreteScheduler"
 _UNIPC = "UniPCMultistepScheduler"
-_SAMPLER_OF = {_EULER: "euler", _UNIPC: "unipc"}  # DPM-Solver++ folders: not yet
+_DPM = "DPMSolverMultistepScheduler"
+_SAMPLER_OF = {_EULER: "euler", _UNIPC: "unipc", _DPM: "dpm++"}
 
 # honoured: read into our config
 _HONOURED = {
@@ -42,6 +45,7 @@ _HONOURED = {
              "max_image_seq_len", "shift_terminal", "time_shift_type"),
     _UNIPC: ("num_train_timesteps", "solver_order", "solver_type", "lower_order_final", "disable_corrector",
              "final_sigmas_type", "flow_shift", "shift_terminal"),
+    _DPM: ("num_train_timesteps", "solver_order", "solver_type", "lower_order_final", "euler_at_final", "flow_shift"),
 }
 # harmless with flow sigmas: the beta schedule only defines alphas_cumprod, which flow sigmas never
 # read; timestep spacing and offset are replaced by the flow sigmas; thresholding's parameters only
@@ -56,6 +60,10 @@ _REQUIRED = {
     _UNIPC: {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "predict_x0": True, "thresholding": False,
              "solver_p": None, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
              "use_dynamic_shifting": False, "time_shift_type": "exponential"},
+    _DPM: {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "algorithm_type": "dpmsolver++",
+           "final_sigmas_type": "zero", "thresholding": False, "use_karras_sigmas": False,
+           "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+           "use_dynamic_shifting": False, "variance_type": None},
 }
 
 
@@ -67,14 +75,15 @@ class SchedulerSpec:
     default_sampler: str
     euler: FlowMatchConfig | None = None
     unipc: UniPCConfig | None = None
+    dpm: DPMConfig | None = None
 
     @property
     def num_train_timesteps(self) -> int:
-        return (self.euler or self.unipc).num_train_timesteps
+        return (self.euler or self.unipc or self.dpm).num_train_timesteps
 
     @property
     def shift(self) -> float:
-        return self.euler.shift if self.euler is not None else self.unipc.flow_shift
+        return self.euler.shift if self.euler is not None else (self.unipc or self.dpm).flow_shift
 
     def solver(self, sampler: str | None = None, flow_shift: float | None = None) -> Solver:
         sampler = sampler or self.default_sampler
@@ -88,10 +97,12 @@ class SchedulerSpec:
             if flow_shift is not None:
                 cfg = replace(cfg, shift=flow_shift, use_dynamic_shifting=False)
             return FlowMatchEuler(cfg)
-        if sampler == "dpm++":
-            raise UnsupportedScheduler("sampler dpm++ (DPM-Solver++ multistep) is not available yet; use unipc or euler")
-        if self.unipc is not None:
-            cfg, mu_fn = self.unipc, None
+        if sampler == "dpm++":  # a static shift: the folder's, or the override
+            cfg = self.dpm or DPMConfig(num_train_timesteps=self.num_train_timesteps, flow_shift=self.shift)
+            return DPMSolverPP(replace(cfg, flow_shift=flow_shift) if flow_shift is not None else cfg)
+        if self.unipc is not None or self.euler is None:
+            cfg = self.unipc or UniPCConfig(num_train_timesteps=self.num_train_timesteps, flow_shift=self.shift)
+            mu_fn = None
         else:  # from a flow-match folder: its shift, dynamic (FLUX's mu rule) or static
             e = self.euler
             cfg = UniPCConfig(num_train_timesteps=e.num_train_timesteps, flow_shift=e.shift,
@@ -125,6 +136,12 @@ def read_scheduler_config(path: str | Path) -> SchedulerSpec:
              if k in _HONOURED[name] and v is not None}
     if name == _EULER:
         return SchedulerSpec(name, "euler", euler=FlowMatchConfig(**given))
+    if name == _DPM:
+        cfg = DPMConfig(**given)
+        if cfg.solver_type not in ("midpoint", "heun") or not 1 <= cfg.solver_order <= 3:
+            raise UnsupportedScheduler(f"solver_type={cfg.solver_type!r}, solver_order={cfg.solver_order} is not "
+                                       "supported (midpoint or heun, orders 1-3)")
+        return SchedulerSpec(name, "dpm++", dpm=cfg)
     cfg = UniPCConfig(**given)
     if cfg.solver_type not in ("bh1", "bh2") or not 1 <= cfg.solver_order <= 3:
         raise UnsupportedScheduler(f"solver_type={cfg.solver_type!r}, solver_order={cfg.solver_order} is not "

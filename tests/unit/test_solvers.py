@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+from ditserve.sampling.dpm import DPMConfig, DPMSolverPP
 from ditserve.sampling.flow_match import FlowMatchConfig, FlowMatchEuler
 from ditserve.sampling.scheduler_config import UnsupportedScheduler, read_scheduler_config
 from ditserve.sampling.unipc import UniPC, UniPCConfig
@@ -135,3 +136,34 @@ def test_overrides_rebuild_the_solver(tmp_path):
     for bad in (dict(sampler="ddim"), dict(flow_shift=0.0), dict(flow_shift=float("nan"))):
         with pytest.raises(UnsupportedScheduler):
             flux.solver(**bad)
+
+
+DPM = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, solver_order=2,
+           flow_shift=3.0)
+DPM_CASES = [DPM, dict(DPM, flow_shift=5.0), dict(DPM, solver_order=1), dict(DPM, solver_order=3),
+             dict(DPM, solver_type="heun"), dict(DPM, lower_order_final=False), dict(DPM, euler_at_final=True)]
+
+
+@pytest.mark.parametrize("config", DPM_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()
+                                                                        if DPM.get(k) != v) or "order2")
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 20])
+def test_dpm_solver_pp_matches_diffusers_step_by_step(config, steps):
+    ref = DPMSolverMultistepScheduler(**config)
+    ref.set_timesteps(steps)
+    ours = DPMSolverPP(DPMConfig(**{k: v for k, v in config.items() if k not in ("prediction_type", "use_flow_sigmas")}))
+    sched = ours.schedule(steps)
+    torch.testing.assert_close(sched.sigmas, ref.sigmas, rtol=0, atol=0)
+    assert torch.equal(sched.timesteps, ref.timesteps.float())
+    drive(ref, ours, sched, steps, torch.float32)
+
+
+def test_dpm_bfloat16_and_folder(tmp_path):
+    ref = DPMSolverMultistepScheduler(**DPM)
+    ref.set_timesteps(7)
+    ours = DPMSolverPP(DPMConfig(flow_shift=3.0))
+    drive(ref, ours, ours.schedule(7), 7, torch.bfloat16)
+    spec = read_scheduler_config(_write(tmp_path, {"_class_name": "DPMSolverMultistepScheduler", **DPM}))
+    assert isinstance(spec.solver(), DPMSolverPP) and spec.solver("unipc").cfg.flow_shift == 3.0
+    with pytest.raises(UnsupportedScheduler, match="algorithm_type"):
+        read_scheduler_config(_write(tmp_path, {"_class_name": "DPMSolverMultistepScheduler", **DPM,
+                                                "algorithm_type": "sde-dpmsolver++"}))
