@@ -68,7 +68,7 @@ def block_update_rel_l2(ref, ours, inp: WanInputs) -> float:
 @torch.no_grad()
 def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 832, frames: int = 81,
                quantization: str | None = None, compare: bool = True, device: str = "cuda",
-               compiled: bool = True) -> dict:
+               compiled: bool = True, reps: int = 10) -> dict:
     """One DiT forward: diffusers eager and compiled vs ditserve eager, compiled (+ segment graphs)
     and, with fp8, compiled fp8; guard: rel L2 against diffusers' bf16 step."""
     from ditserve.accel import accelerate_dit
@@ -87,22 +87,24 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
         row["sustained_bf16_tflops"] = sustained_matmul_tflops("bfloat16", seconds=3.0)
         row["sustained_floor_step_s"] = flops / (row["sustained_bf16_tflops"] * 1e12)
     expected = ref_call(ref, inp)
-    row["ditserve_eager_step_s"] = median_time(lambda: ours(inp), warmup=2, reps=5)
+    eager_reps = max(1, reps // 2)  # 14B at 720p is ~12 s a forward: the caller picks how many
+    row["reps"] = reps
+    row["ditserve_eager_step_s"] = median_time(lambda: ours(inp), warmup=1, reps=eager_reps)
     row["rel_l2_eager"] = rel_l2(ours(inp), expected)
     if compare:
-        row["diffusers_eager_step_s"] = median_time(lambda: ref_call(ref, inp), warmup=2, reps=5)
+        row["diffusers_eager_step_s"] = median_time(lambda: ref_call(ref, inp), warmup=1, reps=eager_reps)
     row["rel_l2_block_update_eager"] = block_update_rel_l2(ref, ours, inp)
     row["guard_ok"] = max(row["rel_l2_eager"], row["rel_l2_block_update_eager"]) <= GUARD_REL_L2
     if not compiled:
         return row
     fast = accelerate_dit(ours, AccelConfig(compile=True), torch.device(device))
-    row["ditserve_step_s"] = median_time(lambda: fast(inp), warmup=3, reps=10)
+    row["ditserve_step_s"] = median_time(lambda: fast(inp), warmup=2, reps=reps)
     row["rel_l2_vs_diffusers"] = rel_l2(fast(inp), expected)
     row["rel_l2_block_update"] = block_update_rel_l2(ref, fast, inp)
     row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
     if compare:
         ref.compile_repeated_blocks(fullgraph=True)
-        row["diffusers_compiled_step_s"] = median_time(lambda: ref_call(ref, inp), warmup=3, reps=10)
+        row["diffusers_compiled_step_s"] = median_time(lambda: ref_call(ref, inp), warmup=2, reps=reps)
         row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
         row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_step_s"]
     log.info("wan bf16: %s", row)
@@ -115,7 +117,7 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
         torch.cuda.empty_cache()
         _, fresh = build(model, device, dtype)  # same seed: the same weights
         fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8"), torch.device(device))
-        row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp), warmup=3, reps=10)
+        row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp), warmup=2, reps=reps)
         row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp), expected)
         row["fp8_rel_l2_block_update"] = block_update_rel_l2(ref, fast8, inp)
         row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)

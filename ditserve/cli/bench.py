@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image), 832 (Wan)")
     p.add_argument("--num-frames", type=int, default=81, help="Wan: video frames (default 81)")
     p.add_argument("--vae", action="store_true", help="Wan: also time the VAE decode (whole and tiled)")
+    p.add_argument("--reps", type=int, default=10, help="Wan: timed repetitions of the compiled step (eager: half)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps for --end-to-end")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"])
     p.add_argument("--quantization", default=None, choices=["fp8"])
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
         height, width = args.height or 480, args.width or 832
         rows = [wan_bench_step(args.model, height, width, args.num_frames, args.quantization,
-                               compare=args.compare == "diffusers")]
+                               compare=args.compare == "diffusers", reps=args.reps)]
         if args.vae:
             rows.append(bench_vae_decode(height, width, args.num_frames))
         return _write(rows, args.json)
