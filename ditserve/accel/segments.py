@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -96,19 +96,33 @@ class SegmentGraph:
 
 
 class SegmentedDiT(nn.Module):
-    """`dit` run segment by segment: embed, blocks in groups of `group_size` (all in one group by
-    default), head. `between(h, k, ctx)` may rewrite the hidden state after block group k (None:
-    nothing). The final output is cloned, so callers may keep it across steps."""
+    """`dit` run segment by segment: embed, blocks in groups, head. Groups are `group_size` blocks
+    each (all in one group by default) or, with `bounds`, split before each listed block index
+    (e.g. (1, n - 1): first block, middle, last block).
 
-    def __init__(self, dit: nn.Module, graphs: bool = True, group_size: int | None = None):
+    `between(h, k, ctx)` may rewrite the hidden state after block group k (None: nothing).
+    `run_groups(h, groups, ctx)` may replace the plain walk over the groups (a step cache skips some):
+    `groups[k]` runs group k's segment and then `between`; None runs them all in order.
+    The final output is cloned, so callers may keep it across steps."""
+
+    def __init__(self, dit: nn.Module, graphs: bool = True, group_size: int | None = None,
+                 bounds: Sequence[int] | None = None):
         super().__init__()
         self.dit = dit
         self.pool = None
         blocks = dit.blocks
-        size = group_size or len(blocks)
-        self.groups = [blocks[i:i + size] for i in range(0, len(blocks), size)]
+        if bounds is not None:
+            edges = [0, *bounds, len(blocks)]
+            if group_size is not None or any(a >= b for a, b in zip(edges, edges[1:])):
+                raise ValueError(f"group bounds {tuple(bounds)} must rise strictly inside 1..{len(blocks) - 1}"
+                                 " (and exclude group_size)")
+            self.groups = [blocks[a:b] for a, b in zip(edges, edges[1:])]
+        else:
+            size = group_size or len(blocks)
+            self.groups = [blocks[i:i + size] for i in range(0, len(blocks), size)]
         self.use_graphs = graphs
         self.between: Callable[[Hidden, int, StepContext | None], Hidden] | None = None
+        self.run_groups: Callable[[Hidden, list[Callable[[Hidden], Hidden]], StepContext | None], Hidden] | None = None
         wrap = (lambda name, fn: SegmentGraph(name, fn, self)) if graphs else (lambda name, fn: fn)
         self.embed_fn = wrap("embed", dit.embed)
         self.group_fns = [wrap(f"blocks[{k}]", self._group_fn(group)) for k, group in enumerate(self.groups)]
@@ -140,14 +154,21 @@ class SegmentedDiT(nn.Module):
         except AttributeError:
             return getattr(self.dit, name)
 
+    def _segment(self, k: int, graphs: bool, ctx: StepContext | None) -> Callable[[Hidden], Hidden]:
+        run = self.group_fns[k] if graphs else self._group_fn(self.groups[k])
+        if self.between is None:
+            return run
+        return lambda h: self.between(run(h), k, ctx)
+
     @torch.no_grad()
     def forward(self, inp, ctx: StepContext | None = None) -> torch.Tensor:
         graphs = self.use_graphs and flatten(inp)[0][0].is_cuda
-        pick = (lambda graphed, plain: graphed) if graphs else (lambda graphed, plain: plain)
-        h = pick(self.embed_fn, self.dit.embed)(inp)
-        for k, group in enumerate(self.groups):
-            h = pick(self.group_fns[k], self._group_fn(group))(h)
-            if self.between is not None:
-                h = self.between(h, k, ctx)
-        out = pick(self.head_fn, self.dit.head)(h)
+        h = (self.embed_fn if graphs else self.dit.embed)(inp)
+        segments = [self._segment(k, graphs, ctx) for k in range(len(self.groups))]
+        if self.run_groups is not None:
+            h = self.run_groups(h, segments, ctx)
+        else:
+            for segment in segments:
+                h = segment(h)
+        out = (self.head_fn if graphs else self.dit.head)(h)
         return out.clone() if graphs else out

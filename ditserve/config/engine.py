@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 from ditserve.api import InvalidRequest
 
@@ -51,6 +53,77 @@ class ModelConfig:
     dtype: str = "float32"
 
 
+CACHE_METHODS = ("none", "first-block", "dual-block", "teacache")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Step caching (accel/cache.py): skip transformer blocks on denoising steps whose inputs barely
+    changed. None picks the method's default; the keys mirror the `--cache-*` flags.
+
+    - `threshold`: relative change below which cached work is reused (teacache: accumulated, rescaled);
+      0 never skips.
+    - `warmup_steps`: steps at the start that always compute.
+    - `fn`, `bn`: dual-block's first and last blocks that always compute.
+    - `taylorseer_order`: 0 reuses the cached residual as it is; 1-2 extrapolate it (TaylorSeer).
+    - `max_cached_steps`, `max_consecutive_cached_steps`: caps per branch and run (None: no cap).
+    """
+
+    method: str = "none"
+    threshold: float | None = None
+    warmup_steps: int | None = None
+    fn: int | None = None
+    bn: int | None = None
+    taylorseer_order: int = 0
+    max_cached_steps: int | None = None
+    max_consecutive_cached_steps: int | None = None
+
+    def __post_init__(self):
+        if self.method not in CACHE_METHODS:
+            raise InvalidRequest(f"unknown cache method {self.method!r}; use {', '.join(CACHE_METHODS)}", "cache")
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0):
+            raise InvalidRequest(f"cache threshold must be a number >= 0, got {t!r}", "cache.threshold")
+        for name, low in (("warmup_steps", 0), ("fn", 1), ("bn", 0), ("max_cached_steps", 0),
+                          ("max_consecutive_cached_steps", 1)):
+            _check_count(getattr(self, name), name, low)
+        if self.taylorseer_order not in (0, 1, 2) or isinstance(self.taylorseer_order, bool):
+            raise InvalidRequest(f"cache taylorseer_order must be 0, 1 or 2, got {self.taylorseer_order!r}",
+                                 "cache.taylorseer_order")
+        given = [f.name for f in fields(self) if f.name != "method" and getattr(self, f.name) != f.default]
+        if self.method == "none" and given:
+            raise InvalidRequest(f"cache settings ({', '.join(given)}) given without a cache method", "cache")
+        if self.method != "dual-block" and (self.fn is not None or self.bn is not None):
+            raise InvalidRequest(f"cache fn/bn apply to dual-block, not {self.method}", "cache.fn")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @classmethod
+    def from_mapping(cls, value: "CacheConfig | Mapping | str | None") -> "CacheConfig":
+        """A CacheConfig from the Python API's `cache=`: a dict of the keys above, a method name, None."""
+        if value is None:
+            return cls()
+        if isinstance(value, CacheConfig):
+            return value
+        if isinstance(value, str):
+            return cls(method=value)
+        if not isinstance(value, Mapping):
+            raise InvalidRequest(f"cache must be a dict, a method name or None, got {type(value).__name__}", "cache")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise InvalidRequest(f"unknown cache key(s) {', '.join(map(str, unknown))}; use {', '.join(sorted(known))}",
+                                 "cache")
+        return cls(**value)
+
+
+def _check_count(value, name: str, low: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise InvalidRequest(f"cache {name} must be an integer >= {low}, got {value!r}", f"cache.{name}")
+
+
 @dataclass(frozen=True)
 class AccelConfig:
     """Speed transforms for the DiT. GPU-only ones are skipped on CPU."""
@@ -62,6 +135,7 @@ class AccelConfig:
     # Triton QK-norm + RoPE and fp8 activation quantisation (CUDA with Triton; elsewhere the
     # reference ops run). tests/gpu checks them against the reference on the device.
     fused_kernels: bool = True
+    cache: CacheConfig = field(default_factory=CacheConfig)  # step caching (none by default)
 
     def __post_init__(self):
         if self.quantization not in (None, "fp8"):
@@ -71,7 +145,69 @@ class AccelConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How one request is split across GPUs (ranks), and how many engine replicas there are.
+
+    `num_gpus` = cfg (2 with `cfg_parallel`) x `ulysses_degree` x `ring_degree` x `tp_size` x
+    `num_replicas`; on a machine without GPUs the ranks are CPU processes over gloo. Across machines
+    (`nnodes` > 1) every node runs num_gpus / nnodes ranks under torchrun, meeting at
+    `master_addr:master_port`. `vae_parallel`: video decoding split across a replica's ranks.
+    """
+
+    num_gpus: int = 1
+    cfg_parallel: bool = False
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    tp_size: int = 1
+    num_replicas: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    vae_parallel: bool = False
+
+    def __post_init__(self):
+        for name in ("num_gpus", "ulysses_degree", "ring_degree", "tp_size", "num_replicas", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequest(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}", name)
+        product = self.cfg_degree * self.ulysses_degree * self.ring_degree * self.tp_size * self.num_replicas
+        if product != self.num_gpus:
+            raise InvalidRequest(
+                f"--num-gpus {self.num_gpus} must equal cfg {self.cfg_degree} x ulysses {self.ulysses_degree} x "
+                f"ring {self.ring_degree} x tp {self.tp_size} x replicas {self.num_replicas} = {product}", "num_gpus")
+        if self.num_gpus % self.nnodes:
+            raise InvalidRequest(f"--num-gpus {self.num_gpus} is not a multiple of --nnodes {self.nnodes}", "nnodes")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise InvalidRequest(f"--node-rank {self.node_rank} must be in [0, {self.nnodes})", "node_rank")
+        if self.nnodes > 1 and self.num_replicas > 1:
+            raise InvalidRequest(f"--num-replicas {self.num_replicas} with --nnodes {self.nnodes}: replicas run "
+                                 "on one machine; start one server per machine instead", "num_replicas")
+        if not 0 <= self.master_port < 65536:
+            raise InvalidRequest(f"--master-port {self.master_port} is not a port number", "master_port")
+
+    @property
+    def cfg_degree(self) -> int:
+        return 2 if self.cfg_parallel else 1
+
+    @property
+    def sp_degree(self) -> int:
+        """Ranks that share one sequence (Ulysses x Ring)."""
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def group_size(self) -> int:
+        """Ranks of one replica: the world size of its process group."""
+        return self.num_gpus // self.num_replicas
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_gpus > 1
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     max_batch_size: int = 1
     accel: AccelConfig = AccelConfig()
+    parallel: ParallelConfig = ParallelConfig()

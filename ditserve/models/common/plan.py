@@ -5,7 +5,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TeaCacheFit:
+    """One published TeaCache fit: the polynomial (highest power first, as numpy.poly1d) that maps
+    the relative L1 change of `signal` between steps to the change of the model's output, and the
+    recipe it was published with.
+
+    - `signal(dit, hidden)`: the timestep-modulated input the polynomial was fitted on, from the
+      embed output (e.g. the first block's modulated image tokens, or the time modulation).
+    - `threshold`, `warmup_steps`: the published default threshold and steps that always compute.
+    - `source`: where the numbers come from.
+    """
+
+    coefficients: tuple[float, ...]
+    signal: Callable[[Any, Any], Any]
+    threshold: float
+    warmup_steps: int = 1
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -22,6 +43,9 @@ class DiTPlan:
       "attn_op"; Wan: its self- and cross-attention modules' ops); a backend replaces them all.
     - `qk_rope_site`: the block attribute holding the QK-norm + RoPE op that a fused kernel may
       replace (None: the model has no such site).
+    - `teacache`: the model config -> its published TeaCache fit, or None where none is published
+      for that checkpoint (None for the whole family: none published). Step caches measure and
+      reuse the first stream of `Hidden` (the image or video tokens).
     """
 
     block_lists: tuple[str, ...]
@@ -30,3 +54,4 @@ class DiTPlan:
     fp8_keep: tuple[str, ...] = ()
     attention_sites: tuple[str, ...] = ("attn_op",)
     qk_rope_site: str | None = None
+    teacache: Callable[[Any], TeaCacheFit | None] | None = None

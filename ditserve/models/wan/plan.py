@@ -1,6 +1,42 @@
 """What accel/ and parallel/ may do to WanDiT."""
 
-from ditserve.models.common.plan import DiTPlan
+from ditserve.models.common.plan import DiTPlan, TeaCacheFit
+
+# TeaCache4Wan2.1 (ali-vilab/TeaCache, teacache_generate.py), as republished in SGLang Diffusion's Wan
+# sampling configs: the "ret-steps" fits are on the time modulation (six vectors), the others on the
+# time embedding. Wan 2.2's A14B experts share the 14B shapes and get the 2.1 14B fits.
+_SOURCE = "TeaCache4Wan2.1 (ali-vilab/TeaCache)"
+
+
+def time_modulation(dit, h):
+    """The six modulation vectors from the time embedding (Hidden.consts[1])."""
+    return h.consts[1]
+
+
+def time_embedding(dit, h):
+    """The time embedding (Hidden.consts[3])."""
+    return h.consts[3]
+
+
+WAN_TEACACHE_1_3B = TeaCacheFit(
+    coefficients=(-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+    signal=time_modulation, threshold=0.08, warmup_steps=5, source=_SOURCE + ", T2V-1.3B, ret-steps")
+WAN_TEACACHE_14B_T2V = TeaCacheFit(
+    coefficients=(-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+    signal=time_embedding, threshold=0.2, warmup_steps=1, source=_SOURCE + ", T2V-14B")
+WAN_TEACACHE_14B_I2V = TeaCacheFit(
+    coefficients=(-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
+    signal=time_modulation, threshold=0.26, warmup_steps=5, source=_SOURCE + ", I2V-14B, ret-steps")
+
+
+def wan_teacache(cfg):
+    """The fit for a checkpoint's shape; None for shapes without a published fit (e.g. TI2V-5B)."""
+    if cfg.hidden_size == 1536 and cfg.in_channels == 16:
+        return WAN_TEACACHE_1_3B
+    if cfg.hidden_size == 5120:
+        return {16: WAN_TEACACHE_14B_T2V, 36: WAN_TEACACHE_14B_I2V}.get(cfg.in_channels)
+    return None
+
 
 WAN_PLAN = DiTPlan(
     block_lists=("layers",),
@@ -13,4 +49,5 @@ WAN_PLAN = DiTPlan(
     # values are the text (and image) tokens, the same on every rank under sequence parallelism
     attention_sites=("attn1.attn_op", "attn2.attn_op"),
     qk_rope_site=None,  # QK RMSNorm spans all heads: the fused per-head kernel does not apply
+    teacache=wan_teacache,
 )
