@@ -1,4 +1,8 @@
-"""ditserve: inference and serving for diffusion transformers."""
+"""ditserve: inference and serving for diffusion transformers.
+
+`Generator.from_pretrained(path_or_hf_id)` loads a model (with no argument: the bundled demo model,
+whose folder is `ditserve.demo.MODEL_DIR`) and `Generator.generate(prompt, ...)` runs it.
+"""
 
 from ditserve.api import (
     EngineError,
@@ -19,3 +23,8 @@ def __getattr__(name: str):
 
         return Generator
     raise AttributeError(f"module 'ditserve' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazy Generator too, so dir(), help() and completion show the whole public API
+    return sorted({*globals(), *__all__})

@@ -14,24 +14,30 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark a DiT step (and end to end) against diffusers on a GPU")
-    p.add_argument("--model", default="flux.1-dev", help="an entry of ditserve/bench/architectures.json")
+    p = sub.add_parser("bench", help="benchmark a DiT step (and end to end) against diffusers on a GPU",
+                       description="Time ditserve against diffusers on this CUDA GPU with random weights at real "
+                                   "size; prints JSON rows.")
+    p.add_argument("--model", default="flux.1-dev",
+                   help="flux.1-dev, flux.1-schnell, qwen-image, wan2.1-t2v-1.3b or wan2.1-t2v-14b "
+                        "(shapes in ditserve/bench/architectures.json)")
     p.add_argument("--height", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image), 480 (Wan)")
     p.add_argument("--width", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image), 832 (Wan)")
     p.add_argument("--num-frames", type=int, default=81, help="Wan: video frames (default 81)")
     p.add_argument("--vae", action="store_true", help="Wan: also time the VAE decode (whole and tiled)")
     p.add_argument("--reps", type=int, default=10, help="Wan: timed repetitions of the compiled step (eager: half)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps for --end-to-end")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"])
-    p.add_argument("--quantization", default=None, choices=["fp8"])
-    p.add_argument("--compare", default="diffusers", choices=["diffusers", "none"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"], help="weights and activations")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: also time e4m3 linear layers (FLUX, Wan) (default: none)")
+    p.add_argument("--compare", default="diffusers", choices=["diffusers", "none"],
+                   help="time diffusers eager and compiled on the same weights, or ditserve alone")
     p.add_argument("--end-to-end", action="store_true", help="time all stages, ditserve vs diffusers")
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="FLUX step: without the Triton QK-norm + RoPE and fp8 quantisation kernels")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage"],
                    help="FLUX step with --quantization fp8: also time the fp8 path with this attention "
                         "(fa3, sage: when installed)")
-    p.add_argument("--json", default=None, help="append the result row(s) to this JSON file")
+    p.add_argument("--json", default=None, help="append the result row(s) to this JSON file (default: stdout only)")
     p.set_defaults(run=run)
 
 

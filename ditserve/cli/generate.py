@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 from ditserve.api import GenerationRequest, InvalidRequest
@@ -18,15 +20,16 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".png")  # .png: numbered lossless fr
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by generate and serve."""
-    p.add_argument("--model-path", default=None,
-                   help="diffusers model directory or Hugging Face id (default: the bundled demo model)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--model-path", metavar="DIR_OR_HF_ID", default=None,
+                   help="diffusers model directory or Hugging Face id (default: $DITSERVE_DEFAULT_MODEL, "
+                        "else the bundled demo model)")
+    p.add_argument("--device", metavar="DEVICE", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--enable-torch-compile", action="store_true",
                    help="compile the DiT per block (and replay steps as CUDA graphs on GPU); warms up at start")
     p.add_argument("--quantization", default=None, choices=["fp8"],
-                   help="fp8: e4m3 linear layers through torch._scaled_mm (CUDA)")
+                   help="fp8: e4m3 linear layers through torch._scaled_mm (CUDA) (default: none)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage"],
                    help="auto/sdpa: torch SDPA (cuDNN on Hopper); fa3, sage: when installed (CUDA)")
 
@@ -39,51 +42,63 @@ def accel_config(args: argparse.Namespace):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate images or videos from a prompt")
+    from ditserve.cli.main import add_log_level_arg
+
+    p = sub.add_parser("generate", help="generate images or videos from a prompt",
+                       description="Generate images or videos from a prompt. Unset options take the model's "
+                                   "defaults (its diffusers pipeline's, or its folder's ditserve.json).")
     add_model_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-inference-steps", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--true-cfg-scale", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--prompt", metavar="TEXT", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", metavar="TEXT", default=None,
+                   help="what to steer away from, through true CFG (default: none; Wan: \"\")")
+    p.add_argument("--height", metavar="H", type=int, default=None,
+                   help="pixels, a multiple of 16 (default: the model's: FLUX, Qwen-Image 1024, Wan 480, demo 64)")
+    p.add_argument("--width", metavar="W", type=int, default=None,
+                   help="pixels, a multiple of 16 (default: the model's: FLUX, Qwen-Image 1024, Wan 832, demo 64)")
+    p.add_argument("--num-inference-steps", metavar="N", type=int, default=None,
+                   help="denoising steps (default: the model's: FLUX 28, Qwen-Image 50, Wan 50, demo 20)")
+    p.add_argument("--guidance-scale", metavar="G", type=float, default=None,
+                   help="FLUX-dev: embedded guidance; Wan: CFG scale (default: the model's: FLUX 3.5, Wan 5.0, demo 0)")
+    p.add_argument("--true-cfg-scale", metavar="G", type=float, default=None,
+                   help="true CFG with --negative-prompt (default: the model's: FLUX 1.0 = off, Qwen-Image 4.0)")
+    p.add_argument("--seed", metavar="S", type=int, default=None,
+                   help="noise seed, drawn as diffusers draws it (default: a random one, reported)")
+    p.add_argument("--num-images", metavar="N", type=int, default=1,
+                   help="images from one batch; their noise comes from one generator seeded with --seed, as in "
+                        "diffusers, so image k is not what --seed S+k gives alone")
+    p.add_argument("--max-sequence-length", metavar="N", type=int, default=None,
+                   help="text tokens (default: the model's: 512, demo 16)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="input image (PNG, JPEG, WebP): to edit, or to animate with an image-to-video model; "
-                        "repeatable for models that take several")
-    p.add_argument("--num-frames", type=int, default=None, help="video models: frames (4k+1 for Wan; default 81)")
-    p.add_argument("--fps", type=int, default=None, help="video models: frame rate of the file (default 16)")
-    p.add_argument("--guidance-scale-2", type=float, default=None,
+                        "repeatable for models that take several (default: none)")
+    p.add_argument("--num-frames", metavar="N", type=int, default=None,
+                   help="video models: frames, 4k+1 (default: Wan 81)")
+    p.add_argument("--fps", metavar="FPS", type=int, default=None,
+                   help="video models: frame rate of the file (default: Wan 16, TI2V-5B 24)")
+    p.add_argument("--guidance-scale-2", metavar="G", type=float, default=None,
                    help="guidance of the second (low-noise) expert, Wan 2.2 A14B (default: --guidance-scale)")
     p.add_argument("--sampler", default=None, choices=["euler", "unipc", "dpm++"],
                    help="solver override (default: the model folder's scheduler)")
-    p.add_argument("--flow-shift", type=float, default=None, help="flow-matching shift override (static)")
-    p.add_argument("--output", default=None,
+    p.add_argument("--flow-shift", metavar="F", type=float, default=None,
+                   help="flow-matching shift override, static (default: the model folder's scheduler)")
+    p.add_argument("--output", metavar="FILE", default=None,
                    help="image file (.png, .jpg, .webp; default output.png) or, for a video model, video file "
                         "(.mp4 H.264, .webm VP9, .gif, or .png for numbered frames; default output.mp4); "
                         "several outputs get _0, _1, ... suffixes")
-    p.add_argument("--perf-dump-path", default=None, help="write stage and step times as JSON here")
+    p.add_argument("--perf-dump-path", metavar="FILE", default=None,
+                   help="write stage and step times, seeds and output files as JSON here (default: none)")
+    add_log_level_arg(p)
     p.set_defaults(run=run)
 
 
 def default_model_path(given: str | None) -> str:
     """`--model-path` if given, else $DITSERVE_DEFAULT_MODEL, else the bundled demo model."""
     from ditserve import demo
-    from ditserve.config import env
 
-    if given:
-        return given
-    override = env.demo_model_path()
-    if override:
-        return override
-    bundled = demo.model_path()
-    if bundled is None:
-        raise InvalidRequest("--model-path is required (the bundled demo model is not installed)", "model")
-    log.info("no --model-path: using the bundled demo model (64x64 shapes; try %r)", demo.EXAMPLE_PROMPT)
-    return str(bundled)
+    path = demo.default_model(given)
+    if not given and demo.is_demo(path):
+        log.info("no --model-path: using the bundled demo model (64x64 shapes; try %r)", demo.EXAMPLE_PROMPT)
+    return path
 
 
 def output_paths(output: str, n: int, video: bool = False) -> list[Path]:
@@ -122,6 +137,7 @@ def check_writable(path: Path, flag: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     # Everything a user can get wrong is checked before any weights load.
     from ditserve.runtime.loader import inspect_model
 
@@ -141,27 +157,86 @@ def run(args: argparse.Namespace) -> int:
         check_writable(path, "--output")
     if args.perf_dump_path:
         check_writable(Path(args.perf_dump_path), "--perf-dump-path")
+    _warn_if_demo_cannot_draw(source.path, request)
 
     from ditserve.config import EngineConfig, ModelConfig
     from ditserve.pipelines.base import RunControl
     from ditserve.runtime.engine import Engine
 
+    if args.log_level != "debug":
+        quiet_libraries()
     config = EngineConfig(ModelConfig(str(source.path), args.device, args.dtype), accel=accel_config(args))
     engine = Engine.from_config(config, source, warmup=[request])  # compile for this request's shape
-    out = engine.run_batch([request], RunControl(progress_bar=True))[0]
+    # a bar only where a person watches; captured stderr (CI, scripts) would get carriage-return noise
+    bar = sys.stderr.isatty() and args.log_level in ("debug", "info")
+    out = engine.run_batch([request], RunControl(progress_bar=bar))[0]
+    written = _write_outputs(out, paths)
+    outputs = describe_outputs(written, out.seed, request.num_images)
+    if args.perf_dump_path:
+        described = {**request.__dict__, "images": [f"{im.width}x{im.height}" for im in request.images]}
+        dump = {"model": str(source.path), "request": described, "seed": out.seed, "outputs": outputs,
+                **out.timings.to_dict()}
+        Path(args.perf_dump_path).write_text(json.dumps(dump, indent=2))
+    _log_result(outputs, request, out, time.perf_counter() - start)
+    return 0
+
+
+def quiet_libraries() -> None:
+    """Turn off transformers' and diffusers' weight-loading progress bars (the libraries' warnings
+    still show). Hugging Face Hub's download bars stay: a first download can take minutes."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
+def _warn_if_demo_cannot_draw(model: Path, request: GenerationRequest) -> None:
+    from ditserve import demo
+
+    if demo.is_demo(model):
+        warning = demo.request_warning(request.prompt, request.height, request.width)
+        if warning:
+            log.warning(warning)
+
+
+def _write_outputs(out, paths: list[Path]) -> list[tuple[Path, str]]:
+    """Save images or videos; (path, what it holds) for each."""
+    written = []
     for image, path in zip(out.images, paths):
         image.save(path, format=IMAGE_FORMATS[path.suffix.lower()])
-        log.info("wrote %s", path)
+        written.append((path, f"{image.width}x{image.height}"))
     if out.videos:
         from ditserve.runtime.video_io import write_video
 
         for frames, path in zip(out.videos, paths):
-            written = write_video(frames, path, out.fps)
-            log.info("wrote %s (%d frames, %dx%d, %d fps)", path if len(written) == 1 else f"{len(written)} frames "
-                     f"{written[0]}..", len(frames), frames.shape[2], frames.shape[1], out.fps)
-    if args.perf_dump_path:
-        described = {**request.__dict__, "images": [f"{im.width}x{im.height}" for im in request.images]}
-        dump = {"model": str(source.path), "request": described, **out.timings.to_dict()}
-        Path(args.perf_dump_path).write_text(json.dumps(dump, indent=2))
-    log.info("seed %d, total %.3f s", out.seed, out.timings.total_s)
-    return 0
+            files = write_video(frames, path, out.fps)
+            what = f"{len(frames)} frames, {frames.shape[2]}x{frames.shape[1]}, {out.fps} fps"
+            if len(files) > 1:
+                what += f", as {files[0].name}..{files[-1].name}"
+            written.append((path, what))
+    return written
+
+
+def describe_outputs(written: list[tuple[Path, str]], seed: int, num_images: int) -> list[dict]:
+    """Per output: file, seed, place in the batch and the flags that give it again. The batch's noise
+    comes from one generator seeded with `seed` (diffusers' semantics), so output k is reproduced by
+    the same seed and batch size, not by seed + k."""
+    reproduce = f"--seed {seed}" + (f" --num-images {num_images}" if num_images > 1 else "")
+    return [{"path": str(path), "content": what, "seed": seed, "index": i, "num_images": num_images,
+             "reproduce": reproduce + (f" (output {i + 1} of {num_images})" if num_images > 1 else "")}
+            for i, (path, what) in enumerate(written)]
+
+
+def _log_result(outputs: list[dict], request: GenerationRequest, out, wall_s: float) -> None:
+    """The command's result on stderr: each file with its seed, then the time."""
+    took = f"{out.timings.total_s:.2f} s generating, {wall_s:.1f} s with loading"
+    if len(outputs) == 1:
+        only = outputs[0]
+        log.info("wrote %s (%s, seed %d) in %s", only["path"], only["content"], only["seed"], took)
+        return
+    for o in outputs:
+        log.info("wrote %s (%s, seed %d, image %d of %d; again: %s)", o["path"], o["content"], o["seed"],
+                 o["index"] + 1, o["num_images"], o["reproduce"].split(" (")[0])
+    log.info("%d outputs in %s; their noise is one draw from seed %d, as in diffusers, so output 2 is not "
+             "what --seed %d gives alone", len(outputs), took, request.seed, request.seed + 1)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from ditserve import demo
 from ditserve.api import GenerationOutput, GenerationRequest
 from ditserve.config import AccelConfig, EngineConfig, ModelConfig
 from ditserve.pipelines.base import RunControl
 from ditserve.runtime.engine import Engine
 
+log = logging.getLogger(__name__)
+
 
 class Generator:
     """Python entry point.
 
+    >>> gen = Generator.from_pretrained()  # the bundled 64x64 demo model, as `ditserve generate` uses
     >>> gen = Generator.from_pretrained("path/to/FLUX.1-dev", device="cuda", dtype="bfloat16")
     >>> out = gen.generate(prompt="a red fox in snow", seed=0)
     >>> out.images[0].save("fox.png"); out.timings.stages
@@ -23,11 +28,13 @@ class Generator:
         self.engine = engine
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, device: str | None = None, dtype=None, *,
+    def from_pretrained(cls, model: str | Path | None = None, device: str | None = None, dtype=None, *,
                         enable_torch_compile: bool = False, quantization: str | None = None) -> "Generator":
-        """`model` is a diffusers directory or a Hugging Face id; `dtype` a name or torch dtype."""
+        """`model` is a diffusers directory or a Hugging Face id (default: $DITSERVE_DEFAULT_MODEL, else
+        the bundled demo model, `ditserve.demo.MODEL_DIR`); `dtype` a name or torch dtype."""
         accel = AccelConfig(compile=enable_torch_compile, quantization=quantization)
-        return cls(Engine.from_config(EngineConfig(ModelConfig(str(model), device, dtype), accel=accel)))
+        path = demo.default_model(model)
+        return cls(Engine.from_config(EngineConfig(ModelConfig(path, device, dtype), accel=accel)))
 
     def generate(
         self,
@@ -54,7 +61,7 @@ class Generator:
         and step timings; unset arguments take the family's defaults.
 
         `images` (a PIL image or several) are the input of an image-editing model (e.g. Qwen-Image-Edit)
-        or of an image-to-video model. `sampler` (euler, unipc) and `flow_shift` override the folder's
+        or of an image-to-video model. `sampler` (euler, unipc, dpm++) and `flow_shift` override the folder's
         scheduler.
         """
         request = GenerationRequest(
@@ -65,4 +72,9 @@ class Generator:
             images=tuple(images) if isinstance(images, (list, tuple)) else (images,),
             num_frames=num_frames, fps=fps, guidance_scale_2=guidance_scale_2, sampler=sampler, flow_shift=flow_shift,
         )
-        return self.engine.generate(request, RunControl(progress_bar=progress_bar))
+        request = self.engine.resolve(request)
+        if demo.is_demo(self.engine.source.path):
+            warning = demo.request_warning(request.prompt, request.height, request.width)
+            if warning:
+                log.warning(warning)
+        return self.engine.run_batch([request], RunControl(progress_bar=progress_bar))[0]
