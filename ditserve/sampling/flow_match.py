@@ -1,5 +1,6 @@
 """Flow-matching Euler, reproducing diffusers' FlowMatchEulerDiscreteScheduler as the FLUX and
-Qwen-Image pipelines drive it (they pass `linspace(1, 1/N, N)` as sigmas).
+Qwen-Image pipelines drive it (they pass `linspace(1, 1/N, N)` as sigmas), and the sigma shifts every
+flow solver shares (static shift, FLUX's dynamic shift, the terminal stretch).
 
 `FlowMatchEuler` follows the solver protocol (sampling/solver.py); `schedule` and `euler_step` are
 the pure pieces it is made of.
@@ -15,6 +16,27 @@ import numpy as np
 import torch
 
 from ditserve.sampling.solver import Schedule
+
+
+@dataclass(frozen=True)
+class DynamicShift:
+    """FLUX's shift rule: `mu` linear in the image sequence length (the pipelines' `calculate_shift`),
+    applied as an exponential or linear time shift."""
+
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+
+    def mu(self, image_seq_len: int) -> float:
+        return dynamic_shift_mu(image_seq_len, self)
+
+    def as_static_shift(self, image_seq_len: int) -> float:
+        """The static shift s with s*t / (1 + (s-1)*t) equal to this time shift (DPM-Solver++ takes
+        `mu` this way: `flow_shift = exp(mu)`)."""
+        mu = self.mu(image_seq_len)
+        return float(np.exp(mu)) if self.time_shift_type == "exponential" else mu
 
 
 @dataclass(frozen=True)
@@ -36,38 +58,81 @@ class FlowMatchConfig:
     spacing: str = "pipeline"
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "FlowMatchConfig":
+    def from_json(cls, path: str | Path) -> FlowMatchConfig:
         """A flow-match Euler folder's config, read strictly (sampling/scheduler_config.py)."""
-        from ditserve.sampling.scheduler_config import UnsupportedScheduler, read_scheduler_config
+        from ditserve.sampling.scheduler_config import (
+            UnsupportedScheduler,
+            read_scheduler_config,
+        )
 
-        spec = read_scheduler_config(path)
+        spec = read_scheduler_config(Path(path))
         if spec.euler is None:
-            raise UnsupportedScheduler(f"{spec.class_name} is not a flow-match Euler scheduler")
+            raise UnsupportedScheduler(f"{Path(path).name}: {spec.class_name} is not a flow-match Euler scheduler")
         return spec.euler
 
+    @property
+    def dynamic(self) -> DynamicShift | None:
+        if not self.use_dynamic_shifting:
+            return None
+        return DynamicShift(self.base_shift, self.max_shift, self.base_image_seq_len, self.max_image_seq_len,
+                            self.time_shift_type)
 
-def dynamic_shift_mu(image_seq_len: int, cfg: FlowMatchConfig) -> float:
+
+def dynamic_shift_mu(image_seq_len: int, cfg: FlowMatchConfig | DynamicShift) -> float:
     """Linear interpolation of the shift `mu` in the image sequence length (FLUX's rule)."""
     m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
     b = cfg.base_shift - m * cfg.base_image_seq_len
     return image_seq_len * m + b
 
 
+def time_shift(kind: str, mu: float, t: np.ndarray) -> np.ndarray:
+    """diffusers' time shift of sigmas `t` by `mu` (exponential: e^mu; linear: mu)."""
+    t = np.asarray(t)
+    # 1/t - 1 is infinite at t = 0, where the shifted sigma is 0: take that limit, warning-free
+    odds = np.divide(1, t, out=np.full_like(t, np.inf), where=t != 0) - 1
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + odds)
+    if kind == "linear":
+        return mu / (mu + odds)
+    raise ValueError(f"unknown time_shift_type {kind!r}")
+
+
+def static_shift(shift: float, sigmas: np.ndarray) -> np.ndarray:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def stretch_to_terminal(sigmas: np.ndarray, terminal: float | None) -> np.ndarray:
+    """Stretch `1 - sigma` so the last sigma lands on `terminal` (diffusers' `shift_terminal`).
+
+    The stretch scales `1 - sigma` and so keeps sigma = 1 where it is: when every sigma is 1 (a
+    1-step schedule starting at 1) there is nothing to stretch, and the sigmas stay 1 (diffusers
+    divides 0 by 0 there and returns NaN)."""
+    if not terminal:  # None or 0: off, as in diffusers
+        return sigmas
+    one_minus = 1 - sigmas
+    if one_minus[-1] == 0:
+        return sigmas
+    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
+
+
+def shift_sigmas(sigmas: np.ndarray, shift: float, dynamic: DynamicShift | None, image_seq_len: int,
+                 terminal: float | None) -> np.ndarray:
+    """The shift every flow scheduler applies: dynamic (FLUX's mu) or static, then the terminal stretch."""
+    if dynamic is not None:
+        sigmas = time_shift(dynamic.time_shift_type, dynamic.mu(image_seq_len), sigmas)
+    else:
+        sigmas = static_shift(shift, sigmas)
+    return stretch_to_terminal(sigmas, terminal)
+
+
 def schedule(num_steps: int, image_seq_len: int, cfg: FlowMatchConfig) -> Schedule:
     """Sigmas and timesteps for `num_steps` Euler steps, as the diffusers pipelines compute them.
 
-    The pipelines pass `linspace(1, 1/N, N)` as sigmas; the scheduler then shifts them
-    (static `shift`, or dynamic with `mu` from the image sequence length), optionally stretches
-    them to end at `shift_terminal`, and appends a final 0.
+    The unshifted sigmas (see `FlowMatchConfig.spacing`) are shifted (static `shift`, or dynamic with
+    `mu` from the image sequence length), optionally stretched to end at `shift_terminal`, and a
+    final 0 is appended.
     """
-    sigmas = base_sigmas(num_steps, cfg)
-    if cfg.use_dynamic_shifting:
-        sigmas = time_shift(cfg.time_shift_type, dynamic_shift_mu(image_seq_len, cfg), sigmas)
-    else:
-        sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
-    if cfg.shift_terminal:
-        one_minus = 1 - sigmas
-        sigmas = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
+    sigmas = shift_sigmas(base_sigmas(num_steps, cfg), cfg.shift, cfg.dynamic, image_seq_len, cfg.shift_terminal)
     sig = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
     timesteps = sig * cfg.num_train_timesteps
     return Schedule(sigmas=torch.cat([sig, torch.zeros(1)]), timesteps=timesteps)
@@ -77,19 +142,13 @@ def base_sigmas(num_steps: int, cfg: FlowMatchConfig) -> np.ndarray:
     """The unshifted sigmas the schedule starts from (see FlowMatchConfig.spacing)."""
     if cfg.spacing == "pipeline":
         return np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    # the scheduler's own spacing: evenly between its first and last training sigma, which diffusers
+    # has already shifted once when the shift is static (and shifts again in set_timesteps)
     t = cfg.num_train_timesteps
     train = torch.from_numpy(np.linspace(1, t, t, dtype=np.float32)[::-1].copy()) / t
     if not cfg.use_dynamic_shifting:
         train = cfg.shift * train / (1 + (cfg.shift - 1) * train)
     return np.linspace(train[0].item() * t, train[-1].item() * t, num_steps) / t
-
-
-def time_shift(kind: str, mu: float, t: np.ndarray) -> np.ndarray:
-    if kind == "exponential":
-        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
-    if kind == "linear":
-        return mu / (mu + (1 / t - 1) ** 1.0)
-    raise ValueError(f"unknown time_shift_type {kind!r}")
 
 
 def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,

@@ -1,6 +1,7 @@
 """Our pure flow-match schedule reproduces diffusers' FlowMatchEulerDiscreteScheduler exactly."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -8,7 +9,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from ditserve.sampling.flow_match import FlowMatchConfig, dynamic_shift_mu, euler_step, schedule
+from ditserve.sampling.flow_match import (
+    FlowMatchConfig,
+    dynamic_shift_mu,
+    euler_step,
+    schedule,
+    time_shift,
+)
 
 FLUX_DEV = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                 num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
@@ -33,12 +40,22 @@ def reference(config: dict, steps: int, seq_len: int):
 @pytest.mark.parametrize("steps", [1, 4, 28, 50])
 @pytest.mark.parametrize("seq_len", [16, 1024, 4096, 6889])
 def test_sigmas_and_timesteps_match_diffusers(config, steps, seq_len):
-    ref = reference(config, steps, seq_len)
-    ours = schedule(steps, seq_len, FlowMatchConfig(**config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # diffusers' own 0/0, see below
+        ref = reference(config, steps, seq_len)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ours divides by zero nowhere
+        ours = schedule(steps, seq_len, FlowMatchConfig(**config))
     assert ours.sigmas.dtype == ref.sigmas.dtype == torch.float32
-    # bit-exact; a 1-step terminal-stretched schedule is NaN in both (0/0), hence equal_nan
-    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0, equal_nan=True)
+    if torch.isnan(ref.sigmas).any():
+        # a 1-step terminal-stretched schedule is 0/0 in diffusers (NaN); the stretch fixes sigma = 1,
+        # so ours stays at 1 and gives the 1-step image
+        assert steps == 1 and config.get("shift_terminal")
+        assert torch.equal(ours.sigmas, torch.tensor([1.0, 0.0])) and torch.equal(ours.timesteps, torch.tensor([1000.0]))
+        return
+    # bit-exact
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=0)
+    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0)
 
 
 def test_mu_matches_flux_calculate_shift():
@@ -71,5 +88,13 @@ def test_config_from_json_reads_scheduler_config(tmp_path):
     path.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_DEV}))
     assert FlowMatchConfig.from_json(path) == FlowMatchConfig(**FLUX_DEV)
     path.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_DEV, "use_karras_sigmas": True}))
-    with pytest.raises(ValueError, match="use_karras_sigmas"):
+    with pytest.raises(ValueError, match="use_karras_sigmas=true is not supported by ditserve's flow-match Euler"):
         FlowMatchConfig.from_json(path)
+
+
+@pytest.mark.parametrize("kind", ["exponential", "linear"])
+def test_time_shift_at_zero_is_zero_without_a_warning(kind):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shifted = time_shift(kind, 0.8, np.array([1.0, 0.5, 0.0], dtype=np.float32))
+    assert shifted.dtype == np.float32 and shifted[0] == 1 and shifted[-1] == 0
