@@ -102,14 +102,14 @@ class BranchState:
     """One branch's cache over a run, one row per sample of its chunk.
 
     `ref`: the probe at the last computed call (teacache: at the previous call); `acc`: teacache's
-    accumulated change; `ladders[j]`: stream j's cached residual followed by its step derivatives
-    (TaylorSeer), from the call at `computed_step`.
+    accumulated change; `ladders[j]`: stream j's cached residual followed by its divided differences
+    over the computed steps `points` (newest first; TaylorSeer).
     """
 
     ref: torch.Tensor | None = None
     acc: torch.Tensor | None = None
     ladders: list[list[torch.Tensor]] = field(default_factory=list)
-    computed_step: int = -1
+    points: list[int] = field(default_factory=list)
     cached_total: int = 0
     cached_in_row: int = 0
 
@@ -117,34 +117,35 @@ class BranchState:
         return bool(self.ladders) and self.ref is not None and self.ref.shape[0] == rows
 
     def estimate(self, step: int) -> list[torch.Tensor]:
-        """Each stream's residual at `step`: the Taylor sum of its ladder (order 0: the residual)."""
-        dt = step - self.computed_step
+        """Each stream's residual at `step`: the polynomial through the last computed residuals in
+        Newton's form (order 0: the last residual as it is)."""
         out = []
         for ladder in self.ladders:
-            est = ladder[0]
+            est, weight = ladder[0], 1.0
             for m in range(1, len(ladder)):
-                est = est + ladder[m] * (dt ** m / math.factorial(m))
+                weight *= step - self.points[m - 1]
+                est = est + ladder[m] * weight
             out.append(est)
         return out
 
     def record(self, residuals: list[torch.Tensor], step: int, order: int) -> None:
-        """Fresh residuals computed at `step`; with TaylorSeer, their derivatives by finite differences
-        against the previous computed call (one more order per computed call, up to `order`)."""
+        """Fresh residuals computed at `step`; with TaylorSeer, their divided differences against the
+        previous computed calls' (one more order per computed call, up to `order`). Unlike Taylor
+        terms from plain step differences, these make the extrapolation exact for residuals that are
+        polynomials of degree `order` in the step, on any spacing of the computed steps."""
         if order == 0:
             self.ladders = [[r] for r in residuals]
         else:
-            dt = step - self.computed_step
-            old = self.ladders if self.ladders and self.computed_step >= 0 else [[] for _ in residuals]
+            old = self.ladders or [[] for _ in residuals]
             ladders = []
             for r, prev in zip(residuals, old):
                 ladder = [r.float()]  # differences of bf16 residuals would cancel to noise
                 for m in range(min(order, len(prev))):
-                    ladder.append((ladder[m] - prev[m]) / dt)
+                    ladder.append((ladder[m] - prev[m]) / (step - self.points[m]))
                 ladders.append(ladder)
             self.ladders = ladders
-        self.computed_step = step
+        self.points = [step, *self.points][:order + 1]
         self.cached_in_row = 0
-
 
 class StepCache:
     """The skip policy of one cached DiT, as `SegmentedDiT.run_groups`: decides per call whether the
