@@ -11,12 +11,14 @@ added instead of running the blocks. Methods, each over a model's plan:
 - `teacache`: accumulate the rescaled relative change of the timestep-modulated input (the family's
   published polynomial, `plan.teacache`) and reuse the residual of all blocks while the sum stays
   below the threshold; the first and last steps always compute.
-- TaylorSeer (`taylorseer_order` 1-2) on any of them: extrapolate the cached residual from its finite
-  differences over the last computed steps instead of reusing it unchanged.
+- TaylorSeer (`taylorseer_order` 1-2) on any of them: extrapolate the cached residual from its
+  divided differences over the last computed steps instead of reusing it unchanged.
 
 State lives in the step context: `ctx.states[k]` per branch (cond and uncond apart, also when
 batched), one value per sample for the change measures. Each sample decides for itself; a call runs the
-blocks when any of its samples needs them, and then every sample's cache is refreshed. Across ranks,
+blocks when any of its samples needs them, and then every sample's cache is refreshed. A sample opts
+out through `ctx.cache_enabled` (one bool per sample of a chunk; absent or None: all take part): its
+batch then always computes. A call without a context runs uncached. Across ranks,
 the change measure is summed over the sequence-parallel group and the decision agreed over the sync
 group (e.g. CFG-parallel ranks), so every rank takes the same branch.
 """

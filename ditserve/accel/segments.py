@@ -4,7 +4,8 @@ One graph for the whole forward leaves no place to branch: a step cache must ski
 and a sequence-parallel wrapper must communicate between blocks. Graphs per segment keep launch gaps
 out of each segment (the blocks, where the time goes, stay one graph per group) while the Python
 between segments may decide what runs next (`between`). Off CUDA, or with `graphs=False`, the
-segments run eagerly; the result is the model's plain forward either way.
+segments run eagerly; the result is the model's plain forward either way. A step cache
+(accel/cache.py) takes over the walk over the block groups (`run_groups`) to skip some of them.
 """
 
 from __future__ import annotations

@@ -100,14 +100,18 @@ def x_of(seed: int, batch: int = 1, tokens: int = 6, dim: int = 8) -> torch.Tens
     return torch.randn(batch, tokens, dim, generator=torch.Generator().manual_seed(seed))
 
 
-def pattern(run: Run, inputs: list[ToyInputs], branches=("cond",), **ctx_fields) -> str:
-    """C (computed) or S (skipped) per step."""
-    out = ""
+def drive(run: Run, inputs: list, branches=("cond",), **ctx_fields) -> tuple[str, list[torch.Tensor]]:
+    """Every step's output, and C (computed) or S (skipped) per step."""
+    marks, outs = "", []
     for step, inp in enumerate(inputs):
         before = run.skipped()
-        run(step, inp, branches, **ctx_fields)
-        out += "S" if run.skipped() > before else "C"
-    return out
+        outs.append(run(step, inp, branches, **ctx_fields))
+        marks += "S" if run.skipped() > before else "C"
+    return marks, outs
+
+
+def pattern(run: Run, inputs: list, branches=("cond",), **ctx_fields) -> str:
+    return drive(run, inputs, branches, **ctx_fields)[0]
 
 
 def cached(dit, **keys):
@@ -359,12 +363,7 @@ def _rank_main(rank: int, world: int, store: str, mode: str, threshold: float, o
     dit = ToyDiT()
     keys = dict(sp_group=dist.group.WORLD) if mode == "sp" else dict(sync_group=dist.group.WORLD)
     run = Run(apply_cache(dit, CacheConfig(method="first-block", threshold=threshold), **keys))
-    inputs, branches = _parallel_inputs(mode, rank)
-    outs, decided = [], ""
-    for step, inp in enumerate(inputs):
-        before = run.skipped()
-        outs.append(run(step, inp, branches))
-        decided += "S" if run.skipped() > before else "C"
+    decided, outs = drive(run, *_parallel_inputs(mode, rank))
     torch.save({"pattern": decided, "outs": outs}, out)
     dist.destroy_process_group()
 
@@ -398,13 +397,7 @@ def test_sequence_and_cfg_parallel_ranks_take_the_single_process_decisions(mode,
 
     inputs, branches = _parallel_inputs(mode, None)
     threshold = 0.02
-    single = Run(cached(ToyDiT(), method="first-block", threshold=threshold))
-    full = []
-    expected = ""
-    for step, inp in enumerate(inputs):
-        before = single.skipped()
-        full.append(single(step, inp, branches))
-        expected += "S" if single.skipped() > before else "C"
+    expected, full = drive(Run(cached(ToyDiT(), method="first-block", threshold=threshold)), inputs, branches)
     alone_inputs, alone_branches = _parallel_inputs(mode, 0)
     alone = pattern(Run(cached(ToyDiT(), method="first-block", threshold=threshold)), alone_inputs, alone_branches)
     assert "S" in expected[1:] and "C" in expected[1:] and alone != expected  # the check can fail
@@ -421,6 +414,32 @@ def test_sequence_and_cfg_parallel_ranks_take_the_single_process_decisions(mode,
 def _run_rank(rank: int, store: str, mode: str, threshold: float, outs: list[str]):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     _rank_main(rank, 2, store, mode, threshold, outs[rank])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="segment CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", ["first-block", "dual-block", "teacache"])
+def test_segment_graphs_replay_the_cached_paths_as_eager_code_runs_them(method):
+    """On CUDA: graphs per segment (whose outputs are reused buffers) give the eager cache's decisions
+    and outputs; nothing the cache keeps is overwritten by the next replay."""
+    from ditserve.models.flux import FluxConfig, FluxDiT
+    from ditserve.models.flux.model import FluxInputs
+
+    torch.manual_seed(0)
+    cfg = FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                     joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    dit = FluxDiT(cfg).cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    img, move = torch.randn(2, 16, 16, generator=g), torch.randn(2, 16, 16, generator=g)
+    steps = [img, img, img + move, img + move, img + move]
+    inputs = [FluxInputs(img=x.cuda(), txt=torch.randn(2, 4, 24, generator=g).cuda(),
+                         pooled=torch.ones(2, 20).cuda(), timesteps=torch.full((2,), 0.5).cuda(),
+                         img_ids=torch.zeros(16, 3).cuda(), txt_ids=torch.zeros(4, 3).cuda()) for x in steps]
+    with torch.no_grad():
+        eager, graphed = (drive(Run(apply_cache(dit, CacheConfig(method=method, threshold=0.3), graphs=graphs)), inputs)
+                          for graphs in (False, True))
+    assert eager[0] == graphed[0] and "S" in eager[0] and "C" in eager[0][1:], (eager[0], graphed[0])
+    for a, b in zip(eager[1], graphed[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 # -- through the pipelines -----------------------------------------------------------------------
