@@ -28,16 +28,31 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, source: ModelSource | None = None,
-                    warmup: list[GenerationRequest] | None = None) -> "Engine":
+                    warmup: list[GenerationRequest] | None = None, groups=None) -> "Engine":
         """Load the model, apply the speed transforms and, when compiling, warm up on `warmup`
-        (default: the model's default size at batch 1 and at `cfg.max_batch_size`)."""
-        device = torch.device(parse_device(cfg.model.device))
+        (default: the model's default size at batch 1 and at `cfg.max_batch_size`).
+
+        With several GPUs (`cfg.parallel`), this starts the ranks and returns a ParallelEngine that
+        drives them (runtime/executor.py); each rank builds its own Engine with its `groups`."""
+        if cfg.parallel.enabled and groups is None:
+            from ditserve.runtime.executor import ParallelEngine
+
+            return ParallelEngine.start(cfg, source)
+        device = groups.device if groups is not None else torch.device(parse_device(cfg.model.device))
         dtype = parse_dtype(cfg.model.dtype, device.type)
         source = source or inspect_model(cfg.model.path)
-        pipeline = load_pipeline(source, device, dtype)
+        if groups is None:
+            pipeline = load_pipeline(source, device, dtype)
+        else:
+            from ditserve import parallel
+
+            with parallel.loading(groups):
+                pipeline = load_pipeline(source, device, dtype)
         for name in pipeline.dit_names:  # every DiT the pipeline holds (both experts of Wan 2.2 A14B)
             if getattr(pipeline, name, None) is not None:
                 setattr(pipeline, name, accelerate_dit(getattr(pipeline, name), cfg.accel, device))
+        if groups is not None:
+            parallel.parallelize_pipeline(pipeline, groups, cfg.parallel.vae_parallel)
         engine = cls(pipeline, source)
         if cfg.accel.compile:
             engine.warmup(warmup or engine.default_warmups(cfg.max_batch_size))

@@ -30,6 +30,53 @@ class TeaCacheFit:
 
 
 @dataclass(frozen=True)
+class SequenceLayout:
+    """How sequence parallelism (Ulysses, Ring) shards a DiT's `Hidden` (parallel/sequence.py).
+
+    Every stream is cut along its token axis (dim 1), padded where it does not divide; per-token
+    tables are cut the same way, stream by stream, in the order the blocks join the streams.
+    - `joint_order`: the streams in the order the blocks concatenate them for self-attention
+      (FLUX, Qwen-Image: (1, 0), text then image; Wan: (0,)).
+    - `consts`: one entry per const of `Hidden`: "same" (replicated), "rope" (a Rotary whose rows run
+      over the joint sequence), "key_mask" (None or [B, joint sequence]), "per_token" (dim 1 runs
+      over stream 0's tokens when the tensor has 4 dims, as Wan's per-token modulation
+      [B, L, 6, D]; otherwise replicated).
+    - `self_attention_sites`: attention sites over the sharded sequence (they communicate); other
+      sites of `attention_sites` (cross-attention to replicated text) attend locally, unchanged.
+    - `head_streams`: the streams the head reads (only these are gathered back).
+    """
+
+    joint_order: tuple[int, ...] = (0,)
+    consts: tuple[str, ...] = ()
+    self_attention_sites: tuple[str, ...] = ("attn_op",)
+    head_streams: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """How tensor parallelism splits each block (parallel/tensor.py); paths are block-relative
+    fnmatch patterns of nn.Linear modules.
+
+    - `column`: split on output features. A weight the checkpoint stores as several tensors (fused
+      q/k/v, FLUX's single-block q/k/v/mlp projection) is split tensor by tensor, so every rank
+      holds its heads of q, of k and of v.
+    - `row`: split on input features; partial outputs are summed across ranks, the bias added once.
+    - `row_segments`: (pattern, block attributes) for a row linear whose input is a concatenation
+      (FLUX single block `linear2` over [attention, MLP]: ("dim", "mlp_hidden")); each segment is
+      split on its own.
+    - `divide`: block-relative int attributes that count heads or widths, divided by the TP size.
+    - `norms`: RMSNorm modules over a width that TP splits (Wan's QK norm across all heads): their
+      statistics are summed across ranks.
+    """
+
+    column: tuple[str, ...] = ()
+    row: tuple[str, ...] = ()
+    row_segments: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    divide: tuple[str, ...] = ()
+    norms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DiTPlan:
     """Names are attributes of the DiT or, for linears, paths relative to a block.
 
@@ -46,6 +93,7 @@ class DiTPlan:
     - `teacache`: the model config -> its published TeaCache fit, or None where none is published
       for that checkpoint (None for the whole family: none published). Step caches measure and
       reuse the first stream of `Hidden` (the image or video tokens).
+    - `sequence`, `tensor`: the sequence- and tensor-parallel layouts (None: not supported).
     """
 
     block_lists: tuple[str, ...]
@@ -55,3 +103,5 @@ class DiTPlan:
     attention_sites: tuple[str, ...] = ("attn_op",)
     qk_rope_site: str | None = None
     teacache: Callable[[Any], TeaCacheFit | None] | None = None
+    sequence: SequenceLayout | None = None
+    tensor: TensorLayout | None = None

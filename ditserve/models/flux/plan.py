@@ -1,7 +1,7 @@
 """What accel/ and parallel/ may do to FluxDiT."""
 
 from ditserve.models.common.mmdit import modulate
-from ditserve.models.common.plan import DiTPlan, TeaCacheFit
+from ditserve.models.common.plan import DiTPlan, SequenceLayout, TeaCacheFit, TensorLayout
 
 
 def first_block_modulated_image(dit, h):
@@ -29,4 +29,11 @@ FLUX_PLAN = DiTPlan(
     attention_sites=("attn_op",),
     qk_rope_site="qkv_op",
     teacache=lambda cfg: FLUX_TEACACHE if cfg.num_layers > 0 else None,
+    # streams (img, txt), joined as (txt, img) for attention; consts (vec, rope)
+    sequence=SequenceLayout(joint_order=(1, 0), consts=("same", "rope"), self_attention_sites=("attn_op",),
+                            head_streams=(0,)),
+    # heads split across ranks: q/k/v (and the single block's MLP input) by output, the projections back
+    # by input; linear2's input is [attention, MLP], split segment by segment
+    tensor=TensorLayout(column=("*attn.qkv", "*_mlp.0", "linear1"), row=("*attn.proj", "*_mlp.2", "linear2"),
+                        row_segments=(("linear2", ("dim", "mlp_hidden")),), divide=("heads", "dim", "mlp_hidden")),
 )

@@ -1,6 +1,6 @@
 """What accel/ and parallel/ may do to QwenImageDiT."""
 
-from ditserve.models.common.plan import DiTPlan
+from ditserve.models.common.plan import DiTPlan, SequenceLayout, TensorLayout
 
 QWEN_IMAGE_PLAN = DiTPlan(
     block_lists=("double_blocks",),
@@ -9,4 +9,8 @@ QWEN_IMAGE_PLAN = DiTPlan(
     fp8_keep=("*mod.lin",),
     attention_sites=("attn_op",),
     qk_rope_site="qkv_op",
+    # streams (img, txt), joined as (txt, img); consts (vec, rope, key mask over (txt, img) or None)
+    sequence=SequenceLayout(joint_order=(1, 0), consts=("same", "rope", "key_mask"),
+                            self_attention_sites=("attn_op",), head_streams=(0,)),
+    tensor=TensorLayout(column=("*attn.qkv", "*_mlp.0"), row=("*attn.proj", "*_mlp.2"), divide=("heads",)),
 )

@@ -1,6 +1,6 @@
 """What accel/ and parallel/ may do to WanDiT."""
 
-from ditserve.models.common.plan import DiTPlan, TeaCacheFit
+from ditserve.models.common.plan import DiTPlan, SequenceLayout, TeaCacheFit, TensorLayout
 
 # TeaCache4Wan2.1 (ali-vilab/TeaCache, teacache_generate.py), as republished in SGLang Diffusion's Wan
 # sampling configs: the "ret-steps" fits are on the time modulation (six vectors), the others on the
@@ -50,4 +50,12 @@ WAN_PLAN = DiTPlan(
     attention_sites=("attn1.attn_op", "attn2.attn_op"),
     qk_rope_site=None,  # QK RMSNorm spans all heads: the fused per-head kernel does not apply
     teacache=wan_teacache,
+    # stream (x,); consts (context, mod, rope, temb, grid): mod is per token with TI2V's per-token timesteps
+    sequence=SequenceLayout(joint_order=(0,), consts=("same", "per_token", "rope", "same", "same"),
+                            self_attention_sites=("attn1.attn_op",), head_streams=(0,)),
+    # the QK norms span all heads, so under TP they sum their statistics across ranks
+    tensor=TensorLayout(column=("attn?.to_q", "attn?.to_k", "attn?.to_v", "attn2.add_k_proj", "attn2.add_v_proj",
+                                "ffn.0"),
+                        row=("attn?.to_out", "ffn.2"), divide=("attn1.heads", "attn2.heads"),
+                        norms=("attn?.norm_q", "attn?.norm_k", "attn2.norm_added_k")),
 )
