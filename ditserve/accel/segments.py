@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -114,10 +115,10 @@ class SegmentedDiT(nn.Module):
         blocks = dit.blocks
         if bounds is not None:
             edges = [0, *bounds, len(blocks)]
-            if group_size is not None or any(a >= b for a, b in zip(edges, edges[1:])):
+            if group_size is not None or any(a >= b for a, b in pairwise(edges)):
                 raise ValueError(f"group bounds {tuple(bounds)} must rise strictly inside 1..{len(blocks) - 1}"
                                  " (and exclude group_size)")
-            self.groups = [blocks[a:b] for a, b in zip(edges, edges[1:])]
+            self.groups = [blocks[a:b] for a, b in pairwise(edges)]
         else:
             size = group_size or len(blocks)
             self.groups = [blocks[i:i + size] for i in range(0, len(blocks), size)]
