@@ -151,7 +151,9 @@ class ParallelConfig:
     `num_gpus` = cfg (2 with `cfg_parallel`) x `ulysses_degree` x `ring_degree` x `tp_size` x
     `num_replicas`; on a machine without GPUs the ranks are CPU processes over gloo. Across machines
     (`nnodes` > 1) every node runs num_gpus / nnodes ranks under torchrun, meeting at
-    `master_addr:master_port`. `vae_parallel`: video decoding split across a replica's ranks.
+    `master_addr:master_port`; the engine then waits for rank 0 at port `master_port + 1`, which
+    proves itself with the secret in `auth_key_file` (both sides read it). `vae_parallel`: video
+    decoding split across a replica's ranks.
     """
 
     num_gpus: int = 1
@@ -164,6 +166,7 @@ class ParallelConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    auth_key_file: str | None = None
     vae_parallel: bool = False
 
     def __post_init__(self):
@@ -183,8 +186,11 @@ class ParallelConfig:
         if self.nnodes > 1 and self.num_replicas > 1:
             raise InvalidRequest(f"--num-replicas {self.num_replicas} with --nnodes {self.nnodes}: replicas run "
                                  "on one machine; start one server per machine instead", "num_replicas")
-        if not 0 <= self.master_port < 65536:
-            raise InvalidRequest(f"--master-port {self.master_port} is not a port number", "master_port")
+        if not 0 < self.master_port < 65535:
+            raise InvalidRequest(f"--master-port {self.master_port} is not a port number below 65535", "master_port")
+        if self.nnodes > 1 and not self.auth_key_file:
+            raise InvalidRequest(f"--nnodes {self.nnodes} needs --auth-key-file: a secret file that every machine "
+                                 "reads, so that only your ranks can join", "auth_key_file")
 
     @property
     def cfg_degree(self) -> int:

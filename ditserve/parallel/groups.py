@@ -110,9 +110,14 @@ def _axis(shape, axes, rank, backend) -> Axis:
     return mine
 
 
-def init_groups(cfg: ParallelConfig, device: torch.device) -> ParallelGroups:
-    """Create this rank's groups; torch.distributed must be initialised with world size
-    `cfg.group_size`. Collective: every rank calls it, in the same order."""
+def control_group():
+    """A gloo group over every rank, for requests and per-step decisions (also under NCCL)."""
+    return dist.new_group(list(range(dist.get_world_size())), backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def init_groups(cfg: ParallelConfig, device: torch.device, control=None) -> ParallelGroups:
+    """Create this rank's groups (and the control group unless given); torch.distributed must be
+    initialised with world size `cfg.group_size`. Collective: every rank calls it, in the same order."""
     world, rank = dist.get_world_size(), dist.get_rank()
     shape = mesh_shape(cfg)
     if world != cfg.group_size:
@@ -120,7 +125,7 @@ def init_groups(cfg: ParallelConfig, device: torch.device) -> ParallelGroups:
     backend = dist.get_backend()
     axes = {name: _axis(shape, (i,), rank, backend) for i, name in enumerate(AXES)}
     sp = _axis(shape, (1, 2), rank, backend)
-    control = dist.new_group(list(range(world)), backend="gloo", timeout=CONTROL_TIMEOUT)
+    control = control if control is not None else control_group()
     groups = ParallelGroups(rank, world, axes["cfg"], axes["ring"], axes["ulysses"], axes["tp"], sp, control,
                             device)
     log.info("rank %d/%d: cfg %d/%d ring %d/%d ulysses %d/%d tp %d/%d on %s", rank, world, groups.cfg.rank,
