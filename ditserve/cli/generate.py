@@ -222,10 +222,14 @@ def describe_outputs(written: list[tuple[Path, str]], seed: int, num_images: int
     """Per output: file, seed, place in the batch and the flags that give it again. The batch's noise
     comes from one generator seeded with `seed` (diffusers' semantics), so output k is reproduced by
     the same seed and batch size, not by seed + k."""
-    reproduce = f"--seed {seed}" + (f" --num-images {num_images}" if num_images > 1 else "")
+    flags = _seed_flags(seed, num_images)
     return [{"path": str(path), "content": what, "seed": seed, "index": i, "num_images": num_images,
-             "reproduce": reproduce + (f" (output {i + 1} of {num_images})" if num_images > 1 else "")}
+             "reproduce": flags + (f" (output {i + 1} of {num_images})" if num_images > 1 else "")}
             for i, (path, what) in enumerate(written)]
+
+
+def _seed_flags(seed: int, num_images: int) -> str:
+    return f"--seed {seed}" + (f" --num-images {num_images}" if num_images > 1 else "")
 
 
 def _log_result(outputs: list[dict], request: GenerationRequest, out, wall_s: float) -> None:
@@ -237,6 +241,6 @@ def _log_result(outputs: list[dict], request: GenerationRequest, out, wall_s: fl
         return
     for o in outputs:
         log.info("wrote %s (%s, seed %d, image %d of %d; again: %s)", o["path"], o["content"], o["seed"],
-                 o["index"] + 1, o["num_images"], o["reproduce"].split(" (")[0])
+                 o["index"] + 1, o["num_images"], _seed_flags(o["seed"], o["num_images"]))
     log.info("%d outputs in %s; their noise is one draw from seed %d, as in diffusers, so output 2 is not "
              "what --seed %d gives alone", len(outputs), took, request.seed, request.seed + 1)
