@@ -3,13 +3,20 @@
 A key map names, for each of our parameters, the checkpoint tensors that make it (several are
 concatenated along dim 0, e.g. separate q/k/v into one fused projection). Only the tensor being
 placed is ever held twice, so a 24 GB checkpoint never needs 48 GB.
+
+Inside `sharded_loading(hook)` (tensor parallelism, set by parallel/), `hook(model)` may reshape the
+meta model to one rank's shard and name, per parameter, the part of each checkpoint tensor to read
+(`ParamShard`); files are then read slice by slice, so no rank ever holds the whole model.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +26,45 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 KeyMap = dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """This rank's part of a parameter: along `dim`, piece `rank` of `size` of every checkpoint
+    tensor that makes it (each of a fused q/k/v cut on its own). `segments`: sizes along `dim` of
+    consecutive parts of one tensor that are each cut on their own (a projection whose input is a
+    concatenation); None: the tensor is one segment."""
+
+    dim: int
+    rank: int
+    size: int
+    segments: tuple[int, ...] | None = None
+
+    def ranges(self, length: int) -> list[tuple[int, int]]:
+        """[start, stop) ranges along `dim` of a checkpoint tensor of `length` to read, in order."""
+        out, start = [], 0
+        for seg in self.segments or (length,):
+            if seg % self.size:
+                raise ValueError(f"a segment of {seg} does not split into {self.size} shards")
+            piece = seg // self.size
+            out.append((start + self.rank * piece, start + (self.rank + 1) * piece))
+            start += seg
+        return out
+
+
+ShardFn = Callable[[str], ParamShard | None]
+_SHARDING: ContextVar[Callable[[nn.Module], ShardFn | None] | None] = ContextVar("ditserve_sharding", default=None)
+
+
+@contextmanager
+def sharded_loading(hook: Callable[[nn.Module], ShardFn | None]) -> Iterator[None]:
+    """While active, every model filled by `assign_mapped` is first passed to `hook`, which may
+    turn the meta model into one rank's shard and return which part of each parameter to read."""
+    token = _SHARDING.set(hook)
+    try:
+        yield
+    finally:
+        _SHARDING.reset(token)
 
 
 def checkpoint_files(folder: Path, stem: str = "diffusion_pytorch_model") -> dict[str, Path]:
@@ -45,13 +91,14 @@ def load_into(
     files = checkpoint_files(folder)
     handles: dict[Path, object] = {}
 
-    def get_tensor(key: str) -> torch.Tensor:
+    def handle(key: str):
         path = files[key]
         if path not in handles:
             handles[path] = safe_open(str(path), framework="pt")
-        return handles[path].get_tensor(key)
+        return handles[path]
 
-    assign_mapped(model, key_map, set(files), get_tensor, device, dtype, where=str(folder))
+    assign_mapped(model, key_map, set(files), lambda key: handle(key).get_tensor(key), device, dtype,
+                  where=str(folder), get_slice=lambda key: handle(key).get_slice(key))
     log.debug("loaded %d tensors from %s", len(key_map), folder)
     return model
 
@@ -64,8 +111,13 @@ def assign_mapped(
     device: torch.device | str,
     dtype: torch.dtype,
     where: str = "state dict",
+    get_slice: Callable[[str], object] | None = None,
 ) -> nn.Module:
-    """Fill every parameter of `model` from `get_tensor` through `key_map`; nothing may be left over."""
+    """Fill every parameter of `model` from `get_tensor` through `key_map`; nothing may be left over.
+    Under `sharded_loading`, sharded parameters are read through `get_slice(key)` (a safetensors
+    slice: `get_shape()`, indexing reads only the part asked for); without it, whole, then cut."""
+    hook = _SHARDING.get()
+    shard_of = hook(model) if hook is not None else None
     ours = dict(model.named_parameters())
     wanted = {k for srcs in key_map.values() for k in srcs}
     missing, unused, absent = sorted(set(ours) - set(key_map)), sorted(available - wanted), sorted(wanted - available)
@@ -75,12 +127,28 @@ def assign_mapped(
             f"unmapped parameters {missing[:5]}, unused tensors {unused[:5]}, absent tensors {absent[:5]}"
         )
     for name, sources in key_map.items():
-        parts = [get_tensor(src) for src in sources]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        shard = shard_of(name) if shard_of is not None else None
+        if shard is None:
+            parts = [get_tensor(src) for src in sources]
+        else:
+            parts = [_read_shard(src, shard, get_tensor, get_slice) for src in sources]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=shard.dim if shard else 0)
         if tensor.shape != ours[name].shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(ours[name].shape)}")
         _assign(model, name, tensor.to(device=device, dtype=dtype))
     return model
+
+
+def _read_shard(key: str, shard: ParamShard, get_tensor, get_slice) -> torch.Tensor:
+    """This rank's part of one checkpoint tensor: only its slices are read when the file allows."""
+    if get_slice is None:
+        full = get_tensor(key)
+        pieces = [full.narrow(shard.dim, a, b - a).clone() for a, b in shard.ranges(full.shape[shard.dim])]
+    else:
+        part = get_slice(key)
+        lead = (slice(None),) * shard.dim
+        pieces = [part[lead + (slice(a, b),)] for a, b in shard.ranges(part.get_shape()[shard.dim])]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=shard.dim)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
