@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ditserve.api import InvalidRequest
 from ditserve.models.common.dit import Hidden, StepContext, run_block
 from ditserve.models.common.rope import Rotary
 from ditserve.parallel.attention import RingAttention, SeqState, UlyssesAttention, all_gather_cat
@@ -102,7 +103,8 @@ class SequenceParallelDiT(nn.Module):
         super().__init__()
         layout = dit.plan.sequence
         if layout is None:
-            raise ValueError(f"{type(dit).__name__} has no sequence-parallel layout in its plan")
+            raise InvalidRequest(f"{type(dit).__name__} has no sequence-parallel layout: --ulysses-degree and "
+                             "--ring-degree are not supported for it", "ulysses_degree")
         self.dit, self.layout, self.axis = dit, layout, groups.sp
         self.state = SeqState()
         self._full: tuple | None = None  # (consts, lengths) of the forward in flight, for the head
@@ -179,6 +181,6 @@ def apply_sequence_parallel(dit: nn.Module, groups: ParallelGroups) -> nn.Module
         dit = dit.dit
     heads = getattr(dit.cfg, "num_attention_heads", None)
     if heads is not None and groups.ulysses.size > 1 and (heads // groups.tp.size) % groups.ulysses.size:
-        raise ValueError(f"--ulysses-degree {groups.ulysses.size} needs the model's {heads} attention heads / "
-                         f"--tp-size {groups.tp.size} divisible by it")
+        raise InvalidRequest(f"--ulysses-degree {groups.ulysses.size} needs the model's {heads} attention heads / "
+                             f"--tp-size {groups.tp.size} divisible by it", "ulysses_degree")
     return SequenceParallelDiT(dit, groups)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.api import InvalidRequest
 from ditserve.models.common.loading import ParamShard, ShardFn, sharded_loading
 from ditserve.parallel.groups import Axis
 
@@ -85,10 +86,12 @@ def shard_model(model: nn.Module, axis: Axis) -> ShardFn | None:
         return None
     layout = plan.tensor
     if layout is None:
-        raise ValueError(f"{type(model).__name__} has no tensor-parallel layout: --tp-size {axis.size} is not supported")
+        raise InvalidRequest(f"{type(model).__name__} has no tensor-parallel layout: --tp-size {axis.size} is not "
+                             "supported for it", "tp_size")
     heads = getattr(model.cfg, "num_attention_heads", None)
     if heads is not None and heads % axis.size:
-        raise ValueError(f"--tp-size {axis.size} needs the model's {heads} attention heads divisible by it")
+        raise InvalidRequest(f"--tp-size {axis.size} needs the model's {heads} attention heads divisible by it",
+                             "tp_size")
     names = {id(m): n for n, m in model.named_modules()}
     shards: dict[str, ParamShard] = {}
     with torch.device("meta"):
@@ -134,4 +137,4 @@ def _shard_block(block: nn.Module, prefix: str, layout, axis: Axis, shards: dict
 
 def _check(size: int, t: int, name: str) -> None:
     if size % t:
-        raise ValueError(f"--tp-size {t} does not divide {name} ({size} features)")
+        raise InvalidRequest(f"--tp-size {t} does not divide {name} ({size} features)", "tp_size")

@@ -127,17 +127,24 @@ def run_rank(device: str, driver: tuple[str, int], authkey: bytes) -> int:
     if setup is None:
         return 1
     cfg = setup.config
-    try:
-        if cfg.parallel.group_size != dist.get_world_size():
-            raise InvalidRequest(f"the group has {dist.get_world_size()} ranks but the parallel settings need "
-                                 f"{cfg.parallel.group_size}", "num_gpus")
-        groups = init_groups(cfg.parallel, torch.device(device), control)
-        engine = Engine.from_config(cfg, groups=groups)
-        dist.barrier(group=control)  # every rank loaded
-    except Exception as exc:  # noqa: BLE001 - reported to the executor, then the group ends
-        log.exception("rank %d could not start", rank)
+    if cfg.parallel.group_size != dist.get_world_size():
         if conn is not None:
-            conn.send(_failure(None, exc))
+            conn.send(Failed(None, "invalid", f"the group has {dist.get_world_size()} ranks but the parallel "
+                                              f"settings need {cfg.parallel.group_size}", "num_gpus"))
+        return 1
+    groups = init_groups(cfg.parallel, torch.device(device), control)
+    try:
+        engine, failure = Engine.from_config(cfg, groups=groups), None
+    except Exception as exc:  # noqa: BLE001 - reported to the executor, then the group ends
+        log.warning("rank %d could not load: %s", rank, exc)
+        engine, failure = None, _failure(None, exc)
+    # every rank's outcome to rank 0, so it reports the first failure (and nobody exits before that)
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, failure, group=control)
+    failure = next((f for f in outcomes if f is not None), None)
+    if failure is not None:
+        if conn is not None:
+            conn.send(failure)
         return 1
     if conn is not None:
         conn.send(Ready(dist.get_world_size(), device))
