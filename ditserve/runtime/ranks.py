@@ -342,4 +342,7 @@ def read_auth_key(path: str) -> bytes:
 
 
 if __name__ == "__main__":
-    main()
+    # run the module under its own name, so the messages pickle as ditserve.runtime.ranks.*
+    from ditserve.runtime.ranks import main as _main
+
+    _main()
