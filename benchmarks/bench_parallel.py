@@ -1,0 +1,238 @@
+"""Scaling of one denoising step over 1, 2, 4 and 8 GPUs (GPU; real sizes, random weights).
+
+For each model and GPU count, every parallel mode that fits: the step is the guidance prediction of
+one step (cond and uncond, as the pipelines run them: one batch of two on a single GPU, one branch
+per half with CFG parallelism), timed on rank 0 between barriers. `speedup` is against the 1-GPU
+step of the same run.
+
+    python benchmarks/bench_parallel.py [--models wan2.1-t2v-14b,flux.1-dev,qwen-image] [--max-gpus 8] \
+        [--reps 5] [--out benchmarks/results/parallel_h200.json]
+    python benchmarks/bench_parallel.py --tiny [--models tiny-flux]   # CPU smoke run: gloo, 1 and 2 ranks
+
+Scenarios: Wan2.1-14B at 1280x720x81 (75,600 tokens) with Ulysses, Ring and USP (and CFG x
+Ulysses); FLUX.1-dev at 1024x1024 with true CFG: CFG-parallel, Ulysses, CFG x Ulysses; Qwen-Image at
+1328x1328: CFG-parallel, Ulysses, CFG x Ulysses, USP; TP where asked (`--modes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench_parallel")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    family: str  # flux | qwen | wan
+    height: int
+    width: int
+    frames: int = 0
+    txt: int = 512
+    modes: tuple[str, ...] = ("ulysses",)
+    arch: dict | None = field(default=None, hash=False)  # None: architectures.json's entry
+
+
+SCENARIOS = {
+    "wan2.1-t2v-14b": Scenario("wan", 720, 1280, frames=81, modes=("ulysses", "ring", "usp", "cfg-ulysses")),
+    "flux.1-dev": Scenario("flux", 1024, 1024, txt=512, modes=("cfg", "ulysses", "cfg-ulysses")),
+    "qwen-image": Scenario("qwen", 1328, 1328, txt=128, modes=("cfg", "ulysses", "cfg-ulysses", "usp")),
+}
+TINY = {
+    "tiny-flux": Scenario("flux", 64, 80, txt=31, modes=("cfg", "ulysses", "ring", "tp"), arch=dict(
+        attention_head_dim=16, guidance_embeds=True, in_channels=16, joint_attention_dim=32, num_attention_heads=2,
+        num_layers=1, num_single_layers=1, patch_size=1, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])),
+    "tiny-wan": Scenario("wan", 48, 80, frames=9, txt=512, modes=("ulysses", "ring"), arch=dict(
+        attention_head_dim=16, cross_attn_norm=True, eps=1e-6, ffn_dim=48, freq_dim=32, in_channels=16,
+        num_attention_heads=2, num_layers=1, out_channels=16, patch_size=[1, 2, 2],
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64, text_dim=24)),
+}
+
+
+def degrees(mode: str, n: int) -> dict | None:
+    """ParallelConfig degrees of `mode` on `n` GPUs; None where the mode does not fit."""
+    if mode == "single":
+        return {} if n == 1 else None
+    if n == 1:
+        return None
+    half = n // 2
+    return {"cfg": dict(cfg_parallel=True) if n == 2 else None, "ulysses": dict(ulysses_degree=n),
+            "ring": dict(ring_degree=n), "tp": dict(tp_size=n),
+            "usp": dict(ulysses_degree=half, ring_degree=2) if n >= 4 else None,
+            "cfg-ulysses": dict(cfg_parallel=True, ulysses_degree=half) if n >= 4 else None}[mode]
+
+
+def _family(name: str):
+    if name == "flux":
+        from ditserve.bench import flux as bench
+        from ditserve.models.flux import FluxConfig, FluxDiT
+        return FluxConfig, FluxDiT, bench
+    if name == "qwen":
+        from ditserve.bench import qwen_image as bench
+        from ditserve.models.qwen_image.config import QwenImageConfig
+        from ditserve.models.qwen_image.model import QwenImageDiT
+        return QwenImageConfig, QwenImageDiT, bench
+    from ditserve.bench import wan as bench
+    from ditserve.models.wan.config import WanConfig
+    from ditserve.models.wan.model import WanDiT
+    return WanConfig, WanDiT, bench
+
+
+def build(model: str, sc: Scenario, groups, device, dtype):
+    """This rank's DiT (TP shard if asked, random weights, sequence-parallel wrapper) and a function
+    batch -> its inputs at the scenario's shape."""
+    from ditserve.bench.common import arch_kwargs, architectures
+    from ditserve.parallel.sequence import apply_sequence_parallel
+    from ditserve.parallel.tensor import shard_model
+
+    cfg_cls, dit_cls, bench = _family(sc.family)
+    cfg = cfg_cls.from_dict(sc.arch if sc.arch is not None else arch_kwargs(architectures()[model]["transformer"]))
+    with torch.device("meta"):
+        dit = dit_cls(cfg)
+    if groups.tp.size > 1:
+        shard_model(dit, groups.tp)
+    dit = dit.to_empty(device=device)
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02 if p.ndim > 1 else 0.1, generator=gen)
+    dit = apply_sequence_parallel(dit.to(dtype).eval(), groups)
+    if sc.family == "wan":
+        one = bench.inputs(cfg, sc.height, sc.width, sc.frames, device, dtype)
+
+        def make(batch):
+            return type(one)(one.latents.repeat(batch, 1, 1, 1, 1), one.timesteps.repeat(batch),
+                             one.context.repeat(batch, 1, 1))
+    else:
+        def make(batch):
+            return bench.inputs(cfg, sc.height, sc.width, sc.txt, device, dtype, batch=batch)
+    return dit, make
+
+
+def rank_run(rank: int, world: int, port: int, job: dict, out: str) -> None:
+    """One rank of one configuration: build, warm up, time `reps` steps; rank 0 writes the median."""
+    import torch.distributed as dist
+
+    from ditserve.config import ParallelConfig
+    from ditserve.models.common.dit import StepContext
+    from ditserve.parallel.cfg import cfg_parallel
+    from ditserve.parallel.groups import init_groups
+    from ditserve.sampling.guidance import ClassifierFree
+
+    cuda = job["device"] == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, False)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
+    groups = init_groups(ParallelConfig(num_gpus=world, **job["degrees"]), device)
+    sc = job["scenario"]
+    dit, make = build(job["model"], sc, groups, device, getattr(torch, job["dtype"]))
+    guidance = cfg_parallel(ClassifierFree(torch.tensor([4.0])), groups.cfg)
+    inputs = {n: make(n) for n in (1, 2)}
+
+    def call(x_in, branches):
+        ctx = StepContext(0, 1, 0, tuple(branches), tuple({} for _ in branches))
+        return dit(inputs[len(branches)], ctx)
+
+    x = torch.zeros(1, device=device)
+    times = []
+    with torch.no_grad():
+        for i in range(job["warmup"] + job["reps"]):
+            dist.barrier()
+            start = time.perf_counter()
+            guidance.predict(call, x)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= job["warmup"]:
+                times.append(time.perf_counter() - start)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"step_s": statistics.median(times)}))
+    dist.destroy_process_group()
+
+
+def run_job(job: dict, world: int) -> float:
+    """Start `world` ranks for one configuration; the median step time rank 0 measured."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False)  # an OS-chosen port
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.start_processes(rank_run, args=(world, store.port, job, out), nprocs=world, start_method="spawn")
+        return json.loads(Path(out).read_text())["step_s"]
+
+
+def bench_model(model: str, sc: Scenario, counts: list[int], args) -> list[dict]:
+    from ditserve.bench.common import arch_kwargs, architectures, base_row
+
+    heads = (sc.arch or arch_kwargs(architectures()[model]["transformer"]))["num_attention_heads"]
+    shape = f"{sc.width}x{sc.height}" + (f"x{sc.frames}" if sc.frames else "")
+    rows = []
+    for n in counts:
+        for mode in ("single", *(m for m in (args.modes or sc.modes))):
+            kw = degrees(mode, n)
+            if kw is None or heads % (kw.get("ulysses_degree", 1) * kw.get("tp_size", 1)):
+                continue
+            job = dict(model=model, scenario=sc, degrees=kw, device=args.device, dtype=args.dtype,
+                       warmup=args.warmup, reps=args.reps)
+            step = run_job(job, n)
+            row = base_row(model, args.dtype, shape) | dict(num_gpus=n, mode=mode, step_s=round(step, 5))
+            rows.append(row)
+            log.info("%s %s x%d: %.4f s/step", model, mode, n, step)
+    single = next((r["step_s"] for r in rows if r["mode"] == "single"), None)
+    for row in rows:
+        row["speedup"] = round(single / row["step_s"], 3) if single else None
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=None, help=f"comma-separated, of {', '.join(SCENARIOS)} (default all)")
+    p.add_argument("--max-gpus", type=int, default=8)
+    p.add_argument("--modes", default=None, help="comma-separated modes instead of each scenario's")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default=None)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run on tiny models over gloo")
+    args = p.parse_args(argv)
+    args.modes = args.modes.split(",") if args.modes else None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    known = TINY if args.tiny else SCENARIOS
+    scenarios = {m: known[m] for m in (args.models.split(",") if args.models else known)}
+    if args.tiny:
+        args.device, args.dtype, args.max_gpus = "cpu", "float32", min(args.max_gpus, 2)
+        args.reps, args.warmup = min(args.reps, 2), min(args.warmup, 1)
+    else:
+        args.device, args.max_gpus = "cuda", min(args.max_gpus, torch.cuda.device_count())
+    counts = [n for n in (1, 2, 4, 8) if n <= args.max_gpus]
+    rows = [row for model, sc in scenarios.items() for row in bench_model(model, sc, counts, args)]
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    for row in rows:
+        log.info("%-16s %-12s x%d  %.4f s  speedup %s", row["model"], row["mode"], row["num_gpus"], row["step_s"],
+                 row["speedup"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The scaling benchmark (GPU) runs end to end on the CPU with tiny models over gloo and writes the
+rows the lead reads: model, gpu, num_gpus, mode, step_s, speedup (vs 1 GPU of the same run), commit."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
+
+
+def load_bench():
+    # importable by name: the spawned ranks import rank_run from it (spawn passes sys.path on)
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    return importlib.import_module("bench_parallel")
+
+
+def test_degrees_fit_the_gpu_counts():
+    bench = load_bench()
+    assert bench.degrees("single", 1) == {} and bench.degrees("single", 2) is None
+    assert bench.degrees("cfg", 2) == dict(cfg_parallel=True) and bench.degrees("cfg", 4) is None
+    assert bench.degrees("usp", 8) == dict(ulysses_degree=4, ring_degree=2) and bench.degrees("usp", 2) is None
+    assert bench.degrees("cfg-ulysses", 8) == dict(cfg_parallel=True, ulysses_degree=4)
+
+
+def test_tiny_run_writes_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    load_bench().main(["--tiny", "--models", "tiny-flux", "--modes", "cfg,ulysses", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["num_gpus"]) for r in rows] == [("single", 1), ("cfg", 2), ("ulysses", 2)]
+    for row in rows:
+        assert {"model", "gpu", "num_gpus", "mode", "step_s", "speedup", "commit"} <= set(row)
+        assert row["step_s"] > 0 and row["gpu"] == "cpu"
+    assert rows[0]["speedup"] == 1.0
