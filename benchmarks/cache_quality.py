@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ditserve import demo  # noqa: E402
-from ditserve.accel.cache import METHOD_DEFAULTS, apply_cache, step_cache  # noqa: E402
+from ditserve.accel.cache import apply_cache, step_cache  # noqa: E402
 from ditserve.config import EngineConfig, ModelConfig  # noqa: E402
 from ditserve.config.engine import CacheConfig  # noqa: E402
 from ditserve.runtime.engine import Engine  # noqa: E402
@@ -47,6 +47,7 @@ CONFIGS = [
     ("first-block 0.08", dict(method="first-block", threshold=0.08)),
     ("first-block 0.10", dict(method="first-block", threshold=0.10)),
     ("first-block 0.15", dict(method="first-block", threshold=0.15)),
+    ("first-block 0.08 +TS1", dict(method="first-block", threshold=0.08, taylorseer_order=1)),
     ("first-block 0.10 +TS1", dict(method="first-block", threshold=0.10, taylorseer_order=1)),
     ("first-block 0.15 +TS1", dict(method="first-block", threshold=0.15, taylorseer_order=1)),
     ("first-block 0.20 +TS1", dict(method="first-block", threshold=0.20, taylorseer_order=1)),
@@ -60,6 +61,8 @@ CONFIGS = [
     ("teacache 0.60", dict(method="teacache", threshold=0.60)),
     ("teacache 0.40 +TS1", dict(method="teacache", threshold=0.40, taylorseer_order=1)),
     ("teacache 0.60 +TS1", dict(method="teacache", threshold=0.60, taylorseer_order=1)),
+    ("teacache 0.80 +TS1", dict(method="teacache", threshold=0.80, taylorseer_order=1)),
+    ("teacache 1.00 +TS1", dict(method="teacache", threshold=1.00, taylorseer_order=1)),
 ]
 
 
@@ -97,11 +100,15 @@ def measure(args: argparse.Namespace) -> dict:
                                 "psnr_mean": None, "psnr_min": None, "identical": len(cases), "s_per_image": ref_s})
         log.info("%d steps uncached: facts %.1f%%", steps, 100 * accuracy(ref_facts))
         for label, keys in CONFIGS:
+            if args.only and not any(part in label for part in args.only):
+                continue
             engine.pipeline.dit = apply_cache(base, CacheConfig.from_mapping(keys))
             images, facts, per_image = run_config(gen, cases, steps)
-            totals = step_cache(engine.pipeline.dit).totals
+            cache = step_cache(engine.pipeline.dit)
+            totals = cache.totals
             values = [psnr(a, b) for a, b in zip(images, ref_images)]
             row = {"steps": steps, "config": label, "keys": keys, "skipped": totals.skipped / totals.forwards,
+                   "kept_blocks": cache.policy.fn + cache.policy.bn,
                    "accuracy": accuracy(facts), "psnr_mean": float(np.mean(values)), "psnr_min": float(np.min(values)),
                    "identical": sum(v == IDENTICAL_DB for v in values), "s_per_image": per_image}
             results["runs"].append(row)
@@ -116,13 +123,7 @@ def annotate(results: dict) -> None:
     and last (bn) blocks, which on the 6-block demo is a far larger share than on FLUX.1 (57 blocks)."""
     blocks = results["blocks"]
     for r in results["runs"]:
-        keys = r.get("keys")
-        if keys is None:
-            r["blocks_saved"] = 0.0
-            continue
-        defaults = METHOD_DEFAULTS.get(keys["method"], {"fn": 0, "bn": 0})
-        kept = keys.get("fn", defaults["fn"]) + keys.get("bn", defaults["bn"])
-        r["blocks_saved"] = r["skipped"] * (blocks - kept) / blocks
+        r["blocks_saved"] = r["skipped"] * (blocks - r.get("kept_blocks", blocks)) / blocks
 
 
 def table(results: dict) -> str:
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=None, help="held-out combos (default: all 48)")
     p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only the configs whose label contains one")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cache_quality_demo_cpu.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -44,11 +44,13 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "step_cache"  # this module's per-branch state in StepContext.states[k]
 
-# Defaults where the config leaves a value unset (teacache's come from the family's published fit).
-# Chosen on the demo model (benchmarks/cache_quality.py); see the README's table.
+# Defaults where the config leaves a value unset; teacache's come from the family's published fit.
+# 0.08 is FBCache's and DBCache's customary threshold; on the demo model it skips 44% of 20 steps and
+# 69% of 50 at 47 and 43 dB against uncached (benchmarks/cache_quality.py). dual-block's fn None:
+# DBCache's 8 probe blocks, at most a quarter of the model's blocks (FLUX.1: 8 of 57; the demo: 1 of 6).
 METHOD_DEFAULTS = {
     "first-block": {"threshold": 0.08, "warmup_steps": 0, "fn": 1, "bn": 0},
-    "dual-block": {"threshold": 0.08, "warmup_steps": 0, "fn": 1, "bn": 0},
+    "dual-block": {"threshold": 0.08, "warmup_steps": 0, "fn": None, "bn": 0},
 }
 
 Segment = Callable[[Hidden], Hidden]
@@ -86,7 +88,8 @@ def resolve_policy(cfg: CacheConfig, dit: nn.Module) -> CachePolicy:
                            warmup_steps=_pick(cfg.warmup_steps, fit.warmup_steps), fn=0, bn=0,
                            coefficients=tuple(fit.coefficients), signal=fit.signal, **common)
     d = METHOD_DEFAULTS[cfg.method]
-    fn, bn = _pick(cfg.fn, d["fn"]), _pick(cfg.bn, d["bn"])
+    fn = _pick(cfg.fn, d["fn"] or max(1, min(8, blocks // 4)))
+    bn = _pick(cfg.bn, d["bn"])
     if fn + bn >= blocks:
         raise InvalidRequest(f"{cfg.method} needs a middle to skip: fn {fn} + bn {bn} must be below the "
                              f"model's {blocks} blocks", "cache.fn")
@@ -311,7 +314,7 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                    help="relative change below which cached work is reused; 0 never skips (default: the method's)")
     g.add_argument("--cache-warmup-steps", type=int, default=None, metavar="N", help="first steps always computed")
     g.add_argument("--cache-fn", type=int, default=None, metavar="N",
-                   help="dual-block: first blocks always computed (default 1)")
+                   help="dual-block: first blocks always computed (default 8, at most a quarter of the blocks)")
     g.add_argument("--cache-bn", type=int, default=None, metavar="N",
                    help="dual-block: last blocks always computed (default 0)")
     g.add_argument("--cache-taylorseer-order", type=int, default=0, metavar="K",

@@ -64,7 +64,8 @@ class CacheConfig:
     - `threshold`: relative change below which cached work is reused (teacache: accumulated, rescaled);
       0 never skips.
     - `warmup_steps`: steps at the start that always compute.
-    - `fn`, `bn`: dual-block's first and last blocks that always compute.
+    - `fn`, `bn`: dual-block's first and last blocks that always compute (default 8, at most a quarter
+      of the blocks, and 0).
     - `taylorseer_order`: 0 reuses the cached residual as it is; 1-2 extrapolate it (TaylorSeer).
     - `max_cached_steps`, `max_consecutive_cached_steps`: caps per branch and run (None: no cap).
     """

@@ -4,6 +4,7 @@ reuse, and that the pipelines run with them (FLUX demo, Qwen-Image, Wan) on the 
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 from dataclasses import dataclass, replace
@@ -173,6 +174,17 @@ def test_models_that_cannot_take_a_method_are_refused_in_one_line():
     with pytest.raises(InvalidRequest, match="teacache has no published coefficients for this ToyDiT") as err:
         cached(no_fit, method="teacache")
     assert "\n" not in err.value.message
+
+
+def test_method_defaults_resolve_against_the_model():
+    from ditserve.accel.cache import resolve_policy
+
+    for blocks, fn in ((4, 1), (12, 3), (57, 8)):  # dual-block: DBCache's 8 probe blocks, at most a quarter
+        policy = resolve_policy(CacheConfig(method="dual-block"), ToyDiT(kinds=("mix",) * blocks))
+        assert (policy.fn, policy.bn, policy.threshold, policy.warmup_steps) == (fn, 0, 0.08, 0)
+    assert resolve_policy(CacheConfig(method="first-block", threshold=0.2), ToyDiT()).fn == 1
+    tea = resolve_policy(CacheConfig(method="teacache", warmup_steps=3), ToyDiT())
+    assert (tea.fn, tea.threshold, tea.warmup_steps, tea.coefficients) == (0, 0.3, 3, (1.0, 0.0))
 
 
 def test_teacache_fits_per_family_and_checkpoint_shape():
@@ -359,7 +371,7 @@ def _rank_main(rank: int, world: int, store: str, mode: str, threshold: float, o
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=RANK_TIMEOUT)
     dit = ToyDiT()
     keys = dict(sp_group=dist.group.WORLD) if mode == "sp" else dict(sync_group=dist.group.WORLD)
     run = Run(apply_cache(dit, CacheConfig(method="first-block", threshold=threshold), **keys))
@@ -369,6 +381,8 @@ def _rank_main(rank: int, world: int, store: str, mode: str, threshold: float, o
 
 
 DRIFT = [0.0, 1.0, 1.02, 2.5, 2.52, 2.54]  # big, small, big, small, small moves
+# ranks that disagree would wait in mismatched collectives: fail after this instead of hanging
+RANK_TIMEOUT = datetime.timedelta(seconds=90)
 
 
 def _parallel_inputs(mode: str, rank: int | None):
@@ -414,6 +428,88 @@ def test_sequence_and_cfg_parallel_ranks_take_the_single_process_decisions(mode,
 def _run_rank(rank: int, store: str, mode: str, threshold: float, outs: list[str]):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     _rank_main(rank, 2, store, mode, threshold, outs[rank])
+
+
+def _tiny_flux():
+    from ditserve.models.flux import FluxConfig, FluxDiT
+
+    torch.manual_seed(0)
+    cfg = FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                     joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    return FluxDiT(cfg).eval()
+
+
+def _flux_steps(mode: str):
+    """Six steps of FLUX inputs (one sample, or cond + uncond batched for "cfg") where only the second
+    half of the image tokens (SP: rank 1's shard) or only uncond (CFG: rank 1's branch) moves."""
+    from ditserve.models.flux.model import FluxInputs
+    from ditserve.pipelines.flux import image_ids
+
+    g = torch.Generator().manual_seed(1)
+    img, move = torch.randn(1, 16, 16, generator=g), torch.randn(1, 16, 16, generator=g)
+    txt, pooled = torch.randn(1, 4, 24, generator=g), torch.randn(1, 20, generator=g)
+    ids = dict(img_ids=image_ids(4, 4, "cpu", torch.float32), txt_ids=torch.zeros(4, 3))
+    if mode == "sp":
+        move[:, :8] = 0
+        return [FluxInputs(img=img + 0.3 * d * move, txt=txt, pooled=pooled, timesteps=torch.tensor([0.5]), **ids)
+                for d in DRIFT], ("cond",)
+    return [FluxInputs(img=torch.cat([img, img.flip(1) + 0.3 * d * move]), txt=torch.cat([txt, txt.flip(1)]),
+                       pooled=torch.cat([pooled, -pooled]), timesteps=torch.full((2,), 0.5), **ids)
+            for d in DRIFT], ("cond", "uncond")
+
+
+def _flux_rank(rank: int, store: str, mode: str, keys: dict, outs: list[str]):
+    """One rank of a real 2-rank FLUX run: Ulysses-sharded (the parallel package's wrapper under the
+    cache) or one CFG branch per rank; the cache reduces over the SP group, agrees over the control group."""
+    import torch.distributed as dist
+
+    from ditserve.config import ParallelConfig
+    from ditserve.parallel.groups import init_groups
+    from ditserve.parallel.sequence import apply_sequence_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=RANK_TIMEOUT)
+    sp = mode == "sp"
+    groups = init_groups(ParallelConfig(num_gpus=2, ulysses_degree=2 if sp else 1, cfg_parallel=not sp),
+                         torch.device("cpu"))
+    dit = apply_sequence_parallel(_tiny_flux(), groups)
+    model = apply_cache(dit, CacheConfig(**keys), sp_group=groups.sp.group, sync_group=groups.control)
+    inputs, branches = _flux_steps(mode)
+    if not sp:  # this rank's branch: the cond or the uncond half of each step's batch
+        inputs = [replace(inp, img=inp.img[rank:rank + 1], txt=inp.txt[rank:rank + 1], pooled=inp.pooled[rank:rank + 1],
+                          timesteps=inp.timesteps[rank:rank + 1]) for inp in inputs]
+        branches = (branches[rank],)
+    decided, results = drive(Run(model), inputs, branches)
+    torch.save({"pattern": decided, "outs": results}, outs[rank])
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode, keys", [
+    ("sp", dict(method="first-block", threshold=0.1)),
+    ("sp", dict(method="teacache", threshold=0.5)),
+    ("cfg", dict(method="dual-block", threshold=0.1, taylorseer_order=1)),
+])
+def test_flux_sequence_and_cfg_parallel_ranks_cache_as_one_process(mode, keys, tmp_path):
+    """FLUX over two gloo ranks with the parallel package's wrappers: every rank takes the decisions of
+    one process running the whole batch and gives its outputs, though rank 0's own tokens or branch
+    never move (alone, it would skip more)."""
+    import torch.multiprocessing as mp
+
+    with torch.no_grad():
+        expected, full = drive(Run(cached(_tiny_flux(), **keys)), *_flux_steps(mode))
+        inputs, branches = _flux_steps(mode)
+        still = [replace(inputs[0], img=inputs[0].img[:1], txt=inputs[0].txt[:1], pooled=inputs[0].pooled[:1],
+                         timesteps=inputs[0].timesteps[:1])] * len(inputs)
+        alone = pattern(Run(cached(_tiny_flux(), **keys)), still)
+    assert "S" in expected[1:] and "C" in expected[1:] and alone != expected, (expected, alone)
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    mp.spawn(_flux_rank, args=(str(tmp_path / "store"), mode, keys, outs), nprocs=2, join=True)
+    results = [torch.load(o) for o in outs]
+    assert [r["pattern"] for r in results] == [expected, expected]
+    for step, ref in enumerate(full):
+        for r in range(2):
+            part = ref if mode == "sp" else ref[r:r + 1]
+            torch.testing.assert_close(results[r]["outs"][step], part, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="segment CUDA graphs need a GPU")
