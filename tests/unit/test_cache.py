@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -366,68 +365,9 @@ def test_stats_gather_into_the_timings():
     assert CacheStats.gather([{}, {}]) is None and "cache" not in Timings().to_dict()
 
 
-def _rank_main(rank: int, world: int, store: str, mode: str, threshold: float, out: str):
-    """One rank of the SP or CFG-parallel check: its share of each step, its decisions, its outputs."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=RANK_TIMEOUT)
-    dit = ToyDiT()
-    keys = dict(sp_group=dist.group.WORLD) if mode == "sp" else dict(sync_group=dist.group.WORLD)
-    run = Run(apply_cache(dit, CacheConfig(method="first-block", threshold=threshold), **keys))
-    decided, outs = drive(run, *_parallel_inputs(mode, rank))
-    torch.save({"pattern": decided, "outs": outs}, out)
-    dist.destroy_process_group()
-
-
 DRIFT = [0.0, 1.0, 1.02, 2.5, 2.52, 2.54]  # big, small, big, small, small moves
 # ranks that disagree would wait in mismatched collectives: fail after this instead of hanging
 RANK_TIMEOUT = datetime.timedelta(seconds=90)
-
-
-def _parallel_inputs(mode: str, rank: int | None):
-    """Only the second half of the tokens (SP: rank 1's shard) or only uncond (CFG: rank 1) moves.
-    rank None: the whole, as one process runs it."""
-    base, move = x_of(11, tokens=8), x_of(12, tokens=8)
-    if mode == "sp":
-        move[:, :4] = 0
-        steps = [ToyInputs(base + 0.3 * d * move, torch.tensor([0.5])) for d in DRIFT]
-        if rank is None:
-            return steps, ("cond",)
-        return [ToyInputs(s.x[:, 4 * rank:4 * rank + 4], s.t) for s in steps], ("cond",)
-    cond = [base for _ in DRIFT]
-    uncond = [base.flip(1) + 0.3 * d * move for d in DRIFT]
-    if rank is None:
-        return [ToyInputs(torch.cat([c, u]), torch.tensor([0.5, 0.5])) for c, u in zip(cond, uncond)], ("cond", "uncond")
-    return [ToyInputs(x, torch.tensor([0.5])) for x in (cond if rank == 0 else uncond)], (("cond",), ("uncond",))[rank]
-
-
-@pytest.mark.parametrize("mode", ["sp", "cfg"])
-def test_sequence_and_cfg_parallel_ranks_take_the_single_process_decisions(mode, tmp_path):
-    """Two gloo ranks: SP ranks each hold half the tokens (the blocks act per token) and sum the change
-    measure; CFG ranks each run one branch and agree the decision. Both end with the decisions and
-    outputs of one process running the whole batch, though rank 0 alone would have skipped more."""
-    import torch.multiprocessing as mp
-
-    inputs, branches = _parallel_inputs(mode, None)
-    threshold = 0.02
-    expected, full = drive(Run(cached(ToyDiT(), method="first-block", threshold=threshold)), inputs, branches)
-    alone_inputs, alone_branches = _parallel_inputs(mode, 0)
-    alone = pattern(Run(cached(ToyDiT(), method="first-block", threshold=threshold)), alone_inputs, alone_branches)
-    assert "S" in expected[1:] and "C" in expected[1:] and alone != expected  # the check can fail
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    mp.spawn(_run_rank, args=(str(tmp_path / "store"), mode, threshold, outs), nprocs=2, join=True)
-    results = [torch.load(o) for o in outs]
-    assert [r["pattern"] for r in results] == [expected, expected]
-    for step, ref in enumerate(full):
-        parts = ref.split(4, dim=1) if mode == "sp" else ref.chunk(2)
-        for r in range(2):
-            torch.testing.assert_close(results[r]["outs"][step], parts[r], rtol=0, atol=1e-6)
-
-
-def _run_rank(rank: int, store: str, mode: str, threshold: float, outs: list[str]):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    _rank_main(rank, 2, store, mode, threshold, outs[rank])
 
 
 def _tiny_flux():
