@@ -48,6 +48,8 @@ def folders(tiny_flux_dev, tiny_flux_4heads, tiny_qwen_image, tiny_wan):
 def world2(folders, tmp_path_factory):
     cases = [(f"{m}-{mode}", folders[m], kw, REQUESTS[m], {}) for m in ("flux", "qwen", "wan")
              for mode, kw in MODES_2.items()]
+    # the pipeline's decode through the parallel VAE decode (frames this small are one tile: the whole decode)
+    cases.append(("wan-ulysses-vae", folders["wan"], dict(ulysses_degree=2, vae_parallel=True), WAN, {}))
     cases.append(("flux-ulysses-broken", folders["flux"], MODES_2["ulysses"], FLUX_SHORT, {"break": "pad_mask"}))
     work = tmp_path_factory.mktemp("world2")
     return run_cases(cases, 2, work), work
@@ -77,6 +79,10 @@ def test_world_2_matches_single_process(world2, folders, reference, model, mode)
 def test_world_4_matches_single_process(world4, folders, reference, model, mode):
     results, _ = world4
     assert_close(results[f"{model}-{mode}"], reference(folders[model], REQUESTS[model]))
+
+
+def test_parallel_vae_decode_in_the_pipeline(world2, folders, reference):
+    assert_close(world2[0]["wan-ulysses-vae"], reference(folders["wan"], WAN))
 
 
 @pytest.mark.parametrize("model", ["flux", "qwen", "wan"])
