@@ -33,6 +33,8 @@ import time
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
+import torch
+
 from ditserve.api import Cancelled, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, parse_device
 from ditserve.pipelines.base import RunControl
@@ -57,14 +59,20 @@ class Executor:
     stopping → stopped. `run` serves one batch at a time."""
 
     def __init__(self, config: EngineConfig, *, replica: int = 0, threads: int | None = None,
-                 log_level: str = "INFO", start_timeout: float = 600.0):
+                 log_level: str | None = None, start_timeout: float = 600.0):
+        """`threads`: torch CPU threads per rank (None: torch's default, this process's count when it
+        set one); `log_level`: the ranks' (None: this process's)."""
         self.config, self.replica = config, replica
+        if threads is None and torch.get_num_threads() < (os.cpu_count() or 1):
+            threads = torch.get_num_threads()
+        log_level = log_level or logging.getLevelName(logging.getLogger().getEffectiveLevel())
         self.threads, self.log_level, self.start_timeout = threads, log_level, start_timeout
         self.parallel = config.parallel
         self.world = self.parallel.group_size
         self.attach = self.parallel.nnodes > 1  # ranks under torchrun: wait for rank 0, start nothing
         self.state = "stopped"
         self.restarts = 0
+        self.batches = 0  # batches run (replicas: how the work spread)
         self.procs: list[subprocess.Popen] = []
         self._conn: Connection | None = None
         self._listener: Listener | None = None
@@ -232,6 +240,7 @@ class Executor:
         if not self._ready.wait(self.start_timeout):
             raise EngineError("the parallel group did not become ready")
         with self._run_lock:
+            self.batches += 1
             try:
                 return self._drive(next(self._ids), requests, control)
             except RankDied as exc:
@@ -258,6 +267,8 @@ class Executor:
                 return message.outputs
             elif isinstance(message, Failed):
                 if message.fatal:
+                    # a peer's death shows on rank 0 as a broken collective: name the dead rank if there is one
+                    self._check_alive(wait=2.0)
                     raise RankDied(f"a rank failed: {message.message}")
                 if message.kind == "cancelled":
                     raise Cancelled(message.message)
