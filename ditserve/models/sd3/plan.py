@@ -1,0 +1,16 @@
+"""What accel/ and parallel/ may do to SD3DiT."""
+
+from ditserve.models.common.plan import DiTPlan
+
+SD3_PLAN = DiTPlan(
+    block_lists=("joint_blocks",),
+    head="final_layer",
+    # attention and MLP projections; the per-sample modulation rows stay in high precision
+    fp8=("*attn.qkv", "*attn.proj", "attn2.qkv", "attn2.proj", "*_mlp.0", "*_mlp.2"),
+    fp8_keep=("*_mod.lin", "txt_mod"),
+    # the joint attention and MMDiT-X's image-only attention (set on every block; used where dual)
+    attention_sites=("attn_op", "attn2_op"),
+    qk_rope_site=None,  # no rotary embedding: QK RMSNorm alone, which compile fuses into the projections
+    teacache=None,  # no published fit for SD3
+    # streams (img, txt) and consts (vec, grid); sequence and tensor parallel layouts: not yet
+)
