@@ -1,5 +1,6 @@
 """Speed transforms applied to a loaded DiT from outside, each reading the model's plan
-(models/common/plan.py): attention op, fused kernels, FP8 linears, compile, CUDA graphs per segment."""
+(models/common/plan.py): attention op, fused kernels, FP8 linears, compile, CUDA graphs per segment;
+last, after any parallel wrapper, the step cache (`cache_dit`)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,19 @@ def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> 
 
             dit = SegmentedDiT(dit, graphs=True)
     return dit
+
+
+def cache_dit(dit: nn.Module, accel: AccelConfig, device: torch.device, groups=None) -> nn.Module:
+    """`dit` with the configured step cache (accel/cache.py), outermost: it takes over the segment
+    graphs and runs over a parallel wrapper, with the change measure summed over the sequence shards
+    and the skip decision agreed by every rank of the replica (`groups`: parallel/groups.py)."""
+    if not accel.cache.enabled:
+        return dit
+    from ditserve.accel.cache import apply_cache
+
+    sp_group = sync_group = None
+    if groups is not None and groups.world > 1:
+        sp_group = groups.sp.group if groups.sp.size > 1 else None
+        sync_group = groups.control
+    return apply_cache(dit, accel.cache, graphs=device.type == "cuda" and accel.compile and accel.cuda_graphs,
+                       sp_group=sp_group, sync_group=sync_group)

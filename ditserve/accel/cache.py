@@ -25,7 +25,6 @@ group (e.g. CFG-parallel ranks), so every rank takes the same branch.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from torch import nn
 from ditserve.accel.segments import SegmentedDiT
 from ditserve.api import InvalidRequest
 from ditserve.api.output import CACHE_STATS_KEY, CacheStats
-from ditserve.config.engine import CACHE_METHODS, CacheConfig
+from ditserve.config.engine import CacheConfig
 from ditserve.models.common.dit import Hidden, StepContext
 
 log = logging.getLogger(__name__)
@@ -301,33 +300,3 @@ def step_cache(dit: nn.Module) -> StepCache | None:
     """The StepCache of a DiT that `apply_cache` wrapped, else None."""
     hook = getattr(dit, "run_groups", None) if isinstance(dit, SegmentedDiT) else None
     return hook if isinstance(hook, StepCache) else None
-
-
-# -- command-line flags (generate and serve) -----------------------------------------------------
-
-def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--cache*` flags; `cache_config_from_args` turns them into a CacheConfig."""
-    g = parser.add_argument_group("step caching (skip transformer blocks on steps that barely change)")
-    g.add_argument("--cache", default="none", metavar="METHOD",
-                   help=f"{' | '.join(CACHE_METHODS)} (default none)")
-    g.add_argument("--cache-threshold", type=float, default=None, metavar="F",
-                   help="relative change below which cached work is reused; 0 never skips (default: the method's)")
-    g.add_argument("--cache-warmup-steps", type=int, default=None, metavar="N", help="first steps always computed")
-    g.add_argument("--cache-fn", type=int, default=None, metavar="N",
-                   help="dual-block: first blocks always computed (default 8, at most a quarter of the blocks)")
-    g.add_argument("--cache-bn", type=int, default=None, metavar="N",
-                   help="dual-block: last blocks always computed (default 0)")
-    g.add_argument("--cache-taylorseer-order", type=int, default=0, metavar="K",
-                   help="extrapolate cached residuals with TaylorSeer of order 1-2 (0 = off)")
-    g.add_argument("--cache-max-cached-steps", type=int, default=None, metavar="N",
-                   help="at most N cached steps per run and branch")
-    g.add_argument("--cache-max-consecutive-cached-steps", type=int, default=None, metavar="N",
-                   help="at most N cached steps in a row")
-
-
-def cache_config_from_args(args: argparse.Namespace) -> CacheConfig:
-    """The CacheConfig of the `--cache*` flags; InvalidRequest (one line) for a bad value."""
-    return CacheConfig(method=args.cache, threshold=args.cache_threshold, warmup_steps=args.cache_warmup_steps,
-                       fn=args.cache_fn, bn=args.cache_bn, taylorseer_order=args.cache_taylorseer_order,
-                       max_cached_steps=args.cache_max_cached_steps,
-                       max_consecutive_cached_steps=args.cache_max_consecutive_cached_steps)

@@ -78,6 +78,8 @@ class GenerationRequest:
     num_frames: int | None = None
     fps: int | None = None
     guidance_scale_2: float | None = None
+    # step caching (when the engine runs one): False computes every step of this request in full
+    cache: bool = True
 
     def resolve(self, defaults: RequestDefaults, limits: ModelLimits) -> "GenerationRequest":
         """Fill unset fields from `defaults`, pick a seed if none, and validate against `limits`."""
@@ -154,6 +156,8 @@ class GenerationRequest:
                 f"got {self.max_sequence_length}",
                 "max_sequence_length",
             )
+        if not isinstance(self.cache, bool):
+            raise InvalidRequest(f"cache must be true or false, got {self.cache!r}", "cache")
         _check_images(self.images, limits)
         _check_sampling(self.sampler, self.flow_shift, limits)
         _check_video(self, limits)

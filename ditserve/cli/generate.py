@@ -18,36 +18,14 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".png")  # .png: numbered lossless frames
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by generate and serve."""
-    p.add_argument("--model-path", metavar="DIR_OR_HF_ID", default=None,
-                   help="diffusers model directory or Hugging Face id (default: $DITSERVE_DEFAULT_MODEL, "
-                        "else the bundled demo model)")
-    p.add_argument("--device", metavar="DEVICE", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--enable-torch-compile", action="store_true",
-                   help="compile the DiT per block (and replay steps as CUDA graphs on GPU); warms up at start")
-    p.add_argument("--quantization", default=None, choices=["fp8"],
-                   help="fp8: e4m3 linear layers through torch._scaled_mm (CUDA) (default: none)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage"],
-                   help="auto/sdpa: torch SDPA (cuDNN on Hopper); fa3, sage: when installed (CUDA)")
-
-
-def accel_config(args: argparse.Namespace):
-    from ditserve.config import AccelConfig
-
-    return AccelConfig(compile=args.enable_torch_compile, quantization=args.quantization,
-                       attention=args.attention_backend)
-
-
 def add_parser(sub) -> None:
+    from ditserve.cli.engine_args import add_engine_args
     from ditserve.cli.main import add_log_level_arg
 
     p = sub.add_parser("generate", help="generate images or videos from a prompt",
                        description="Generate images or videos from a prompt. Unset options take the model's "
                                    "defaults (its diffusers pipeline's, or its folder's ditserve.json).")
-    add_model_args(p)
+    add_engine_args(p)
     p.add_argument("--prompt", metavar="TEXT", required=True, help="what to draw")
     p.add_argument("--negative-prompt", metavar="TEXT", default=None,
                    help="what to steer away from, through true CFG (default: none; Wan: \"\")")
@@ -159,13 +137,13 @@ def run(args: argparse.Namespace) -> int:
         check_writable(Path(args.perf_dump_path), "--perf-dump-path")
     _warn_if_demo_cannot_draw(source.path, request)
 
-    from ditserve.config import EngineConfig, ModelConfig
+    from ditserve.cli.engine_args import engine_config
     from ditserve.pipelines.base import RunControl
     from ditserve.runtime.engine import Engine
 
     if args.log_level != "debug":
         quiet_libraries()
-    config = EngineConfig(ModelConfig(str(source.path), args.device, args.dtype), accel=accel_config(args))
+    config = engine_config(args, str(source.path))
     engine = Engine.from_config(config, source, warmup=[request])  # compile for this request's shape
     # a bar only where a person watches; captured stderr (CI, scripts) would get carriage-return noise
     bar = sys.stderr.isatty() and args.log_level in ("debug", "info")

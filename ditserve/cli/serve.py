@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ditserve.api import EngineError, InvalidRequest
-from ditserve.cli.generate import accel_config, add_model_args
+from ditserve.cli.engine_args import add_engine_args, engine_config
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ DEMO_MODEL_ID = "ditserve-demo"  # the id the bundled demo model is served under
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve OpenAI's image API over HTTP")
-    add_model_args(p)
+    add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000, help="0 picks a free port (logged at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
@@ -68,7 +68,7 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before the socket opens or weights load.
-    from ditserve.config import EngineConfig, ModelConfig, env, parse_device, parse_dtype
+    from ditserve.config import env, parse_device, parse_dtype
     from ditserve.runtime.loader import inspect_model
 
     model, demo = _model_path(args.model_path)
@@ -78,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch_size < 1:
         raise InvalidRequest(f"--max-batch-size must be at least 1, got {args.max_batch_size}", "max_batch_size")
     config = _server_config(args)
-    engine = EngineConfig(ModelConfig(str(source.path), device, args.dtype), max_batch_size=args.max_batch_size,
-                          accel=accel_config(args))
+    engine = engine_config(args, str(source.path), max_batch_size=args.max_batch_size)
     model_id = args.served_model_name or (DEMO_MODEL_ID if demo else
                                           Path(model).name if Path(model).expanduser().is_dir() else model)
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from ditserve.parallel.groups import ParallelGroups
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ditserve.parallel.groups import ParallelGroups
 
 log = logging.getLogger(__name__)
 

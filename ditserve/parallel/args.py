@@ -13,23 +13,23 @@ from ditserve.config import ParallelConfig
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     """The parallel flags; `parallel_config_from_args` turns them into a ParallelConfig."""
     g = parser.add_argument_group("parallel (one request over several GPUs; CPU processes where there is none)")
-    g.add_argument("--num-gpus", type=int, default=None,
+    g.add_argument("--num-gpus", type=int, metavar="N", default=None,
                    help="GPUs (ranks) in all; must equal the product of the degrees below x --num-replicas "
                         "(default: that product)")
     g.add_argument("--enable-cfg-parallel", action="store_true",
                    help="run the conditional and unconditional branches of CFG on two ranks")
-    g.add_argument("--ulysses-degree", type=int, default=1,
+    g.add_argument("--ulysses-degree", type=int, metavar="N", default=1,
                    help="sequence parallel by all-to-all between tokens and heads (divides the heads)")
-    g.add_argument("--ring-degree", type=int, default=1, help="sequence parallel by passing K/V round a ring")
-    g.add_argument("--tp-size", type=int, default=1, help="tensor parallel: each rank holds 1/N of the DiT")
-    g.add_argument("--num-replicas", type=int, default=1, help="independent engine replicas (throughput)")
+    g.add_argument("--ring-degree", type=int, metavar="N", default=1, help="sequence parallel by passing K/V round a ring")
+    g.add_argument("--tp-size", type=int, metavar="N", default=1, help="tensor parallel: each rank holds 1/N of the DiT")
+    g.add_argument("--num-replicas", type=int, metavar="N", default=1, help="independent engine replicas (throughput)")
     g.add_argument("--vae-parallel", action="store_true", help="video: split the VAE decode across the ranks")
-    g.add_argument("--nnodes", type=int, default=1, help="machines in the group (ranks there start under torchrun)")
-    g.add_argument("--node-rank", type=int, default=0, help="this machine's index (0: the one that serves)")
-    g.add_argument("--master-addr", default="127.0.0.1", help="address of machine 0 (torchrun rendezvous)")
-    g.add_argument("--master-port", type=int, default=29500,
+    g.add_argument("--nnodes", type=int, metavar="N", default=1, help="machines in the group (ranks there start under torchrun)")
+    g.add_argument("--node-rank", type=int, metavar="N", default=0, help="this machine's index (0: the one that serves)")
+    g.add_argument("--master-addr", metavar="HOST", default="127.0.0.1", help="address of machine 0 (torchrun rendezvous)")
+    g.add_argument("--master-port", type=int, metavar="N", default=29500,
                    help="torchrun rendezvous port on machine 0; the engine waits for rank 0 on the next port")
-    g.add_argument("--auth-key-file", default=None,
+    g.add_argument("--auth-key-file", metavar="FILE", default=None,
                    help="several machines: a secret file every machine reads (at least 16 bytes)")
 
 

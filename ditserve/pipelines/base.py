@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -154,6 +154,8 @@ class Pipeline:
             latents = self.prepare_latents(requests)
         with stage("timesteps"):
             sampling = self.sampling(latents, requests)
+            if not all(r.cache for r in requests):  # some requests opted out of step caching
+                sampling = replace(sampling, cache=tuple(r.cache for r in requests for _ in range(r.num_images)))
         with stage("denoise"):
             latents = self.denoise(latents, cond, uncond, sampling, requests, control, timer)
         with stage("decode"):

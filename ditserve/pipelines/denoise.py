@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditserve.api.errors import Cancelled
+from ditserve.api.output import CacheStats
 from ditserve.models.common.dit import StepContext
 from ditserve.pipelines.base import RunControl, StageTimer
 from ditserve.sampling.guidance import ClassifierFree, NoGuidance
@@ -52,6 +53,8 @@ class Sampling:
     solver: Solver
     guidance: NoGuidance | ClassifierFree = NoGuidance()
     experts: Experts = Experts()
+    # per sample of a branch: may a step cache reuse work for it (None: all may; see accel/cache.py)
+    cache: tuple[bool, ...] | None = None
 
 
 def denoise(x: torch.Tensor, sampling: Sampling, model: ModelFn, control: RunControl, timer: StageTimer,
@@ -72,7 +75,7 @@ def denoise(x: torch.Tensor, sampling: Sampling, model: ModelFn, control: RunCon
 
         def call(x_in: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
             ctx = StepContext(i, total, expert, tuple(branches),
-                              tuple(states.setdefault((expert, b), {}) for b in branches))
+                              tuple(states.setdefault((expert, b), {}) for b in branches), sampling.cache)
             return model(expert, x_in, t.expand(x_in.shape[0]), ctx)
 
         with torch.no_grad():
@@ -86,5 +89,6 @@ def denoise(x: torch.Tensor, sampling: Sampling, model: ModelFn, control: RunCon
     bar.close()
     steps = clock.durations()
     timer.timings.steps.extend(steps)
+    timer.timings.cache = CacheStats.gather(states.values())
     log.info("denoise: %d steps, %.4f s/step", total, sum(steps) / max(total, 1))
     return x

@@ -17,7 +17,7 @@ import torch
 from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults
 from ditserve.encoders.qwen import T2I_TEMPLATE, PromptEmbeds, PromptTemplate, QwenPromptEncoder
 from ditserve.models.common.dit import StepContext
-from ditserve.models.qwen_image.model import QwenImageDiT, QwenImageInputs, image_ids, text_ids
+from ditserve.models.qwen_image.model import QwenImageDiT, QwenImageInputs
 from ditserve.models.qwen_image.weights import load_qwen_image_dit
 from ditserve.pipelines.base import Pipeline, Pixels, RunControl, StageTimer
 from ditserve.pipelines.denoise import Sampling, denoise
@@ -118,25 +118,30 @@ class QwenImagePipeline(Pipeline):
         texts = {("cond",): cond}
         if uncond is not None:
             texts |= {("uncond",): uncond, ("cond", "uncond"): joint_text(cond, uncond)}
-        # float32 positions: bf16 cannot hold text positions past 256 exactly
-        img_ids = image_ids(grids, self.device)
-        inputs = {branches: self._text_inputs(text, grids, img_ids) for branches, text in texts.items()}
+        inputs = {branches: self._text_inputs(text, grids) for branches, text in texts.items()}
+        target_len = self.target_len(latents)
 
         def model(expert: int, x: torch.Tensor, t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-            txt, mask, txt_ids, rope = inputs[ctx.branches]
+            txt, mask, img_ids, txt_ids, rope = inputs[ctx.branches]
             img = x if latents.cond is None else torch.cat([x, latents.cond.repeat(len(ctx.branches), 1, 1)], dim=1)
             inp = QwenImageInputs(img=img, txt=txt, timesteps=t.to(x.dtype) / 1000, img_ids=img_ids,
-                                  txt_ids=txt_ids, txt_mask=mask, rope=rope)
+                                  txt_ids=txt_ids, txt_mask=mask, rope=rope, target_len=target_len)
             return self.dit(inp, ctx)[:, : x.shape[1]]
 
         x = denoise(latents.x, sampling, model, control, timer)
         return QwenLatents(x, latents.grid, latents.cond, latents.cond_grids)
 
-    def _text_inputs(self, text: PromptEmbeds, grids, img_ids: torch.Tensor) -> tuple:
-        """Text tokens, key mask (None when nothing is padding), text positions and rotary table."""
+    def target_len(self, latents: QwenLatents) -> int:
+        """Image tokens of the first grid (the image being generated); those after it are input
+        images (modulated at timestep 0 by zero_cond_t checkpoints)."""
+        return latents.x.shape[1]
+
+    def _text_inputs(self, text: PromptEmbeds, grids) -> tuple:
+        """Text tokens, key mask (None when nothing is padding), image and text positions (float32:
+        bf16 cannot hold text positions past 256 exactly) and the rotary table."""
         mask = None if bool(text.mask.all()) else text.mask
-        txt_ids = text_ids(grids, text.txt.shape[1], self.device)
-        return text.txt, mask, txt_ids, self.dit.positional_tables(img_ids, txt_ids)
+        img_ids, txt_ids = self.dit.positions(grids, text.txt.shape[1], self.device)
+        return text.txt, mask, img_ids, txt_ids, self.dit.positional_tables(img_ids, txt_ids)
 
     def decode(self, latents: QwenLatents) -> Pixels:
         return Pixels(decode_qwen(self.vae, unpack(latents.x, latents.grid)))

@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from ditserve.accel import accelerate_dit
+from ditserve.accel import accelerate_dit, cache_dit
 from ditserve.api import Cancelled, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, parse_device, parse_dtype
 from ditserve.pipelines.base import Frames, Pipeline, RunControl
@@ -53,6 +53,9 @@ class Engine:
                 setattr(pipeline, name, accelerate_dit(getattr(pipeline, name), cfg.accel, device))
         if groups is not None:
             parallel.parallelize_pipeline(pipeline, groups, cfg.parallel.vae_parallel)
+        for name in pipeline.dit_names:
+            if getattr(pipeline, name, None) is not None:
+                setattr(pipeline, name, cache_dit(getattr(pipeline, name), cfg.accel, device, groups))
         engine = cls(pipeline, source)
         if cfg.accel.compile:
             engine.warmup(warmup or engine.default_warmups(cfg.max_batch_size))

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ditserve import demo
-from ditserve.api import GenerationOutput, GenerationRequest
-from ditserve.config import AccelConfig, EngineConfig, ModelConfig
+from ditserve.api import GenerationOutput, GenerationRequest, InvalidRequest
+from ditserve.config import AccelConfig, EngineConfig, ModelConfig, ParallelConfig
+from ditserve.config.engine import CacheConfig
 from ditserve.pipelines.base import RunControl
 from ditserve.runtime.engine import Engine
 
@@ -29,12 +30,37 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, device: str | None = None, dtype=None, *,
-                        enable_torch_compile: bool = False, quantization: str | None = None) -> "Generator":
+                        enable_torch_compile: bool = False, quantization: str | None = None,
+                        cache: dict | str | None = None, parallel: dict | ParallelConfig | None = None) -> "Generator":
         """`model` is a diffusers directory or a Hugging Face id (default: $DITSERVE_DEFAULT_MODEL, else
-        the bundled demo model, `ditserve.demo.MODEL_DIR`); `dtype` a name or torch dtype."""
-        accel = AccelConfig(compile=enable_torch_compile, quantization=quantization)
+        the bundled demo model, `ditserve.demo.MODEL_DIR`); `dtype` a name or torch dtype.
+
+        `cache`: step caching, keys as the `--cache-*` flags (e.g. `dict(method="first-block",
+        threshold=0.08, taylorseer_order=1)`); `parallel`: the parallel engine, keys as ParallelConfig's
+        (e.g. `dict(num_gpus=2, ulysses_degree=2)`) — then call `close()` (or use `with`) to stop the ranks.
+        """
+        accel = AccelConfig(compile=enable_torch_compile, quantization=quantization,
+                            cache=CacheConfig.from_mapping(cache))
+        if isinstance(parallel, dict):
+            try:
+                parallel = ParallelConfig(**parallel)
+            except TypeError as exc:
+                raise InvalidRequest(f"parallel: {exc}", "parallel") from None
         path = demo.default_model(model)
-        return cls(Engine.from_config(EngineConfig(ModelConfig(path, device, dtype), accel=accel)))
+        return cls(Engine.from_config(EngineConfig(ModelConfig(path, device, dtype), accel=accel,
+                                                   parallel=parallel or ParallelConfig())))
+
+    def close(self) -> None:
+        """Stop the parallel engine's ranks (nothing to do for one process)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(
         self,
@@ -55,6 +81,7 @@ class Generator:
         guidance_scale_2: float | None = None,
         sampler: str | None = None,
         flow_shift: float | None = None,
+        cache: bool = True,
         progress_bar: bool = False,
     ) -> GenerationOutput:
         """Images (PIL) — or, for a video model, `videos` (uint8 [frames, H, W, 3]) — with the stage
@@ -62,7 +89,7 @@ class Generator:
 
         `images` (a PIL image or several) are the input of an image-editing model (e.g. Qwen-Image-Edit)
         or of an image-to-video model. `sampler` (euler, unipc, dpm++) and `flow_shift` override the folder's
-        scheduler.
+        scheduler. `cache=False` computes every step in full when the generator runs a step cache.
         """
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
@@ -71,6 +98,7 @@ class Generator:
             max_sequence_length=max_sequence_length,
             images=tuple(images) if isinstance(images, (list, tuple)) else (images,),
             num_frames=num_frames, fps=fps, guidance_scale_2=guidance_scale_2, sampler=sampler, flow_shift=flow_shift,
+            cache=cache,
         )
         request = self.engine.resolve(request)
         if demo.is_demo(self.engine.source.path):

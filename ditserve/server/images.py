@@ -128,7 +128,8 @@ async def _generate(request: Request, state: ServerState, body: ImageGenerationB
         created=int(time.time()), data=data, output_format=fmt, size=f"{resolved.width}x{resolved.height}",
         seed=output.seed,
         timings=TimingsBody(queue_s=ticket.queue_s, total_s=timings.total_s, stages=timings.stages,
-                            mean_step_s=timings.to_dict()["mean_step_s"], batch_images=ticket.batch_images),
+                            mean_step_s=timings.to_dict()["mean_step_s"], batch_images=ticket.batch_images,
+                            cache=None if timings.cache is None else timings.cache.to_dict()),
     )
 
 

@@ -60,6 +60,8 @@ class ImageGenerationBody(BaseModel):
         None, description="Solver override; default: the model folder's scheduler.")
     flow_shift: float | None = Field(None, gt=0, allow_inf_nan=False,
                                      description="Flow-matching shift override (static shift).")
+    cache: bool | None = Field(None, description="false: compute every step in full even when the server "
+                                                 "runs a step cache (--cache); default true.")
 
     def to_request(self, images: tuple = ()) -> GenerationRequest:
         """The unresolved request (with decoded input `images` for an edit); resolving validates it."""
@@ -77,7 +79,7 @@ class ImageGenerationBody(BaseModel):
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
             true_cfg_scale=self.true_cfg_scale, seed=self.seed, num_images=self.n or 1,
             max_sequence_length=self.max_sequence_length, images=images,
-            sampler=self.sampler, flow_shift=self.flow_shift,
+            sampler=self.sampler, flow_shift=self.flow_shift, cache=self.cache is not False,
         )
 
 
@@ -124,6 +126,8 @@ class TimingsBody(BaseModel):
     stages: dict[str, float]
     mean_step_s: float | None = None
     batch_images: int = Field(description="images in the pipeline call that ran this request")
+    cache: dict[str, str | int] | None = Field(
+        None, description='with a step cache: {"method", "forwards", "skipped"} of the pipeline call')
 
 
 class ImagesResponse(BaseModel):
@@ -178,3 +182,4 @@ class VideoCreateBody(BaseModel):
     guidance_scale_2: float | None = Field(None, ge=0, allow_inf_nan=False)
     sampler: Literal["euler", "unipc", "dpm++"] | None = None
     flow_shift: float | None = Field(None, gt=0, allow_inf_nan=False)
+    cache: bool | None = Field(None, description="false: no step caching for this job (default true)")

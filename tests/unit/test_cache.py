@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from ditserve.accel.cache import (STATE_KEY, add_cache_arguments, apply_cache, cache_config_from_args,
-                                  step_cache)
+from ditserve.accel.cache import STATE_KEY, apply_cache, step_cache
 from ditserve.accel.segments import SegmentedDiT
 from ditserve.api import InvalidRequest
+from ditserve.cli.engine_args import add_cache_arguments, cache_config_from_args
 from ditserve.api.output import CACHE_STATS_KEY, CacheStats, Timings
 from ditserve.config.engine import AccelConfig, CacheConfig
 from ditserve.models.common.dit import DiT, Hidden, StepContext

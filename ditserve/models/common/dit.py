@@ -41,6 +41,8 @@ class StepContext:
     expert: int = 0
     branches: tuple[str, ...] = ("cond",)
     states: tuple[dict, ...] = field(default_factory=lambda: ({},))
+    # per sample of a chunk: whether a step cache may reuse work for it (None: every sample may)
+    cache_enabled: tuple[bool, ...] | None = None
 
 
 def run_block(block: nn.Module, h: Hidden) -> Hidden:

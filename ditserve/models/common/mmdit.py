@@ -4,6 +4,11 @@ modulation, QK-normed projections, the double-stream block and the modulated out
 Shapes: img [B, L, D], txt [B, T, D], vec [B, D]. `rope` is the joint (txt, img) `Rotary` table
 [T + L, head_dim]; `mask` an optional key mask [B, T + L] (bool, True = attend) when some text
 tokens are padding.
+
+Per-token modulation: `vec` may hold K conditioning vectors [B, K, D] and `mod_index` [B, L] (int)
+pick, for each image token, the vector its shift, scale and gate come from (Qwen-Image-Edit-2511:
+generated-image tokens at timestep t, input-image tokens at timestep 0). The text stream and the
+output layer use the first vector, vec[:, 0].
 """
 
 from __future__ import annotations
@@ -24,7 +29,28 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+    """LayerNorm(x) scaled and shifted; shift and scale are [B, D] (every token) or [B, L, D] (per token)."""
+    return layer_norm(x) * (1 + _tokens(scale)) + _tokens(shift)
+
+
+def _tokens(m: torch.Tensor) -> torch.Tensor:
+    """A modulation chunk as [B, 1 or L, D], ready to broadcast over tokens."""
+    return m[:, None] if m.ndim == 2 else m
+
+
+def main_vec(vec: torch.Tensor) -> torch.Tensor:
+    """The conditioning vector [B, D] of the text stream and the output layer (vec[:, 0] when
+    `vec` holds several for per-token modulation)."""
+    return vec[:, 0] if vec.ndim == 3 else vec
+
+
+def per_token(chunks: tuple[torch.Tensor, ...], index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Modulation chunks [B, K, D] -> [B, L, D]: token l takes vector index[b, l]. Without an index,
+    chunks are [B, D] (or [B, K, D], of which the first vector serves every token)."""
+    if index is None:
+        return tuple(main_vec(c) for c in chunks)
+    at = index.long()[..., None].expand(-1, -1, chunks[0].shape[-1])
+    return tuple(torch.gather(c, 1, at) for c in chunks)
 
 
 class Modulation(nn.Module):
@@ -107,9 +133,10 @@ class DoubleStreamBlock(nn.Module):
         self.qkv_op = norm_rope_qkv
         self.attn_op = sdpa_attention
 
-    def forward(self, img, txt, vec, rope: Rotary, mask: torch.Tensor | None = None):
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+    def forward(self, img, txt, vec, rope: Rotary, mask: torch.Tensor | None = None,
+                mod_index: torch.Tensor | None = None):
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = per_token(self.img_mod(vec), mod_index)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(main_vec(vec))
 
         q, k, v = self.qkv_op([(self.txt_attn.qkv(modulate(txt, t_shift1, t_scale1)), self.txt_attn.norm),
                                (self.img_attn.qkv(modulate(img, i_shift1, i_scale1)), self.img_attn.norm)],
@@ -117,8 +144,8 @@ class DoubleStreamBlock(nn.Module):
         attn = attend(self.attn_op, q, k, v, mask)
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
-        img = img + i_gate1[:, None] * self.img_attn.proj(img_attn)
-        img = img + i_gate2[:, None] * self.img_mlp(modulate(img, i_shift2, i_scale2))
+        img = img + _tokens(i_gate1) * self.img_attn.proj(img_attn)
+        img = img + _tokens(i_gate2) * self.img_mlp(modulate(img, i_shift2, i_scale2))
         txt = txt + t_gate1[:, None] * self.txt_attn.proj(txt_attn)
         txt = txt + t_gate2[:, None] * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
         return img, txt
@@ -136,5 +163,5 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.adaLN_modulation(F.silu(vec)).chunk(2, dim=-1)
+        scale, shift = self.adaLN_modulation(F.silu(main_vec(vec))).chunk(2, dim=-1)
         return self.linear(modulate(x, shift, scale))

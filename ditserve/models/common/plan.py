@@ -40,7 +40,8 @@ class SequenceLayout:
     - `consts`: one entry per const of `Hidden`: "same" (replicated), "rope" (a Rotary whose rows run
       over the joint sequence), "key_mask" (None or [B, joint sequence]), "per_token" (dim 1 runs
       over stream 0's tokens when the tensor has 4 dims, as Wan's per-token modulation
-      [B, L, 6, D]; otherwise replicated).
+      [B, L, 6, D], or 2 dims, as Qwen-Image's per-token modulation index [B, L]; otherwise
+      replicated).
     - `self_attention_sites`: attention sites over the sharded sequence (they communicate); other
       sites of `attention_sites` (cross-attention to replicated text) attend locally, unchanged.
     - `head_streams`: the streams the head reads (only these are gathered back).

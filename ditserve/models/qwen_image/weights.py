@@ -19,6 +19,8 @@ def qwen_image_key_map(cfg: QwenImageConfig) -> KeyMap:
     m["txt_norm.weight"] = ["txt_norm.weight"]
     m |= _linear("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
     m |= _linear("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
+    if cfg.use_additional_t_cond:
+        m["t_cond_in.weight"] = ["time_text_embed.addition_t_embedding.weight"]
     for i in range(cfg.num_layers):
         m |= double_block_keys(f"double_blocks.{i}", f"transformer_blocks.{i}", img_mod="img_mod.1",
                                txt_mod="txt_mod.1", img_mlp="img_mlp", txt_mlp="txt_mlp")

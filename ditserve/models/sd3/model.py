@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.models.common.attention import sdpa_attention
-from ditserve.models.common.dit import DiT, Hidden, StepContext, run_block
+from ditserve.models.common.dit import DiT, Hidden, run_block
 from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
 from ditserve.models.common.mmdit import LastLayer, Modulation, QKNorm, attend, layer_norm, mlp, modulate
 from ditserve.models.sd3.config import SD3Config
@@ -150,9 +150,9 @@ class SD3DiT(DiT):
         out = out.view(out.shape[0], *grid, p, p, -1)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], -1, grid[0] * p, grid[1] * p)
 
-    def forward(self, inp: SD3Inputs, ctx: StepContext | None = None,
-                skip_layers: Collection[int] = ()) -> torch.Tensor:
-        """The plain forward; `skip_layers` leaves those blocks out (skip-layer guidance)."""
+    def forward_skipping(self, inp: SD3Inputs, skip_layers: Collection[int]) -> torch.Tensor:
+        """The plain forward without the blocks `skip_layers` (skip-layer guidance). Wrappers that
+        run segments (graphs, step caches) pass this through to the model, so it runs eagerly."""
         h = self.embed(inp)
         for i, block in enumerate(self.blocks):
             if i not in skip_layers:
