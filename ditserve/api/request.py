@@ -53,6 +53,8 @@ class ModelLimits:
     frame_multiple: int = 0
     max_frames: int = 0
     max_fps: int = 120
+    # skip-layer guidance (SD3): how many blocks its layers may index; 0 = the model offers none
+    guidance_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,12 @@ class GenerationRequest:
     num_frames: int | None = None
     fps: int | None = None
     guidance_scale_2: float | None = None
+    # skip-layer guidance (SD3, as diffusers): these blocks are left out of an extra conditional pass on
+    # the steps between start and stop (fractions of the run); None: the family's defaults
+    skip_guidance_layers: tuple[int, ...] | None = None
+    skip_layer_guidance_scale: float | None = None
+    skip_layer_guidance_start: float | None = None
+    skip_layer_guidance_stop: float | None = None
     # step caching (when the engine runs one): False computes every step of this request in full
     cache: bool = True
 
@@ -95,6 +103,8 @@ class GenerationRequest:
             filled["height"] = self.height if self.height is not None else height
         if self.seed is None:
             filled["seed"] = random.randrange(2**31)
+        if isinstance(self.skip_guidance_layers, list):
+            filled["skip_guidance_layers"] = tuple(self.skip_guidance_layers)
         req = replace(self, images=images, **filled)
         req.validate(limits)
         return req
@@ -161,6 +171,7 @@ class GenerationRequest:
         _check_images(self.images, limits)
         _check_sampling(self.sampler, self.flow_shift, limits)
         _check_video(self, limits)
+        _check_skip_layers(self, limits)
 
     @property
     def do_true_cfg(self) -> bool:
@@ -230,6 +241,24 @@ def _check_video(req: "GenerationRequest", limits: ModelLimits) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value) or value < 0):
         raise InvalidRequest(f"guidance_scale_2 must be a finite number >= 0, got {value!r}", "guidance_scale_2")
+
+
+def _check_skip_layers(req: "GenerationRequest", limits: ModelLimits) -> None:
+    for name in ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop"):
+        value = getattr(req, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise InvalidRequest(f"{name} must be a finite number >= 0, got {value!r}", name)
+    layers = req.skip_guidance_layers
+    if layers is None:
+        return
+    if not limits.guidance_layers:
+        raise InvalidRequest("skip_guidance_layers: this model offers no skip-layer guidance", "skip_guidance_layers")
+    if (not isinstance(layers, tuple) or not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < limits.guidance_layers
+                       for i in layers)):
+        raise InvalidRequest(f"skip_guidance_layers must be a non-empty list of block indices 0..."
+                             f"{limits.guidance_layers - 1}, got {layers!r}", "skip_guidance_layers")
 
 
 def _check_int(name: str, value) -> None:
