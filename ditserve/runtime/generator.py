@@ -81,6 +81,10 @@ class Generator:
         guidance_scale_2: float | None = None,
         sampler: str | None = None,
         flow_shift: float | None = None,
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float | None = None,
+        skip_layer_guidance_start: float | None = None,
+        skip_layer_guidance_stop: float | None = None,
         cache: bool = True,
         progress_bar: bool = False,
     ) -> GenerationOutput:
@@ -90,6 +94,7 @@ class Generator:
         `images` (a PIL image or several) are the input of an image-editing model (e.g. Qwen-Image-Edit)
         or of an image-to-video model. `sampler` (euler, unipc, dpm++) and `flow_shift` override the folder's
         scheduler. `cache=False` computes every step in full when the generator runs a step cache.
+        `skip_guidance_layers` (SD3, with guidance) turns on skip-layer guidance as diffusers has it.
         """
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
@@ -99,6 +104,9 @@ class Generator:
             images=tuple(images) if isinstance(images, (list, tuple)) else (images,),
             num_frames=num_frames, fps=fps, guidance_scale_2=guidance_scale_2, sampler=sampler, flow_shift=flow_shift,
             cache=cache,
+            skip_guidance_layers=None if skip_guidance_layers is None else tuple(skip_guidance_layers),
+            skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_start=skip_layer_guidance_start,
+            skip_layer_guidance_stop=skip_layer_guidance_stop,
         )
         request = self.engine.resolve(request)
         if demo.is_demo(self.engine.source.path):
