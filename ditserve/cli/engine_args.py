@@ -44,7 +44,7 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"{' | '.join(CACHE_METHODS)} (default none)")
     g.add_argument("--cache-threshold", type=float, default=None, metavar="F",
                    help="relative change below which cached work is reused; 0 never skips (default: the method's)")
-    g.add_argument("--cache-warmup-steps", type=int, default=None, metavar="N", help="first steps always computed")
+    g.add_argument("--cache-warmup-steps", type=int, default=None, metavar="N", help="first steps always computed (default: the method's)")
     g.add_argument("--cache-fn", type=int, default=None, metavar="N",
                    help="dual-block: first blocks always computed (default 8, at most a quarter of the blocks)")
     g.add_argument("--cache-bn", type=int, default=None, metavar="N",
@@ -52,9 +52,9 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-taylorseer-order", type=int, default=0, metavar="K",
                    help="extrapolate cached residuals with TaylorSeer of order 1-2 (0 = off)")
     g.add_argument("--cache-max-cached-steps", type=int, default=None, metavar="N",
-                   help="at most N cached steps per run and branch")
+                   help="at most N cached steps per run and branch (default: no cap)")
     g.add_argument("--cache-max-consecutive-cached-steps", type=int, default=None, metavar="N",
-                   help="at most N cached steps in a row")
+                   help="at most N cached steps in a row (default: no cap)")
 
 
 def cache_config_from_args(args: argparse.Namespace) -> CacheConfig:

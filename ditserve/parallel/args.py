@@ -30,7 +30,7 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--master-port", type=int, metavar="N", default=29500,
                    help="torchrun rendezvous port on machine 0; the engine waits for rank 0 on the next port")
     g.add_argument("--auth-key-file", metavar="FILE", default=None,
-                   help="several machines: a secret file every machine reads (at least 16 bytes)")
+                   help="several machines: a secret file every machine reads, at least 16 bytes (default: none)")
 
 
 def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
