@@ -85,3 +85,20 @@ def tiny_wan(tmp_path_factory):
         return built[variant]
 
     return get
+
+
+# --- tiny Stable Diffusion 3 / 3.5 (diffusers format) ---------------------------
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A function `variant -> folder` (sd3, sd35m, sd35l, no_t5; tests/tiny/sd3.py), each built once."""
+    from tiny.sd3 import build_tiny_sd3
+
+    built: dict[str, Path] = {}
+
+    def get(variant: str = "sd3") -> Path:
+        if variant not in built:
+            built[variant] = _build_once(tmp_path_factory, f"tiny_sd3_{variant}", build_tiny_sd3, variant=variant)
+        return built[variant]
+
+    return get

@@ -1,0 +1,171 @@
+"""ditserve's SD3 / SD3.5 images equal diffusers' StableDiffusion3Pipeline images within 1/255 per
+pixel (float32, CPU), on tiny checkpoints: SD3-Medium style, SD3.5-Medium style (MMDiT-X dual
+attention + QK RMSNorm), SD3.5-Large style (QK RMSNorm) and a T5-less folder; with and without CFG,
+negative prompts, non-square sizes, skip-layer guidance. Then: the fixture can fail (each mistake
+below moves pixels far past the tolerance), folder defaults and refusals."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from ditserve import Generator
+from ditserve.api import InvalidRequest
+
+MSL = 32  # T5 tokens (the real default is 256; tiny prompts need few)
+
+CASES = [
+    # (variant, prompt, negative, height, width, steps, guidance, slg, seed)
+    ("sd3", "a red fox in the snow", None, 64, 64, 3, 7.0, None, 0),
+    ("sd3", "a red fox in the snow", None, 48, 80, 2, 1.0, None, 1234),
+    ("sd3", "a lighthouse at dusk", "blurry, low quality", 64, 32, 2, 4.0, None, 7),
+    ("sd35m", "a bowl of fruit", None, 64, 64, 3, 5.0, None, 3),
+    ("sd35m", "a bowl of fruit", "dark", 80, 48, 2, 1.0, None, 5),
+    ("sd35m", "a mountain lake", None, 64, 48, 3, 4.5, dict(skip_guidance_layers=[1], skip_layer_guidance_scale=2.0,
+                                                             skip_layer_guidance_start=0.0,
+                                                             skip_layer_guidance_stop=0.7), 11),
+    ("sd35l", "city at night", "daylight", 48, 64, 2, 3.5, None, 2),
+    ("no_t5", "two cats", None, 64, 64, 2, 7.0, None, 99),
+    ("no_t5", "two cats", None, 32, 64, 2, 1.0, None, 9),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_sd3):
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            path = tiny_sd3(variant)
+            drop_t5 = dict(text_encoder_3=None, tokenizer_3=None) if variant == "no_t5" else {}
+            pipe = StableDiffusion3Pipeline.from_pretrained(path, **drop_t5)
+            pipe.set_progress_bar_config(disable=True)
+            cache[variant] = (pipe, Generator.from_pretrained(path, device="cpu", dtype=torch.float32))
+        return cache[variant]
+
+    return get
+
+
+def reference(pipe, prompt, negative, h, w, steps, guidance, slg, seed, num_images=1):
+    out = pipe(prompt, negative_prompt=negative, height=h, width=w, num_inference_steps=steps,
+               guidance_scale=guidance, max_sequence_length=MSL, num_images_per_prompt=num_images,
+               generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **(slg or {}))
+    return (out.images * 255).round().astype("uint8")
+
+
+def ours(gen, prompt, negative, h, w, steps, guidance, slg, seed, num_images=1) -> np.ndarray:
+    out = gen.generate(prompt, negative_prompt=negative, height=h, width=w, num_inference_steps=steps,
+                       guidance_scale=guidance, seed=seed, max_sequence_length=MSL, num_images=num_images,
+                       **(slg or {}))
+    return np.stack([np.asarray(im) for im in out.images])
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[3]}x{c[4]}-g{c[6]}{'-slg' if c[7] else ''}" for c in CASES])
+def test_image_matches_diffusers(loaded, case):
+    variant, *args = case
+    pipe, gen = loaded(variant)
+    expected = reference(pipe, *args)
+    assert expected.shape == (1, args[2], args[3], 3)
+    assert expected.std() > 10  # a real picture, not a flat one
+    assert max_diff(ours(gen, *args), expected) <= 1
+
+
+def test_skip_layer_guidance_changes_the_image(loaded):
+    """The SLG case above is not passing by accident: without SLG, diffusers' image differs."""
+    pipe, _ = loaded("sd35m")
+    _, prompt, negative, h, w, steps, guidance, slg, seed = CASES[5]
+    with_slg = reference(pipe, prompt, negative, h, w, steps, guidance, slg, seed)
+    without = reference(pipe, prompt, negative, h, w, steps, guidance, None, seed)
+    assert max_diff(with_slg, without) > 10
+
+
+def test_several_images_per_prompt_match_diffusers(loaded):
+    pipe, gen = loaded("sd3")
+    args = ("three owls", None, 32, 48, 2, 5.0, None, 21)
+    expected = reference(pipe, *args, num_images=2)
+    got = ours(gen, *args, num_images=2)
+    assert max_diff(got, expected) <= 1
+    assert max_diff(got[0], got[1]) > 10  # distinct noise per image
+
+
+# -- the fixture can fail: each mistake moves pixels far past 1/255 ------------------------------
+
+def _last_hidden_state(self, prompts):
+    ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    out = self.model(ids, output_hidden_states=True)
+    return out.hidden_states[-1], out.text_embeds
+
+
+def _unprojected_pool(self, prompts):
+    ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    out = self.model(ids, output_hidden_states=True)
+    return out.hidden_states[-2], out.last_hidden_state[torch.arange(len(prompts)), -1, : out.text_embeds.shape[-1]]
+
+
+@pytest.mark.parametrize("mistake", ["perturbed_weight", "last_clip_layer", "pooled_without_projection"])
+def test_a_mistake_is_caught(loaded, monkeypatch, mistake):
+    from ditserve.encoders.sd3_text import ClipProjectedEncoder
+
+    pipe, gen = loaded("sd35m")
+    args = ("a red fox in the snow", None, 64, 64, 2, 5.0, None, 0)
+    expected = reference(pipe, *args)
+    dit = gen.engine.pipeline.dit
+    original = dit.pos_table.data.clone()
+    if mistake == "perturbed_weight":
+        dit.pos_table.data.add_(0.05 * torch.randn_like(original))
+    elif mistake == "last_clip_layer":
+        monkeypatch.setattr(ClipProjectedEncoder, "__call__", _last_hidden_state)
+    else:
+        monkeypatch.setattr(ClipProjectedEncoder, "__call__", _unprojected_pool)
+    try:
+        assert max_diff(ours(gen, *args), expected) > 4
+    finally:
+        dit.pos_table.data.copy_(original)
+
+
+def test_negative_prompt_matters(loaded):
+    """With CFG the empty negative prompt is encoded (not zeros, not skipped): a different negative
+    prompt changes the picture."""
+    pipe, gen = loaded("sd3")
+    base = ("a red fox", None, 64, 64, 2, 6.0, None, 4)
+    assert max_diff(ours(gen, *base), reference(pipe, "a red fox", "green", *base[2:])) > 4
+
+
+# -- folder defaults and refusals ------------------------------------------------------------
+
+def test_folder_defaults_and_limits(tiny_sd3):
+    from ditserve.runtime.loader import inspect_model
+
+    src = inspect_model(tiny_sd3("sd35m"))
+    assert (src.defaults.height, src.defaults.width) == (64, 64)  # sample_size 8 x VAE 8
+    assert (src.defaults.guidance_scale, src.defaults.num_inference_steps, src.defaults.max_sequence_length) == \
+        (7.0, 28, 256)
+    assert src.limits.max_size == 128 and src.limits.size_multiple == 16 and src.limits.guidance_layers == 3
+
+
+def test_refusals(loaded):
+    _, gen = loaded("sd3")
+    with pytest.raises(InvalidRequest, match="between 16 and 128"):
+        gen.generate("too big", height=144, width=64, num_inference_steps=1)
+    with pytest.raises(InvalidRequest, match="skip_guidance_layers"):
+        gen.generate("no such layer", num_inference_steps=1, skip_guidance_layers=[3])
+
+
+def test_batch_key_separates_guided_from_unguided():
+    from ditserve.api import GenerationRequest
+    from ditserve.pipelines.sd3 import StableDiffusion3Pipeline as Ours
+
+    def key(**kw):
+        return Ours.batch_key(GenerationRequest("x", height=64, width=64, num_inference_steps=2, max_sequence_length=8,
+                                                **kw))
+
+    assert key(guidance_scale=7.0) == key(guidance_scale=4.0)
+    assert key(guidance_scale=7.0) != key(guidance_scale=1.0)
+    assert key(guidance_scale=7.0) != key(guidance_scale=7.0, skip_guidance_layers=(1,))
