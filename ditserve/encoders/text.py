@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -13,10 +16,29 @@ log = logging.getLogger(__name__)
 # transformers renamed `torch_dtype` to `dtype` (4.56); accept both major lines.
 _DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
+# Set by parallel/ while a pipeline loads tensor-parallel: it builds its own shard of the classes it
+# knows (T5, UMT5: parallel/text_tp.py) and returns None for the others, which load whole.
+PretrainedLoader = Callable[[type, Path, object, torch.dtype], "torch.nn.Module | None"]
+_LOADER: ContextVar[PretrainedLoader | None] = ContextVar("ditserve_pretrained_loader", default=None)
+
+
+@contextmanager
+def pretrained_loading(loader: PretrainedLoader) -> Iterator[None]:
+    """While active, `load_pretrained(cls, folder, device, dtype)` first asks `loader` with the same
+    arguments and uses the model it returns, if any."""
+    token = _LOADER.set(loader)
+    try:
+        yield
+    finally:
+        _LOADER.reset(token)
+
 
 def load_pretrained(cls, folder: Path, device, dtype: torch.dtype):
     """Load a transformers model from `folder` in `dtype`, on `device`, in eval mode."""
-    model = cls.from_pretrained(str(folder), **{_DTYPE_KW: dtype})
+    loader = _LOADER.get()
+    model = loader(cls, folder, device, dtype) if loader is not None else None
+    if model is None:
+        model = cls.from_pretrained(str(folder), **{_DTYPE_KW: dtype})
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -2,8 +2,8 @@
 USP), tensor-parallel DiT weights, and video decoding split by tiles.
 
 Every technique attaches from outside, reading the model's plan (models/common/plan.py):
-- `loading(groups)`: while a pipeline loads, DiTs are built tensor-parallel and each rank reads only
-  its shard of the safetensors (parallel/tensor.py);
+- `loading(groups)`: while a pipeline loads, DiTs (parallel/tensor.py) and T5 / UMT5 text encoders
+  (parallel/text_tp.py) are built tensor-parallel and each rank reads only its shard of the safetensors;
 - `parallelize_pipeline(pipeline, groups)`: each DiT sharded over the sequence (parallel/sequence.py),
   the guidance split over the CFG ranks (parallel/cfg.py), video decoding split over the replica
   (parallel/vae.py).
@@ -24,12 +24,20 @@ log = logging.getLogger(__name__)
 
 
 def loading(groups: ParallelGroups):
-    """A context in which `load_pipeline` builds this rank's tensor-parallel shard of every DiT."""
+    """A context in which `load_pipeline` builds this rank's tensor-parallel shard of every DiT and
+    of the T5 / UMT5 text encoder (parallel/text_tp.py)."""
     if groups.tp.size == 1:
         return contextlib.nullcontext()
-    from ditserve.parallel.tensor import tensor_parallel_loading
+    return _tensor_parallel_loading(groups.tp)
 
-    return tensor_parallel_loading(groups.tp)
+
+@contextlib.contextmanager
+def _tensor_parallel_loading(axis):
+    from ditserve.parallel.tensor import tensor_parallel_loading
+    from ditserve.parallel.text_tp import text_encoder_tp_loading
+
+    with tensor_parallel_loading(axis), text_encoder_tp_loading(axis):
+        yield
 
 
 def parallelize_pipeline(pipeline, groups: ParallelGroups, vae_parallel: bool = False):
