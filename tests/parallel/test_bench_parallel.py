@@ -33,3 +33,14 @@ def test_tiny_run_writes_rows(tmp_path):
         assert {"model", "gpu", "num_gpus", "mode", "step_s", "speedup", "commit"} <= set(row)
         assert row["step_s"] > 0 and row["gpu"] == "cpu"
     assert rows[0]["speedup"] == 1.0
+
+
+def test_degree_one_overhead_bench_runs_both_paths(tmp_path):
+    """benchmarks/bench_parallel_overhead.py: in-process and one-rank executor, same video (its guard)."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    out = tmp_path / "overhead.json"
+    assert importlib.import_module("bench_parallel_overhead").main(
+        ["--tiny", "--steps", "2", "--reps", "1", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["max_pixel_diff"] <= 1 and row["in_process_median_s"] > 0 and row["executor_median_s"] > 0
