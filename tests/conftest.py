@@ -70,6 +70,13 @@ def tiny_qwen_image_edit_plus(tmp_path_factory) -> Path:
     return _build_once(tmp_path_factory, "tiny_qwen_image_edit_plus", build_tiny_qwen_image, kind="edit_plus")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_image_edit_2511(tmp_path_factory) -> Path:
+    """Qwen-Image-Edit-2511-like: Edit Plus with ``zero_cond_t`` (input images modulated at t=0)."""
+    from tiny.qwen_image import build_tiny_qwen_image
+    return _build_once(tmp_path_factory, "tiny_qwen_image_edit_2511", build_tiny_qwen_image, kind="edit_2511")
+
+
 # --- tiny Wan 2.1 / 2.2 (diffusers format) -------------------------------------
 
 @pytest.fixture(scope="session")

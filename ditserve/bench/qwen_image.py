@@ -68,11 +68,11 @@ def block_update_rel_l2(ref, ours: QwenImageDiT, inp: QwenImageInputs, grids) ->
     embedded inputs. The whole-model output of random weights barely depends on the blocks (the
     input projection dominates it), so this is the guard that catches block math and MSRoPE errors."""
     h = ours.embed(inp)
-    (img, txt), (vec, rope, mask) = h.streams, h.consts
+    (img, txt), (vec, rope, mask, mod_index) = h.streams, h.consts
     freqs = ref.pos_embed([[(1, h, w) for h, w in grids]], device=img.device, max_txt_seq_len=txt.shape[1])
     _, img_ref = ref.transformer_blocks[0](hidden_states=img, encoder_hidden_states=txt,
                                            encoder_hidden_states_mask=None, temb=vec, image_rotary_emb=freqs)
-    img_ours, _ = ours.blocks[0](img, txt, vec, rope, mask)
+    img_ours, _ = ours.blocks[0](img, txt, vec, rope, mask, mod_index)
     return rel_l2(img_ours - img, img_ref - img)
 
 

@@ -110,15 +110,108 @@ def test_mask_reaches_attention_op(saved):
     assert seen == [False, False, True, True]
 
 
-@pytest.mark.parametrize("flag", ["zero_cond_t", "use_layer3d_rope", "guidance_embeds"])
-def test_unsupported_variants_are_refused(saved, tmp_path, flag):
+VARIANTS = {  # config flags -> batch size (diffusers adds the extra embedding to [t, 0] only at batch 1)
+    "zero_cond_t": ({"zero_cond_t": True}, 2),
+    "layered": ({"use_additional_t_cond": True, "use_layer3d_rope": True}, 2),
+    "all": ({"zero_cond_t": True, "use_additional_t_cond": True, "use_layer3d_rope": True}, 1),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    flags, batch = VARIANTS[request.param]
+    torch.manual_seed(1)
+    ref = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                      axes_dims_rope=AXES, **flags)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("qwen_dit_variant")
+    ref.eval().save_pretrained(path)
+    return ref, load_qwen_image_dit(path, "cpu", torch.float32), batch
+
+
+@pytest.mark.parametrize("grids", [[(3, 5), (4, 2)], [(2, 3), (2, 3), (5, 4), (3, 3)]], ids=["2grids", "4grids"])
+def test_variants_match_diffusers(variant, grids):
+    """zero_cond_t (per-token modulation), the additional timestep embedding and layered 3D RoPE."""
+    ref, ours, batch = variant
+    gen = torch.Generator().manual_seed(len(grids))
+    n_img, n_txt = sum(h * w for h, w in grids), 6
+    img, txt = torch.randn(batch, n_img, 16, generator=gen), torch.randn(batch, n_txt, 24, generator=gen)
+    mask = torch.ones(batch, n_txt, dtype=torch.bool)
+    mask[-1, 4:] = False
+    timesteps = torch.tensor([0.9, 0.25][:batch])
+    extra = {"additional_t_cond": torch.zeros(batch, dtype=torch.long)} if ref.config.use_additional_t_cond else {}
+    with torch.no_grad():
+        expected = ref(hidden_states=img, encoder_hidden_states=txt, timestep=timesteps,
+                       encoder_hidden_states_mask=mask.long(), img_shapes=[[(1, h, w) for h, w in grids]] * batch,
+                       return_dict=False, **extra)[0]
+        img_ids, txt_ids = ours.positions(grids, n_txt)
+        got = ours(QwenImageInputs(img=img, txt=txt, timesteps=timesteps, img_ids=img_ids, txt_ids=txt_ids,
+                                   txt_mask=mask, target_len=grids[0][0] * grids[0][1]))
+    assert expected.abs().mean() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_cond_t_modulates_input_images_at_timestep_0(variant):
+    """The input-image tokens' modulation is what makes zero_cond_t differ: giving every token t
+    (target_len = all tokens) changes the output, and the generated image's own tokens see it."""
+    ref, ours, batch = variant
+    if not ref.config.zero_cond_t:
+        pytest.skip("zero_cond_t only")
+    grids = [(3, 3), (3, 3)]
+    gen = torch.Generator().manual_seed(5)
+    img, txt = torch.randn(batch, 18, 16, generator=gen), torch.randn(batch, 4, 24, generator=gen)
+    img_ids, txt_ids = ours.positions(grids, 4)
+    t = torch.full((batch,), 0.7)
+    with torch.no_grad():
+        zero = ours(QwenImageInputs(img, txt, t, img_ids, txt_ids, target_len=9))
+        all_t = ours(QwenImageInputs(img, txt, t, img_ids, txt_ids, target_len=18))
+    assert (zero[:, :9] - all_t[:, :9]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("key,value", [("guidance_embeds", True), ("patch_size", 1)])
+def test_unsupported_keys_are_refused_naming_the_key(saved, tmp_path, key, value):
     import json
     import shutil
 
     _, path = saved
     shutil.copytree(path, tmp_path / "t")
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
-    cfg[flag] = True
+    cfg[key] = value
     (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match=f"{key}={value!r} is not supported"):
         load_qwen_image_dit(tmp_path / "t", "cpu", torch.float32)
+
+
+def test_config_keys_cover_the_installed_diffusers_signature():
+    import inspect
+
+    from ditserve.models.qwen_image.config import KEYS
+
+    params = set(inspect.signature(QwenImageTransformer2DModel.__init__).parameters) - {"self"}
+    assert set(KEYS) == params
+
+
+def test_variants_run_under_segments_and_fp8(variant):
+    """The acceleration plan still applies with per-token modulation: embed / block groups / head as
+    segments give the plain forward; FP8 block linears (modulation kept) stay close to it."""
+    from ditserve.accel.fp8 import FP8Linear, apply_fp8
+    from ditserve.accel.segments import SegmentedDiT
+
+    _, ours, batch = variant
+    grids = [(2, 4), (3, 2)]
+    gen = torch.Generator().manual_seed(9)
+    img_ids, txt_ids = ours.positions(grids, 5)
+    inp = QwenImageInputs(torch.randn(batch, 14, 16, generator=gen), torch.randn(batch, 5, 24, generator=gen),
+                          torch.full((batch,), 0.6), img_ids, txt_ids, target_len=8)
+    with torch.no_grad():
+        expected = ours(inp)
+        assert torch.equal(SegmentedDiT(ours, graphs=True, group_size=1)(inp), expected)
+        import copy
+        fp8 = apply_fp8(copy.deepcopy(ours), min_features=16)
+        assert any(isinstance(m, FP8Linear) for m in fp8.modules())
+        assert not any(isinstance(m, FP8Linear) for n, m in fp8.named_modules() if n.endswith("mod.lin"))
+        got = fp8(inp)
+    assert float((got - expected).norm() / expected.norm()) < 0.2

@@ -150,3 +150,29 @@ def test_default_size_follows_the_last_input_image(plus, sizes):
     assert (req.width, req.height) == (width // 16 * 16, height // 16 * 16)
     only_height = engine.resolve(GenerationRequest(prompt="x", images=images, height=512))
     assert (only_height.width, only_height.height) == (width // 16 * 16, 512)
+
+
+@pytest.fixture(scope="module")
+def plus_2511(tiny_qwen_image_edit_2511):
+    return load_pair(tiny_qwen_image_edit_2511, QwenImageEditPlusPipeline)
+
+
+EDIT_2511_CASES = [
+    # (input sizes, prompt, negative, height, width, seed): several inputs, non-square, true CFG
+    ([(80, 60), (40, 90)], "put the second picture in the first", "low quality", 64, 48, 2),
+    ([(64, 64), (96, 48), (48, 48)], "combine all three", " ", 32, 48, 3),
+]
+
+
+@pytest.mark.parametrize("case", EDIT_2511_CASES, ids=[f"{len(c[0])}img" for c in EDIT_2511_CASES])
+def test_edit_2511_zero_cond_t_matches_diffusers(plus_2511, plus, small_area, case):
+    """Qwen-Image-Edit-2511 (zero_cond_t: input-image tokens modulated at timestep 0)."""
+    sizes, prompt, negative, h, w, seed = case
+    ref, gen = plus_2511
+    assert gen.engine.pipeline.dit.cfg.zero_cond_t
+    images = [picture(iw, ih, seed + i) for i, (iw, ih) in enumerate(sizes)]
+    expected = reference_images(ref, images, prompt, negative, h, w, 2, 4.0, seed)
+    assert_close_images(ours(small_area(gen), images, prompt, negative, h, w, 2, 4.0, seed), expected)
+    # the same weights without zero_cond_t (the Edit Plus folder) give a clearly different picture
+    without = ours(small_area(plus[1]), images, prompt, negative, h, w, 2, 4.0, seed)
+    assert np.abs(without.astype(int) - expected.astype(int)).max() > 8

@@ -50,7 +50,9 @@ VAE = dict(base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_sc
 TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                    num_attention_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6))
 CLASS_NAMES = {"t2i": "QwenImagePipeline", "edit": "QwenImageEditPipeline",
-               "edit_plus": "QwenImageEditPlusPipeline"}
+               "edit_plus": "QwenImageEditPlusPipeline", "edit_2511": "QwenImageEditPlusPipeline"}
+# transformer config keys that make a variant (Qwen-Image-Edit-2511: per-token modulation)
+VARIANT_FLAGS = {"edit_2511": {"zero_cond_t": True}}
 
 
 def special_id(token: str) -> int:
@@ -115,9 +117,9 @@ def _text_encoder(vocab_size: int) -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def _transformer() -> QwenImageTransformer2DModel:
+def _transformer(kind: str) -> QwenImageTransformer2DModel:
     torch.manual_seed(SEED + 2)
-    model = QwenImageTransformer2DModel(**TRANSFORMER).eval()
+    model = QwenImageTransformer2DModel(**TRANSFORMER, **VARIANT_FLAGS.get(kind, {})).eval()
     gen = torch.Generator("cpu").manual_seed(SEED + 3)
     with torch.no_grad():
         for _, param in sorted(model.named_parameters()):
@@ -146,7 +148,8 @@ def _model_index(kind: str) -> dict:
 
 
 def build_tiny_qwen_image(path: str | Path, *, kind: str = "t2i") -> Path:
-    """Write a tiny Qwen-Image folder to ``path``: ``kind`` is "t2i", "edit" or "edit_plus"."""
+    """Write a tiny Qwen-Image folder to ``path``: ``kind`` is "t2i", "edit", "edit_plus" or
+    "edit_2511" (Edit Plus with ``zero_cond_t``)."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
@@ -157,7 +160,7 @@ def build_tiny_qwen_image(path: str | Path, *, kind: str = "t2i") -> Path:
     FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(path / "scheduler")
     _text_encoder(vocab_size).save_pretrained(path / "text_encoder")
     _vae().save_pretrained(path / "vae")
-    _transformer().save_pretrained(path / "transformer")
+    _transformer(kind).save_pretrained(path / "transformer")
     (path / "model_index.json").write_text(json.dumps(_model_index(kind), indent=2) + "\n")
     logger.info("built tiny Qwen-Image (%s) at %s", kind, path)
     return path
