@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-inference-steps", metavar="N", type=int, default=None,
                    help="denoising steps (default: the model's: FLUX 28, Qwen-Image 50, Wan 50, demo 20)")
     p.add_argument("--guidance-scale", metavar="G", type=float, default=None,
-                   help="FLUX-dev: embedded guidance; Wan: CFG scale (default: the model's: FLUX 3.5, Wan 5.0, demo 0)")
+                   help="FLUX-dev: embedded guidance; Wan, SD3: CFG scale (default: the model's: FLUX 3.5, Wan 5.0, "
+                        "SD3 7.0, demo 0)")
     p.add_argument("--true-cfg-scale", metavar="G", type=float, default=None,
                    help="true CFG with --negative-prompt (default: the model's: FLUX 1.0 = off, Qwen-Image 4.0)")
     p.add_argument("--seed", metavar="S", type=int, default=None,
@@ -45,7 +46,7 @@ def add_parser(sub) -> None:
                    help="images from one batch; their noise comes from one generator seeded with --seed, as in "
                         "diffusers, so image k is not what --seed S+k gives alone")
     p.add_argument("--max-sequence-length", metavar="N", type=int, default=None,
-                   help="text tokens (default: the model's: 512, demo 16)")
+                   help="text tokens (default: the model's: 512, SD3 256, demo 16)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="input image (PNG, JPEG, WebP): to edit, or to animate with an image-to-video model; "
                         "repeatable for models that take several (default: none)")
@@ -59,6 +60,14 @@ def add_parser(sub) -> None:
                    help="solver override (default: the model folder's scheduler)")
     p.add_argument("--flow-shift", metavar="F", type=float, default=None,
                    help="flow-matching shift override, static (default: the model folder's scheduler)")
+    p.add_argument("--skip-guidance-layers", metavar="I,J,...", type=_layer_list, default=None,
+                   help="SD3 with CFG: skip-layer guidance over these blocks, e.g. 7,8,9 for SD3.5-Medium (default: off)")
+    p.add_argument("--skip-layer-guidance-scale", metavar="S", type=float, default=None,
+                   help="skip-layer guidance strength (default: 2.8, as diffusers)")
+    p.add_argument("--skip-layer-guidance-start", metavar="F", type=float, default=None,
+                   help="fraction of the steps where skip-layer guidance starts (default: 0.01)")
+    p.add_argument("--skip-layer-guidance-stop", metavar="F", type=float, default=None,
+                   help="fraction of the steps where skip-layer guidance stops (default: 0.2)")
     p.add_argument("--output", metavar="FILE", default=None,
                    help="image file (.png, .jpg, .webp; default output.png) or, for a video model, video file "
                         "(.mp4 H.264, .webm VP9, .gif, or .png for numbered frames; default output.mp4); "
@@ -67,6 +76,14 @@ def add_parser(sub) -> None:
                    help="write stage and step times, seeds and output files as JSON here (default: none)")
     add_log_level_arg(p)
     p.set_defaults(run=run)
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    """"7,8,9" -> (7, 8, 9) for --skip-guidance-layers."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like 7,8,9, got {text!r}") from None
 
 
 def default_model_path(given: str | None) -> str:
@@ -127,7 +144,10 @@ def run(args: argparse.Namespace) -> int:
         max_sequence_length=args.max_sequence_length,
         images=tuple(read_image_file(path, source.limits) for path in args.image),
         num_frames=args.num_frames, fps=args.fps, guidance_scale_2=args.guidance_scale_2,
-        sampler=args.sampler, flow_shift=args.flow_shift,
+        sampler=args.sampler, flow_shift=args.flow_shift, skip_guidance_layers=args.skip_guidance_layers,
+        skip_layer_guidance_scale=args.skip_layer_guidance_scale,
+        skip_layer_guidance_start=args.skip_layer_guidance_start,
+        skip_layer_guidance_stop=args.skip_layer_guidance_stop,
     ).resolve(source.defaults, source.limits)
     video = bool(source.limits.frame_multiple)
     paths = output_paths(args.output or ("output.mp4" if video else "output.png"), request.num_images, video)

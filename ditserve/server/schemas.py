@@ -51,7 +51,8 @@ class ImageGenerationBody(BaseModel):
     partial_images: int | None = Field(None, ge=0, description="Only 0 (streaming is not supported).")
     # ditserve extensions (the openai client sends them with `extra_body`)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same image.")
-    negative_prompt: str | None = Field(None, description="Used when true_cfg_scale > 1.")
+    negative_prompt: str | None = Field(None, description="Used when true_cfg_scale > 1 (SD3, Wan: "
+                                                             "guidance_scale > 1).")
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     true_cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
@@ -62,6 +63,14 @@ class ImageGenerationBody(BaseModel):
                                      description="Flow-matching shift override (static shift).")
     cache: bool | None = Field(None, description="false: compute every step in full even when the server "
                                                  "runs a step cache (--cache); default true.")
+    skip_guidance_layers: list[int] | None = Field(
+        None, min_length=1, description="SD3 with CFG: skip-layer guidance over these blocks, as diffusers "
+                                        "(e.g. [7, 8, 9] for SD3.5-Medium); default off.")
+    skip_layer_guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="Default 2.8.")
+    skip_layer_guidance_start: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                                    description="Fraction of the steps; default 0.01.")
+    skip_layer_guidance_stop: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                                   description="Fraction of the steps; default 0.2.")
 
     def to_request(self, images: tuple = ()) -> GenerationRequest:
         """The unresolved request (with decoded input `images` for an edit); resolving validates it."""
@@ -80,6 +89,10 @@ class ImageGenerationBody(BaseModel):
             true_cfg_scale=self.true_cfg_scale, seed=self.seed, num_images=self.n or 1,
             max_sequence_length=self.max_sequence_length, images=images,
             sampler=self.sampler, flow_shift=self.flow_shift, cache=self.cache is not False,
+            skip_guidance_layers=None if self.skip_guidance_layers is None else tuple(self.skip_guidance_layers),
+            skip_layer_guidance_scale=self.skip_layer_guidance_scale,
+            skip_layer_guidance_start=self.skip_layer_guidance_start,
+            skip_layer_guidance_stop=self.skip_layer_guidance_stop,
         )
 
 
