@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
 
 
@@ -35,6 +37,7 @@ def test_tiny_run_writes_rows(tmp_path):
     assert rows[0]["speedup"] == 1.0
 
 
+@pytest.mark.slow
 def test_degree_one_overhead_bench_runs_both_paths(tmp_path):
     """benchmarks/bench_parallel_overhead.py: in-process and one-rank executor, same video (its guard)."""
     if BENCHMARKS not in sys.path:
