@@ -18,17 +18,18 @@ def add_parser(sub) -> None:
                        description="Time ditserve against diffusers on this CUDA GPU with random weights at real "
                                    "size; prints JSON rows.")
     p.add_argument("--model", default="flux.1-dev",
-                   help="flux.1-dev, flux.1-schnell, qwen-image, wan2.1-t2v-1.3b or wan2.1-t2v-14b "
+                   help="flux.1-dev, flux.1-schnell, qwen-image, wan2.1-t2v-1.3b, wan2.1-t2v-14b, sd3.5-large or "
+                        "sd3.5-medium "
                         "(shapes in ditserve/bench/architectures.json)")
-    p.add_argument("--height", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image), 480 (Wan)")
-    p.add_argument("--width", type=int, default=None, help="default: 1024 (FLUX), 1328 (Qwen-Image), 832 (Wan)")
+    p.add_argument("--height", type=int, default=None, help="default: 1024 (FLUX, SD3.5), 1328 (Qwen-Image), 480 (Wan)")
+    p.add_argument("--width", type=int, default=None, help="default: 1024 (FLUX, SD3.5), 1328 (Qwen-Image), 832 (Wan)")
     p.add_argument("--num-frames", type=int, default=81, help="Wan: video frames (default 81)")
     p.add_argument("--vae", action="store_true", help="Wan: also time the VAE decode (whole and tiled)")
     p.add_argument("--reps", type=int, default=10, help="Wan: timed repetitions of the compiled step (eager: half)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps for --end-to-end")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"], help="weights and activations")
     p.add_argument("--quantization", default=None, choices=["fp8"],
-                   help="fp8: also time e4m3 linear layers (FLUX, Wan) (default: none)")
+                   help="fp8: also time e4m3 linear layers (FLUX, Wan, SD3.5) (default: none)")
     p.add_argument("--compare", default="diffusers", choices=["diffusers", "none"],
                    help="time diffusers eager and compiled on the same weights, or ditserve alone")
     p.add_argument("--end-to-end", action="store_true", help="time all stages, ditserve vs diffusers")
@@ -49,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in architectures() or args.model.startswith("_"):
         names = [k for k in architectures() if not k.startswith("_")]
         raise InvalidRequest(f"unknown model {args.model!r}; known: {', '.join(names)}", "model")
-    if not args.model.startswith(("flux", "qwen-image", "wan")):
-        raise InvalidRequest(f"bench supports the flux.1, qwen-image and wan models so far, not {args.model}", "model")
+    if not args.model.startswith(("flux", "qwen-image", "wan", "sd3")):
+        raise InvalidRequest(f"bench supports the flux.1, qwen-image, wan and sd3.5 models so far, not {args.model}",
+                             "model")
+    if args.model.startswith("sd3") and args.end_to_end:
+        raise InvalidRequest("bench for sd3.5 times the DiT step only (no --end-to-end yet)", "model")
     qwen = args.model.startswith("qwen-image")
     if qwen and (args.end_to_end or args.quantization):
         raise InvalidRequest("bench for qwen-image times the eager DiT step only "
@@ -68,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
             rows.append(bench_vae_decode(height, width, args.num_frames))
         return _write(rows, args.json)
     height, width = args.height or (1328 if qwen else 1024), args.width or (1328 if qwen else 1024)
-    if qwen:
+    if args.model.startswith("sd3"):
+        from ditserve.bench.sd3 import bench_step as sd3_bench_step
+
+        row = sd3_bench_step(args.model, height, width, quantization=args.quantization,
+                             compare=args.compare == "diffusers")
+    elif qwen:
         from ditserve.bench.qwen_image import bench_step as qwen_bench_step
 
         row = qwen_bench_step(args.model, height, width, compare=args.compare == "diffusers")

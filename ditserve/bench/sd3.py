@@ -1,0 +1,144 @@
+"""SD3.5 (Large, Medium) DiT step: ditserve vs diffusers (eager and compile_repeated_blocks), same random
+weights (bf16).
+
+At 1024² the latents are 128x128, 64x64 = 4096 patches; the text is 77 CLIP + 256 T5 = 333 tokens. A real
+step runs cond and uncond as one batch of 2 (CFG, as the pipeline batches it), so that is the default.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from ditserve.bench.common import (MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair,
+                                   rel_l2, sustained_matmul_tflops)
+from ditserve.models.sd3.config import SD3Config
+from ditserve.models.sd3.model import SD3DiT, SD3Inputs
+from ditserve.models.sd3.weights import sd3_key_map
+
+log = logging.getLogger(__name__)
+GUARD_REL_L2 = 1e-2
+FAST_BLOCK_GUARD = 2e-2  # compiled bf16 blocks round elsewhere than eager ones (see bench/flux.py)
+FP8_GUARD_REL_L2 = 3e-2  # the quality guard of issue 18 for --quantization fp8
+MODEL = "sd3.5-large"
+TXT_LEN = 77 + 256
+
+
+def step_flops(cfg: SD3Config, img_len: int, txt_len: int, batch: int = 1) -> float:
+    """Matmul + attention FLOPs of one forward; embeddings and modulation are negligible."""
+    d, s = cfg.hidden_size, img_len + txt_len
+    per_token = 2 * d * (3 * d + d + 8 * d)  # q/k/v, output projection, 4x MLP
+    total = 0.0
+    for i in range(cfg.num_layers):
+        last = i == cfg.num_layers - 1
+        total += per_token * img_len + (2 * d * 3 * d if last else per_token) * txt_len + 4 * s * s * d
+        if i in cfg.dual_attention_layers:  # MMDiT-X: image-only attention
+            total += 2 * d * 4 * d * img_len + 4 * img_len * img_len * d
+    return batch * total
+
+
+def build(model: str = MODEL, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, weight_scale: float = 0.5):
+    """diffusers' SD3Transformer2DModel with random weights, and our SD3DiT holding the same values."""
+    from diffusers import SD3Transformer2DModel
+
+    arch = arch_kwargs(architectures()[model]["transformer"])
+    cfg = SD3Config.from_dict(arch)
+    return random_pair(SD3Transformer2DModel, arch, SD3DiT, cfg, sd3_key_map(cfg), device, dtype, weight_scale)
+
+
+def inputs(cfg: SD3Config, height: int, width: int, txt_len: int, device, dtype, batch: int = 2) -> SD3Inputs:
+    gen = torch.Generator(device).manual_seed(1)
+    return SD3Inputs(
+        x=torch.randn(batch, cfg.in_channels, height // 8, width // 8, generator=gen, device=device, dtype=dtype),
+        txt=torch.randn(batch, txt_len, cfg.joint_attention_dim, generator=gen, device=device, dtype=dtype),
+        pooled=torch.randn(batch, cfg.pooled_projection_dim, generator=gen, device=device, dtype=dtype),
+        timesteps=torch.full((batch,), 600.0, device=device),
+    )
+
+
+def ref_call(ref, inp: SD3Inputs):
+    return ref(hidden_states=inp.x, encoder_hidden_states=inp.txt, pooled_projections=inp.pooled,
+               timestep=inp.timesteps, return_dict=False)[0]
+
+
+def block_update_rel_l2(ref, ours: SD3DiT, inp: SD3Inputs) -> dict[str, float]:
+    """rel L2 of the first and the last block's update to the image stream, ours vs diffusers' blocks,
+    from the same embedded inputs (the first is dual-attention on SD3.5-Medium; the last is
+    context-pre-only). The whole output of random weights barely depends on the blocks, so this is the
+    guard that catches block math. Streams enter at 1/100 of their size, as in bench/flux.py: the
+    blocks normalise them, and a small update keeps its bits in bf16."""
+    h = ours.embed(inp)
+    (img, txt), (vec, grid) = h.streams, h.consts
+    img, txt = img * 0.01, txt * 0.01
+    out = {}
+    for name, k in (("first", 0), ("last", ours.cfg.num_layers - 1)):
+        _, img_ref = ref.transformer_blocks[k](hidden_states=img, encoder_hidden_states=txt, temb=vec)
+        img_ours, _ = ours.blocks[k](img, txt, vec, grid)
+        out[name] = rel_l2(img_ours - img, img_ref - img)
+    return out
+
+
+@torch.no_grad()
+def bench_step(model: str = MODEL, height: int = 1024, width: int = 1024, txt_len: int = TXT_LEN,
+               quantization: str | None = None, compare: bool = True, device: str = "cuda",
+               compiled: bool = True, batch: int = 2) -> dict:
+    """One DiT forward of a CFG batch: diffusers eager and compiled vs ditserve eager and compiled
+    (and compiled FP8 with `quantization="fp8"`), with the rel-L2 guards."""
+    from ditserve.accel import accelerate_dit
+    from ditserve.config import AccelConfig
+
+    dtype = torch.bfloat16
+    ref, ours = build(model, device, dtype)
+    inp = inputs(ours.cfg, height, width, txt_len, device, dtype, batch)
+    img_len = (height // 8 // ours.cfg.patch_size) * (width // 8 // ours.cfg.patch_size)
+    flops = step_flops(ours.cfg, img_len, txt_len, batch)
+    row = base_row(model, "bfloat16", f"{width}x{height}, {img_len}+{txt_len} tokens, batch {batch} (CFG)")
+    row["step_tflop"] = flops / 1e12
+    row["floor_step_s"] = flops / (MATMUL_TFLOPS["bfloat16"] * 1e12)
+
+    expected = ref_call(ref, inp)
+    row["ditserve_eager_step_s"] = median_time(lambda: ours(inp))
+    row["rel_l2_eager"] = rel_l2(ours(inp), expected)
+    row["rel_l2_block_update_eager"] = block_update_rel_l2(ref, ours, inp)
+    row["guard_ok"] = max(row["rel_l2_eager"], *row["rel_l2_block_update_eager"].values()) <= GUARD_REL_L2
+    if compare:
+        row["diffusers_eager_step_s"] = median_time(lambda: ref_call(ref, inp))
+        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_eager_step_s"]
+    log.info("%s eager: %s", model, row)
+    if not compiled:
+        return row
+
+    if device == "cuda":
+        row["sustained_bf16_tflops"] = sustained_matmul_tflops("bfloat16")
+        row["sustained_floor_step_s"] = flops / (row["sustained_bf16_tflops"] * 1e12)
+    fast = accelerate_dit(ours, AccelConfig(compile=True), torch.device(device))
+    row["ditserve_step_s"] = median_time(lambda: fast(inp), warmup=3, reps=20)
+    row["rel_l2_vs_diffusers"] = rel_l2(fast(inp), expected)
+    row["rel_l2_block_update"] = block_update_rel_l2(ref, fast, inp)
+    row["guard_ok"] = (row["guard_ok"] and row["rel_l2_vs_diffusers"] <= GUARD_REL_L2
+                       and max(row["rel_l2_block_update"].values()) <= FAST_BLOCK_GUARD)
+    row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
+    if compare:
+        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_step_s"]
+        ref.compile_repeated_blocks(fullgraph=True)
+        row["diffusers_compiled_step_s"] = median_time(lambda: ref_call(ref, inp), warmup=3, reps=20)
+        row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
+    if quantization == "fp8":
+        del ref, ours, fast
+        gc.collect()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        ref8, fresh = build(model, device, dtype)  # same seed: the same weights
+        fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8"), torch.device(device))
+        row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp), warmup=3, reps=20)
+        row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp), expected)
+        row["fp8_rel_l2_block_update"] = block_update_rel_l2(ref8, fast8, inp)
+        row["fp8_guard_ok"] = max(row["fp8_rel_l2_vs_diffusers_bf16"],
+                                  *row["fp8_rel_l2_block_update"].values()) <= FP8_GUARD_REL_L2
+        row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
+        row["fp8_speedup_vs_diffusers_compiled"] = row.get("diffusers_compiled_step_s", float("nan")) / \
+            row["ditserve_fp8_step_s"]
+    log.info("%s: %s", model, row)
+    return row
