@@ -290,10 +290,11 @@ class Executor:
     def _check_alive(self, wait: float = 0.0) -> None:
         deadline = time.monotonic() + wait
         while True:
-            for rank, proc in enumerate(self.procs):
-                code = proc.poll()
-                if code is not None:
-                    raise RankDied(f"rank {rank} (pid {proc.pid}) {_exit_reason(code)}")
+            # every dead rank, the one a signal killed first: a peer's death makes the others exit too
+            dead = [(rank, proc, code) for rank, proc in enumerate(self.procs) if (code := proc.poll()) is not None]
+            if dead:
+                dead.sort(key=lambda d: d[2] >= 0)
+                raise RankDied("; ".join(f"rank {rank} (pid {proc.pid}) {_exit_reason(code)}" for rank, proc, code in dead))
             if time.monotonic() >= deadline:
                 return
             time.sleep(POLL_S)
