@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:

@@ -53,7 +53,7 @@ def _rank(rank: int, world: int, work: str, flux: str, wan: str) -> None:
         held = {"t5": sum(p.numel() for p in t5.model.parameters()),
                 "umt5": sum(p.numel() for p in umt5.model.parameters())}
         (out / f"held.rank{rank}.json").write_text(json.dumps(held))
-    except Exception:  # noqa: BLE001 - the test reads the failure and reports it
+    except Exception:  # the test reads the failure and reports it
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
     finally:
@@ -175,6 +175,11 @@ def test_a_rank_reads_only_its_slices(folders, monkeypatch):
         torch.testing.assert_close(ffn.wo.weight, ref_ffn.wo.weight[:, 19:])
         assert shapes[f"encoder.block.{layer}.layer.1.DenseReluDense.wo.weight"] == (24, 18)
         assert shapes[f"encoder.block.{layer}.layer.0.SelfAttention.k.weight"] == (16, 24)
+    full = {n: tuple(t.shape) for n, t in whole.named_parameters()}
+    cut = [k for k in shapes if "SelfAttention" in k or "DenseReluDense" in k]
+    assert len(cut) == 2 * 8  # q, k, v, o, bias table, wi_0, wi_1, wo in each layer
+    for key in cut:
+        assert 0.45 < np.prod(shapes[key]) / np.prod(full[key]) <= 0.5, key
     assert model.shared.weight is model.encoder.embed_tokens.weight  # still tied
 
 
@@ -184,8 +189,8 @@ def test_dtypes_follow_from_pretrained(folders, dtype):
     import transformers
 
     from ditserve.encoders.text import _DTYPE_KW
-    from ditserve.parallel.text_tp import load_sharded
     from ditserve.parallel.groups import Axis
+    from ditserve.parallel.text_tp import load_sharded
 
     folder = folders[0] / "text_encoder_2"
     ours = load_sharded(transformers.T5EncoderModel, folder, "cpu", dtype, Axis(None, 0, 2))
