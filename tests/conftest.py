@@ -77,6 +77,13 @@ def tiny_qwen_image_edit_2511(tmp_path_factory) -> Path:
     return _build_once(tmp_path_factory, "tiny_qwen_image_edit_2511", build_tiny_qwen_image, kind="edit_2511")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_image_layered(tmp_path_factory) -> Path:
+    """Qwen-Image-Layered-like (``QwenImageLayeredPipeline``): RGBA VAE, layered 3D RoPE, additional t embedding."""
+    from tiny.qwen_image import build_tiny_qwen_image
+    return _build_once(tmp_path_factory, "tiny_qwen_image_layered", build_tiny_qwen_image, kind="layered")
+
+
 # --- tiny Wan 2.1 / 2.2 (diffusers format) -------------------------------------
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,8 @@ class RequestDefaults:
     # video models (0 for image models): frames per video and the frame rate it is shown at
     num_frames: int = 0
     fps: int = 0
+    # layered models (Qwen-Image-Layered): RGBA layers per image; 0 for every other model
+    layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class ModelLimits:
     max_fps: int = 120
     # skip-layer guidance (SD3): how many blocks its layers may index; 0 = the model offers none
     guidance_layers: int = 0
+    # layered models: at most this many RGBA layers per image; 0 = not a layered model
+    max_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ class GenerationRequest:
     skip_layer_guidance_stop: float | None = None
     # step caching (when the engine runs one): False computes every step of this request in full
     cache: bool = True
+    # layered models (Qwen-Image-Layered): how many RGBA layers to split the input image into
+    layers: int | None = None
 
     def resolve(self, defaults: RequestDefaults, limits: ModelLimits) -> "GenerationRequest":
         """Fill unset fields from `defaults`, pick a seed if none, and validate against `limits`."""
@@ -172,6 +178,7 @@ class GenerationRequest:
         _check_sampling(self.sampler, self.flow_shift, limits)
         _check_video(self, limits)
         _check_skip_layers(self, limits)
+        _check_layers(self.layers, limits)
 
     @property
     def do_true_cfg(self) -> bool:
@@ -264,6 +271,17 @@ def _check_skip_layers(req: "GenerationRequest", limits: ModelLimits) -> None:
 def _check_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidRequest(f"{name} must be an integer, got {value!r}", name)
+
+
+def _check_layers(layers, limits: ModelLimits) -> None:
+    if not limits.max_layers:
+        if layers not in (None, 0):
+            raise InvalidRequest("layers is for layered models (Qwen-Image-Layered); this model makes one "
+                                 "image per request", "layers")
+        return
+    _check_int("layers", layers)
+    if not 1 <= layers <= limits.max_layers:
+        raise InvalidRequest(f"layers must be between 1 and {limits.max_layers}, got {layers}", "layers")
 
 
 _REQUEST_FIELDS = frozenset(f.name for f in fields(GenerationRequest))

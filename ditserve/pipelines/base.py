@@ -35,9 +35,11 @@ class RunControl:
 
 @dataclass
 class Pixels:
-    """Decoded images, uint8 [N, H, W, 3], in request order (num_images per request)."""
+    """Decoded images, uint8 [N, H, W, 3] (or 4 channels: RGBA), in request order: num_images x
+    `per_image` per request (Qwen-Image-Layered: the RGBA layers of each image; otherwise 1)."""
 
     images: np.ndarray
+    per_image: int = 1
 
 
 @dataclass

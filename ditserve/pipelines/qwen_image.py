@@ -8,15 +8,16 @@ image sequence and images in the prompt.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults
+from ditserve.api import GenerationRequest, InvalidRequest, ModelLimits, RequestDefaults
 from ditserve.encoders.qwen import T2I_TEMPLATE, PromptEmbeds, PromptTemplate, QwenPromptEncoder
 from ditserve.models.common.dit import StepContext
+from ditserve.models.qwen_image.config import QwenImageConfig
 from ditserve.models.qwen_image.model import QwenImageDiT, QwenImageInputs
 from ditserve.models.qwen_image.weights import load_qwen_image_dit
 from ditserve.pipelines.base import Pipeline, Pixels, RunControl, StageTimer
@@ -31,16 +32,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QwenLatents:
-    """Packed noise latents [N, L, 4C] on an (h, w) latent grid; for editing, the input images'
-    packed latents [N, Lc, 4C] and their latent grids, joined after x in the DiT's image sequence."""
+    """Packed noise latents [N, frames * L, 4C]: `frames` images (Qwen-Image-Layered: the
+    composite, then its layers; otherwise 1) on an (h, w) latent grid, frame after frame; for
+    editing, the input images' packed latents [N, Lc, 4C] and their latent grids, joined after x in
+    the DiT's image sequence."""
 
     x: torch.Tensor
     grid: tuple[int, int]
     cond: torch.Tensor | None = None
     cond_grids: tuple[tuple[int, int], ...] = field(default=())
+    frames: int = 1
 
     def patch_grids(self) -> list[tuple[int, int]]:
-        return [(h // 2, w // 2) for h, w in (self.grid, *self.cond_grids)]
+        return [(h // 2, w // 2) for h, w in ((self.grid,) * self.frames + self.cond_grids)]
 
 
 def joint_text(cond: PromptEmbeds, uncond: PromptEmbeds | None) -> PromptEmbeds:
@@ -58,6 +62,9 @@ class QwenImagePipeline(Pipeline):
     limits = ModelLimits(size_multiple=16, max_sequence_length=1024)
     template: ClassVar[PromptTemplate] = T2I_TEMPLATE
     truncate_text: ClassVar[bool] = True  # to max_sequence_length; the edit pipelines keep all tokens
+    vision_prompt: ClassVar[bool] = False  # input images in the prompt (the edit pipelines)
+    # the additional timestep embedding's row: only Qwen-Image-Layered's pipeline passes one
+    passes_t_cond: ClassVar[bool] = False
 
     def __init__(self, dit: QwenImageDiT, text: QwenPromptEncoder, vae, scheduler_spec: SchedulerSpec,
                  device: torch.device, dtype: torch.dtype):
@@ -68,8 +75,22 @@ class QwenImagePipeline(Pipeline):
         self.latent_channels = vae.config.z_dim
 
     @classmethod
+    def for_folder(cls, path: Path, defaults: RequestDefaults, limits: ModelLimits):
+        """The transformer config read strictly before any weights load: a key we do not run, or
+        one this pipeline does not drive (as in diffusers), is refused in one line."""
+        file = path / "transformer" / "config.json"
+        try:
+            cfg = QwenImageConfig.from_json(file)
+        except (OSError, ValueError) as exc:
+            raise InvalidRequest(f"{file}: {exc}", "model") from None
+        if cfg.use_additional_t_cond and not cls.passes_t_cond:
+            raise InvalidRequest(f"{file}: use_additional_t_cond=True needs the layered pipeline "
+                                 f"(QwenImageLayeredPipeline); {cls.__name__} passes no additional_t_cond", "model")
+        return defaults, limits
+
+    @classmethod
     def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "QwenImagePipeline":
-        processor = path / "processor" if cls.limits.max_images else None
+        processor = path / "processor" if cls.vision_prompt else None
         return cls(
             dit=load_qwen_image_dit(path / "transformer", device, dtype),
             text=QwenPromptEncoder.load(path / "text_encoder", path / "tokenizer", device, dtype, processor),
@@ -128,8 +149,7 @@ class QwenImagePipeline(Pipeline):
                                   txt_ids=txt_ids, txt_mask=mask, rope=rope, target_len=target_len)
             return self.dit(inp, ctx)[:, : x.shape[1]]
 
-        x = denoise(latents.x, sampling, model, control, timer)
-        return QwenLatents(x, latents.grid, latents.cond, latents.cond_grids)
+        return replace(latents, x=denoise(latents.x, sampling, model, control, timer))
 
     def target_len(self, latents: QwenLatents) -> int:
         """Image tokens of the first grid (the image being generated); those after it are input

@@ -34,6 +34,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
     limits = ModelLimits(size_multiple=16, max_sequence_length=1024, min_images=1, max_images=1)
     template = EDIT_TEMPLATE
     truncate_text = False
+    vision_prompt = True
     vae_image_area: ClassVar[int] = VAE_IMAGE_AREA
     # the text encoder sees the VAE-sized image (Edit) or one resized to this area (Edit Plus)
     condition_image_area: ClassVar[int | None] = None

@@ -12,6 +12,7 @@ _PIPELINES: dict[str, str] = {
     "QwenImagePipeline": "ditserve.pipelines.qwen_image:QwenImagePipeline",
     "QwenImageEditPipeline": "ditserve.pipelines.qwen_image_edit:QwenImageEditPipeline",
     "QwenImageEditPlusPipeline": "ditserve.pipelines.qwen_image_edit:QwenImageEditPlusPipeline",
+    "QwenImageLayeredPipeline": "ditserve.pipelines.qwen_image_layered:QwenImageLayeredPipeline",
     "StableDiffusion3Pipeline": "ditserve.pipelines.sd3:StableDiffusion3Pipeline",
     "WanPipeline": "ditserve.pipelines.wan:WanPipeline",
     "WanImageToVideoPipeline": "ditserve.pipelines.wan:WanImageToVideoPipeline",

@@ -98,7 +98,8 @@ class Engine:
                 videos = list(pixels.videos[start:start + n])
                 outputs.append(GenerationOutput(images=[], videos=videos, fps=req.fps, timings=timings, seed=req.seed))
             else:
-                images = [Image.fromarray(a) for a in pixels.images[start:start + n]]
+                n *= pixels.per_image
+                images = [Image.fromarray(a) for a in pixels.images[start:start + n]]  # RGB or RGBA
                 outputs.append(GenerationOutput(images=images, timings=timings, seed=req.seed))
             start += n
         return outputs

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 SEED = 0
 TRANSFORMER_INIT_STD = 0.2
+QK_GAIN = 20.0  # the layered folder's q/k norm weights are scaled up by this much
 TEXT_DIM = 32
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>")
@@ -50,9 +51,17 @@ VAE = dict(base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_sc
 TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                    num_attention_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6))
 CLASS_NAMES = {"t2i": "QwenImagePipeline", "edit": "QwenImageEditPipeline",
-               "edit_plus": "QwenImageEditPlusPipeline", "edit_2511": "QwenImageEditPlusPipeline"}
-# transformer config keys that make a variant (Qwen-Image-Edit-2511: per-token modulation)
-VARIANT_FLAGS = {"edit_2511": {"zero_cond_t": True}}
+               "edit_plus": "QwenImageEditPlusPipeline", "edit_2511": "QwenImageEditPlusPipeline",
+               "layered": "QwenImageLayeredPipeline"}
+# transformer config keys that make a variant (Qwen-Image-Edit-2511: per-token modulation;
+# Qwen-Image-Layered: the additional timestep embedding and layered 3D RoPE, with an RGBA VAE)
+VARIANT_FLAGS = {"edit_2511": {"zero_cond_t": True},
+                 "layered": {"use_additional_t_cond": True, "use_layer3d_rope": True, "in_channels": 32,
+                             "out_channels": 8}}
+# Layered's VAE reads RGBA; 8 latent channels, since diffusers takes a 4-channel input for latents
+# when the VAE has 4 (the real one has 16)
+LAYERED_VAE = dict(VAE, z_dim=8, input_channels=4, latents_mean=[0.3, -0.5, 0.1, 0.8, -0.2, 0.4, 0.0, -0.7],
+                   latents_std=[1.6, 0.7, 2.2, 1.1, 0.9, 1.3, 0.8, 1.9])
 
 
 def special_id(token: str) -> int:
@@ -119,17 +128,19 @@ def _text_encoder(vocab_size: int) -> Qwen2_5_VLForConditionalGeneration:
 
 def _transformer(kind: str) -> QwenImageTransformer2DModel:
     torch.manual_seed(SEED + 2)
-    model = QwenImageTransformer2DModel(**TRANSFORMER, **VARIANT_FLAGS.get(kind, {})).eval()
+    model = QwenImageTransformer2DModel(**(TRANSFORMER | VARIANT_FLAGS.get(kind, {}))).eval()
     gen = torch.Generator("cpu").manual_seed(SEED + 3)
     with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
+        for name, param in sorted(model.named_parameters()):
             param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * TRANSFORMER_INIT_STD)
+            if kind == "layered" and ".norm_" in name:  # sharp attention: positions and the input image matter
+                param.mul_(QK_GAIN)
     return model
 
 
-def _vae() -> AutoencoderKLQwenImage:
+def _vae(kind: str) -> AutoencoderKLQwenImage:
     torch.manual_seed(SEED + 4)
-    return AutoencoderKLQwenImage(**VAE).eval()
+    return AutoencoderKLQwenImage(**(LAYERED_VAE if kind == "layered" else VAE)).eval()
 
 
 def _model_index(kind: str) -> dict:
@@ -148,8 +159,8 @@ def _model_index(kind: str) -> dict:
 
 
 def build_tiny_qwen_image(path: str | Path, *, kind: str = "t2i") -> Path:
-    """Write a tiny Qwen-Image folder to ``path``: ``kind`` is "t2i", "edit", "edit_plus" or
-    "edit_2511" (Edit Plus with ``zero_cond_t``)."""
+    """Write a tiny Qwen-Image folder to ``path``: ``kind`` is "t2i", "edit", "edit_plus",
+    "edit_2511" (Edit Plus with ``zero_cond_t``) or "layered" (Qwen-Image-Layered: RGBA VAE)."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
@@ -159,7 +170,7 @@ def build_tiny_qwen_image(path: str | Path, *, kind: str = "t2i") -> Path:
         save_qwen_processor(path / "processor")
     FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(path / "scheduler")
     _text_encoder(vocab_size).save_pretrained(path / "text_encoder")
-    _vae().save_pretrained(path / "vae")
+    _vae(kind).save_pretrained(path / "vae")
     _transformer(kind).save_pretrained(path / "transformer")
     (path / "model_index.json").write_text(json.dumps(_model_index(kind), indent=2) + "\n")
     logger.info("built tiny Qwen-Image (%s) at %s", kind, path)
