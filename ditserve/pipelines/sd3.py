@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults
+from ditserve.api import GenerationRequest, InvalidRequest, ModelLimits, RequestDefaults
 from ditserve.encoders.sd3_text import SD3Text, SD3TextEncoder
 from ditserve.models.common.dit import StepContext
 from ditserve.models.sd3.config import SD3Config
@@ -97,8 +97,11 @@ class StableDiffusion3Pipeline(Pipeline):
     def for_folder(cls, path: Path, defaults: RequestDefaults, limits: ModelLimits):
         """Default size = the transformer's sample_size in pixels (as diffusers); sizes up to what the
         learned position table covers; skip-layer guidance may name any of its blocks."""
-        cfg = SD3Config.from_dict(_read_json(path / "transformer" / "config.json"))
-        vae_scale = 2 ** (len(_read_json(path / "vae" / "config.json").get("block_out_channels", [0] * 4)) - 1)
+        try:
+            cfg = SD3Config.from_dict(_read_json(path / "transformer" / "config.json"))
+            vae_scale = 2 ** (len(_read_json(path / "vae" / "config.json").get("block_out_channels", [64])) - 1)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+            raise InvalidRequest(f"{path}: {exc}", "model") from None
         side = cfg.sample_size * vae_scale
         max_side = min(cfg.max_latent_size * vae_scale, limits.max_size)
         return (replace(defaults, height=side, width=side),

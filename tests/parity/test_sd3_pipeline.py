@@ -219,3 +219,16 @@ def test_dit_in_bfloat16_is_as_close_as_diffusers(tiny_sd3, variant):
                 assert torch.equal(got, want)
             else:
                 assert rel(got, exact) <= 1.25 * rel(want, exact) and rel(got, want) < 2e-2
+
+
+def test_unsupported_transformer_config_is_one_line(tiny_sd3, tmp_path):
+    import json
+    import shutil
+
+    from ditserve.runtime.loader import inspect_model
+
+    folder = shutil.copytree(tiny_sd3("sd3"), tmp_path / "l2", ignore=shutil.ignore_patterns("*.safetensors"))
+    config = folder / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "qk_norm": "l2"}))
+    with pytest.raises(InvalidRequest, match="qk_norm='l2' is not supported"):
+        inspect_model(folder)
