@@ -12,7 +12,8 @@ recommended setting, est_step = (1 - skipped) * computed + skipped * reused.
 diffusers' first-block cache (`enable_cache(FirstBlockCacheConfig)`) is timed the same way: a
 threshold of -1 always computes (its test is `change > threshold`, and identical inputs change by
 exactly 0), 1e30 reuses after the first call. Its blocks are compiled with `compile_repeated_blocks`
-(fullgraph off: the hook's decision is a graph break), over the hooks; should that fail, eager, and the
+(fullgraph off: the hook's decision is a graph break), over the hooks, before ours is compiled (so with
+inductor's default settings; ours turns on coordinate-descent tuning); should that fail, eager, and the
 JSON says which. A step is what each runs per denoising step at the checkpoint's defaults: FLUX.1-dev
 one call (guidance embedded); Wan CFG, ours as one batch of 2 (cond and uncond cached apart),
 diffusers' pipeline as two calls in their cache contexts.
@@ -400,13 +401,13 @@ def bench(args: argparse.Namespace) -> dict:
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    accel = AccelConfig(compile=args.compile)
-    result["paths"]["bf16" if not args.tiny else "fp32"] = time_precision(case, accel, device, labels, warmup, reps)
-    save()
-    if not args.no_diffusers:
+    if not args.no_diffusers:  # first: inductor's default config, as a diffusers user compiles
         result["diffusers"] = time_diffusers(case, device, args.compile, warmup, reps)
         log.info("diffusers: %s", result["diffusers"])
         save()
+    accel = AccelConfig(compile=args.compile)
+    result["paths"]["bf16" if not args.tiny else "fp32"] = time_precision(case, accel, device, labels, warmup, reps)
+    save()
     if args.fp8 and not args.tiny:
         del case
         gc.collect()
