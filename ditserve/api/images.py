@@ -1,6 +1,7 @@
 """Input images at the edges (CLI files, HTTP uploads): decode and check before any model work.
 
-Bytes in, an RGB PIL image out, or InvalidRequest naming what is wrong: too many bytes, not an
+Bytes in, an RGB PIL image out (RGBA for a layered model, which splits the alpha channel
+too), or InvalidRequest naming what is wrong: too many bytes, not an
 image (or a corrupt one), a format we do not take, or too many pixels. The pixel count is read
 from the header before the image is decoded, so a small file that would decode to a huge image
 (a "decompression bomb") is refused without the memory it would cost.
@@ -21,7 +22,8 @@ MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
 
 def read_image(data: bytes, name: str, limits: ModelLimits, param: str = "image") -> Image.Image:
-    """Decode one uploaded image (PNG, JPEG or WebP) to RGB, or raise InvalidRequest naming `name`."""
+    """Decode one uploaded image (PNG, JPEG or WebP) to RGB (RGBA for a layered model), or raise
+    InvalidRequest naming `name`."""
     if len(data) > MAX_IMAGE_BYTES:
         raise InvalidRequest(f"{name} is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES}", param)
     try:
@@ -41,7 +43,7 @@ def read_image(data: bytes, name: str, limits: ModelLimits, param: str = "image"
                              f"the limit is {limits.max_input_pixels}", param)
     try:
         image.load()
-        return image.convert("RGB")
+        return image.convert("RGBA" if limits.max_layers else "RGB")
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidRequest(f"{name} is a corrupt or truncated {FORMATS[image.format]} image "
                              f"({type(exc).__name__})", param) from None

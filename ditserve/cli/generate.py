@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".png")  # .png: numbered lossless frames
+ALPHA_SUFFIXES = (".png", ".webp")  # image formats that keep an alpha channel (layered models' RGBA)
 
 
 def add_parser(sub) -> None:
@@ -68,6 +69,8 @@ def add_parser(sub) -> None:
                    help="fraction of the steps where skip-layer guidance starts (default: 0.01)")
     p.add_argument("--skip-layer-guidance-stop", metavar="F", type=float, default=None,
                    help="fraction of the steps where skip-layer guidance stops (default: 0.2)")
+    p.add_argument("--layers", metavar="N", type=int, default=None,
+                   help="Qwen-Image-Layered: RGBA layers to split the --image into, one PNG each (default: 4)")
     p.add_argument("--output", metavar="FILE", default=None,
                    help="image file (.png, .jpg, .webp; default output.png) or, for a video model, video file "
                         "(.mp4 H.264, .webm VP9, .gif, or .png for numbered frames; default output.mp4); "
@@ -96,15 +99,18 @@ def default_model_path(given: str | None) -> str:
     return path
 
 
-def output_paths(output: str, n: int, video: bool = False) -> list[Path]:
+def output_paths(output: str, n: int, video: bool = False, layers: int = 0) -> list[Path]:
+    """One file per output; a layered model's RGBA layers as `out_layer0.png`, ... (`out_0_layer0.png`
+    with several images), in PNG or WebP, which keep the alpha channel."""
     path = Path(output)
-    allowed = VIDEO_SUFFIXES if video else tuple(IMAGE_FORMATS)
+    allowed = VIDEO_SUFFIXES if video else tuple(s for s in IMAGE_FORMATS if not layers or s in ALPHA_SUFFIXES)
     if path.suffix.lower() not in allowed:
-        kind = "a video model's output" if video else "output"
+        kind = "a video model's output" if video else "a layered model's output" if layers else "output"
         raise InvalidRequest(f"{kind} {output} must end in one of {', '.join(allowed)}", "output")
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
+    stems = [path.stem] if n == 1 else [f"{path.stem}_{i}" for i in range(n)]
+    if layers:
+        stems = [f"{stem}_layer{k}" for stem in stems for k in range(layers)]
+    return [path] if stems == [path.stem] else [path.with_name(stem + path.suffix) for stem in stems]
 
 
 def read_image_file(path: str, limits):
@@ -147,10 +153,11 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler, flow_shift=args.flow_shift, skip_guidance_layers=args.skip_guidance_layers,
         skip_layer_guidance_scale=args.skip_layer_guidance_scale,
         skip_layer_guidance_start=args.skip_layer_guidance_start,
-        skip_layer_guidance_stop=args.skip_layer_guidance_stop,
+        skip_layer_guidance_stop=args.skip_layer_guidance_stop, layers=args.layers,
     ).resolve(source.defaults, source.limits)
     video = bool(source.limits.frame_multiple)
-    paths = output_paths(args.output or ("output.mp4" if video else "output.png"), request.num_images, video)
+    paths = output_paths(args.output or ("output.mp4" if video else "output.png"), request.num_images, video,
+                         layers=request.layers or 0)
     for path in paths:
         check_writable(path, "--output")
     if args.perf_dump_path:
@@ -221,8 +228,10 @@ def describe_outputs(written: list[tuple[Path, str]], seed: int, num_images: int
     comes from one generator seeded with `seed` (diffusers' semantics), so output k is reproduced by
     the same seed and batch size, not by seed + k."""
     flags = _seed_flags(seed, num_images)
-    return [{"path": str(path), "content": what, "seed": seed, "index": i, "num_images": num_images,
-             "reproduce": flags + (f" (output {i + 1} of {num_images})" if num_images > 1 else "")}
+    per = max(1, len(written) // num_images)  # a layered model writes several RGBA layers per image
+    return [{"path": str(path), "content": what, "seed": seed, "index": i // per, "num_images": num_images,
+             **({"layer": i % per} if per > 1 else {}),
+             "reproduce": flags + (f" (output {i // per + 1} of {num_images})" if num_images > 1 else "")}
             for i, (path, what) in enumerate(written)]
 
 

@@ -43,14 +43,15 @@ class Batch:
 
 @dataclass(frozen=True)
 class EncodedImage:
-    """An input image as its uploaded file (PNG, JPEG or WebP), decoded to RGB in the worker."""
+    """An input image as its uploaded file (PNG, JPEG or WebP), decoded to RGB in the worker (RGBA
+    for a layered model, which splits the alpha channel too)."""
 
     data: bytes
 
-    def decode(self):
+    def decode(self, alpha: bool = False):
         from PIL import Image
 
-        return Image.open(io.BytesIO(self.data)).convert("RGB")
+        return Image.open(io.BytesIO(self.data)).convert("RGBA" if alpha else "RGB")
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,8 @@ def _packed(request: GenerationRequest) -> GenerationRequest:
 def _unpacked(request: GenerationRequest) -> GenerationRequest:
     if not any(isinstance(im, EncodedImage) for im in request.images):
         return request
-    return replace(request, images=tuple(im.decode() if isinstance(im, EncodedImage) else im
-                                         for im in request.images))
+    return replace(request, images=tuple(im.decode(alpha=bool(request.layers)) if isinstance(im, EncodedImage)
+                                         else im for im in request.images))
 
 
 def _failure(batch_id: int | None, exc: Exception) -> Failed:

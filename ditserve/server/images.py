@@ -63,6 +63,9 @@ async def edits(request: Request):
             for i, upload in enumerate(uploads):
                 name = f"image {i + 1} ({upload.filename or 'unnamed'})"
                 images.append(await asyncio.to_thread(_checked_upload, await upload.read(), name, state.limits))
+        if state.limits.max_layers and body.output_format == "jpeg":
+            raise InvalidRequest("output_format jpeg has no alpha channel; the layered model's RGBA layers "
+                                 "come as png or webp", "output_format")
         return await _generate(request, state, body, _resolved(state, body, body.to_request(tuple(images))))
 
 

@@ -71,6 +71,9 @@ class ImageGenerationBody(BaseModel):
                                                     description="Fraction of the steps; default 0.01.")
     skip_layer_guidance_stop: float | None = Field(None, ge=0, allow_inf_nan=False,
                                                    description="Fraction of the steps; default 0.2.")
+    layers: int | None = Field(None, description="Qwen-Image-Layered (edits): RGBA layers to split the image "
+                                                 "into, returned layer after layer for each of the n images; "
+                                                 "default 4.")
 
     def to_request(self, images: tuple = ()) -> GenerationRequest:
         """The unresolved request (with decoded input `images` for an edit); resolving validates it."""
@@ -92,7 +95,7 @@ class ImageGenerationBody(BaseModel):
             skip_guidance_layers=None if self.skip_guidance_layers is None else tuple(self.skip_guidance_layers),
             skip_layer_guidance_scale=self.skip_layer_guidance_scale,
             skip_layer_guidance_start=self.skip_layer_guidance_start,
-            skip_layer_guidance_stop=self.skip_layer_guidance_stop,
+            skip_layer_guidance_stop=self.skip_layer_guidance_stop, layers=self.layers,
         )
 
 
