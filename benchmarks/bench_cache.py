@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from ditserve.accel import accelerate_dit, cache_dit  # noqa: E402
 from ditserve.accel.cache import step_cache  # noqa: E402
 from ditserve.api import InvalidRequest  # noqa: E402
-from ditserve.bench.common import arch_kwargs, architectures, base_row, random_pair  # noqa: E402
+from ditserve.bench.common import MATMUL_TFLOPS, arch_kwargs, architectures, base_row, random_pair  # noqa: E402
 from ditserve.config import AccelConfig  # noqa: E402
 from ditserve.config.engine import CacheConfig  # noqa: E402
 from ditserve.models.common.dit import StepContext  # noqa: E402
@@ -61,6 +61,9 @@ QUALITY_JSON = ROOT / "benchmarks" / "results" / "cache_quality_demo_cpu.json"
 # without fn probes the model's default: the demo's 1 of 6 blocks, FLUX.1-dev's 8 of 57, Wan 1.3B's 7 of 30.
 SETTINGS = ("first-block 0.08", "first-block 0.08 +TS1", "dual-block F1B0 0.15 w3 +TS2", "teacache 0.60 +TS1")
 SKIP_RATES = (0.5, 0.6, 0.75)
+SKIP_NOTE = ("skip shares measured on the trained demo model (FLUX architecture, 6 blocks, CPU float32): a proxy "
+             "for the real checkpoint, whose share at a given threshold differs (teacache's threshold is on the "
+             "family's own fit); the paths' times are the real model's")
 HUGE = 1e30  # a threshold no change measure reaches: every call after the first reuses
 
 
@@ -317,7 +320,7 @@ def time_precision(case: Case, accel: AccelConfig, device: str, labels: dict, wa
     return paths
 
 
-def rows(result: dict, labels: dict, fam: Family) -> list[dict]:
+def rows(result: dict, labels: dict) -> list[dict]:
     """Per precision and method: both paths, the demo's skip share at the run's step count and the
     estimated step and image/video wall time; diffusers' FBCache at the same share for first-block."""
     steps, other, peer = result["steps"], result["other_stages_s"], result.get("diffusers")
@@ -391,13 +394,15 @@ def bench(args: argparse.Namespace) -> dict:
     name = args.model + (" (tiny)" if args.tiny else "")
     result = {**base_row(name, str(dtype).removeprefix("torch."), case.shape), "compile": args.compile,
               "steps": args.steps or fam.steps, "branches": list(fam.branches),
-              "step_tflop": case.step_flops / 1e12, "floor_step_s": case.step_flops / 790e12,
+              "step_tflop": case.step_flops / 1e12,
+              "floor_step_s": case.step_flops / (MATMUL_TFLOPS["bfloat16"] * 1e12),
+              "fp8_floor_step_s": case.step_flops / (MATMUL_TFLOPS["fp8"] * 1e12), "skip_note": SKIP_NOTE,
               "other_stages_s": fam.other_stages_s, "quality_json": str(args.quality.relative_to(ROOT))
               if args.quality.is_relative_to(ROOT) else str(args.quality),
               "warmup": warmup, "reps": reps, "settings": labels, "paths": {}}
 
     def save():
-        result["rows"] = rows(result, labels, fam)
+        result["rows"] = rows(result, labels)
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
 
