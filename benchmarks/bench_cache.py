@@ -413,10 +413,10 @@ def bench(args: argparse.Namespace) -> dict:
     accel = AccelConfig(compile=args.compile)
     result["paths"]["bf16" if not args.tiny else "fp32"] = time_precision(case, accel, device, labels, warmup, reps)
     save()
-    if args.fp8 and not args.tiny:
+    if args.fp8:  # main() turns it off for --tiny
         del case
+        torch._dynamo.reset()  # first: compiled code holds the old models
         gc.collect()
-        torch._dynamo.reset()
         torch.cuda.empty_cache()
         case = build_case(args.model, args.tiny, device, dtype)  # same seed: the same weights and inputs
         case.ref = None
