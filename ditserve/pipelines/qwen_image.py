@@ -7,6 +7,7 @@ image sequence and images in the prompt.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,6 +66,7 @@ class QwenImagePipeline(Pipeline):
     vision_prompt: ClassVar[bool] = False  # input images in the prompt (the edit pipelines)
     # the additional timestep embedding's row: only Qwen-Image-Layered's pipeline passes one
     passes_t_cond: ClassVar[bool] = False
+    image_channels: ClassVar[int] = 3  # what the VAE encodes and decodes (Qwen-Image-Layered: RGBA)
 
     def __init__(self, dit: QwenImageDiT, text: QwenPromptEncoder, vae, scheduler_spec: SchedulerSpec,
                  device: torch.device, dtype: torch.dtype):
@@ -76,16 +78,25 @@ class QwenImagePipeline(Pipeline):
 
     @classmethod
     def for_folder(cls, path: Path, defaults: RequestDefaults, limits: ModelLimits):
-        """The transformer config read strictly before any weights load: a key we do not run, or
-        one this pipeline does not drive (as in diffusers), is refused in one line."""
-        file = path / "transformer" / "config.json"
+        """The transformer config read strictly, and checked against the VAE's, before any weights
+        load: a key we do not run, or one this pipeline does not drive (as in diffusers), is refused
+        in one line."""
+        file, vae_file = path / "transformer" / "config.json", path / "vae" / "config.json"
         try:
             cfg = QwenImageConfig.from_json(file)
+            vae = json.loads(vae_file.read_text())
         except (OSError, ValueError) as exc:
             raise InvalidRequest(f"{file}: {exc}", "model") from None
         if cfg.use_additional_t_cond and not cls.passes_t_cond:
             raise InvalidRequest(f"{file}: use_additional_t_cond=True needs the layered pipeline "
                                  f"(QwenImageLayeredPipeline); {cls.__name__} passes no additional_t_cond", "model")
+        z_dim, channels = vae.get("z_dim", 16), vae.get("input_channels", 3)
+        if channels != cls.image_channels:
+            raise InvalidRequest(f"{vae_file}: input_channels={channels}, but {cls.__name__} gives the VAE "
+                                 f"{cls.image_channels}-channel images", "model")
+        if cfg.in_channels != 4 * z_dim or (cfg.out_channels or cfg.in_channels) != z_dim:
+            raise InvalidRequest(f"{file}: in_channels={cfg.in_channels}, out_channels={cfg.out_channels} do not "
+                                 f"fit the VAE's z_dim={z_dim} in 2x2 patches", "model")
         return defaults, limits
 
     @classmethod

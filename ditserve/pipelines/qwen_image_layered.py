@@ -42,6 +42,7 @@ class QwenImageLayeredPipeline(QwenImagePipeline):
     limits = ModelLimits(size_multiple=16, max_sequence_length=1024, min_images=1, max_images=1, max_layers=16,
                          samplers=("euler",))
     passes_t_cond: ClassVar[bool] = True
+    image_channels: ClassVar[int] = 4
 
     @classmethod
     def batch_key(cls, req: GenerationRequest) -> tuple:

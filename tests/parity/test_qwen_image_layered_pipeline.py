@@ -126,13 +126,24 @@ def test_layer_requests_are_checked(layered, tiny_qwen_image):
         t2i.resolve(GenerationRequest(prompt="x", layers=3))
 
 
-def test_the_additional_timestep_embedding_needs_the_layered_pipeline(tiny_qwen_image_layered, tmp_path):
-    """diffusers' other Qwen-Image pipelines pass no additional_t_cond (its transformer raises)."""
+REFUSED = [
+    # (folder fixture, file -> changed keys, text of the one line)
+    ("tiny_qwen_image_layered", {"model_index.json": {"_class_name": "QwenImageEditPlusPipeline"}},
+     "use_additional_t_cond=True needs the layered pipeline"),  # diffusers' transformer raises there
+    ("tiny_qwen_image_layered", {"vae/config.json": {"input_channels": 3}}, "input_channels=3"),
+    ("tiny_qwen_image", {"transformer/config.json": {"out_channels": None}}, "do not fit the VAE's z_dim=4"),
+    ("tiny_qwen_image", {"transformer/config.json": {"guidance_embeds": True}}, "guidance_embeds=True"),
+]
+
+
+@pytest.mark.parametrize("model,changes,needle", REFUSED, ids=["t-cond", "vae-rgb", "channels", "guidance"])
+def test_folders_we_cannot_run_are_refused_before_weights_load(request, tmp_path, model, changes, needle):
     from ditserve.runtime.loader import inspect_model
 
     folder = tmp_path / "m"
-    shutil.copytree(tiny_qwen_image_layered, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "QwenImageEditPlusPipeline"}))
-    with pytest.raises(InvalidRequest, match="use_additional_t_cond=True needs the layered pipeline"):
+    shutil.copytree(request.getfixturevalue(model), folder)
+    for name, keys in changes.items():
+        raw = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(raw | keys))
+    with pytest.raises(InvalidRequest, match=needle):
         inspect_model(folder)
