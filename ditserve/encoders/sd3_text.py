@@ -38,7 +38,7 @@ class ClipProjectedEncoder:
 
     @classmethod
     def load(cls, folder: Path, tokenizer_folder: Path, device, dtype: torch.dtype,
-             max_length: int | None = None) -> "ClipProjectedEncoder":
+             max_length: int | None = None) -> ClipProjectedEncoder:
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_folder))
         model = load_pretrained(transformers.CLIPTextModelWithProjection, folder, device, dtype)
         return cls(tokenizer, model, max_length or tokenizer.model_max_length)
@@ -61,7 +61,7 @@ class SD3TextEncoder:
         self.joint_dim, self.dtype = joint_dim, dtype
 
     @classmethod
-    def load(cls, path: Path, joint_dim: int, device, dtype: torch.dtype, with_t5: bool) -> "SD3TextEncoder":
+    def load(cls, path: Path, joint_dim: int, device, dtype: torch.dtype, with_t5: bool) -> SD3TextEncoder:
         """The encoders of an SD3 folder; both CLIPs use the first tokenizer's length, as diffusers."""
         clip_l = ClipProjectedEncoder.load(path / "text_encoder", path / "tokenizer", device, dtype)
         clip_g = ClipProjectedEncoder.load(path / "text_encoder_2", path / "tokenizer_2", device, dtype,

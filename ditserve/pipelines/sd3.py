@@ -81,7 +81,7 @@ class StableDiffusion3Pipeline(Pipeline):
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "StableDiffusion3Pipeline":
+    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:
         dit = load_sd3_dit(path / "transformer", device, dtype)
         with_t5 = _read_json(path / "model_index.json").get("text_encoder_3", [None])[0] is not None
         return cls(

@@ -38,7 +38,7 @@ class SD3Config(HeadsConfig, DiffusersConfig):
         return self.pos_embed_max_size * self.patch_size
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "SD3Config":
+    def from_dict(cls, raw: dict) -> SD3Config:
         cfg = cls(**cls.known_fields(raw))
         if cfg.qk_norm not in QK_NORMS:
             raise ValueError(f"SD3 transformer with qk_norm={cfg.qk_norm!r} is not supported "

@@ -34,14 +34,14 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, qk_norm: bool, proj: bool = True):
         super().__init__()
-        self.heads = heads
+        self.head_dim = dim // heads  # the heads follow from the projection's width (a TP shard has fewer)
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.norm = QKNorm(dim // heads) if qk_norm else None
+        self.norm = QKNorm(self.head_dim) if qk_norm else None
         self.proj = nn.Linear(dim, dim) if proj else None
 
     def heads_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, S, heads, head_dim], queries and keys normalised where configured."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q, k, v = self.qkv(x).unflatten(-1, (3, -1, self.head_dim)).unbind(2)
         if self.norm is not None:
             q, k = self.norm(q, k)
         return q, k, v

@@ -1,6 +1,6 @@
 """What accel/ and parallel/ may do to SD3DiT."""
 
-from ditserve.models.common.plan import DiTPlan
+from ditserve.models.common.plan import DiTPlan, TensorLayout
 
 SD3_PLAN = DiTPlan(
     block_lists=("joint_blocks",),
@@ -12,5 +12,9 @@ SD3_PLAN = DiTPlan(
     attention_sites=("attn_op", "attn2_op"),
     qk_rope_site=None,  # no rotary embedding: QK RMSNorm alone, which compile fuses into the projections
     teacache=None,  # no published fit for SD3
-    # streams (img, txt) and consts (vec, grid); sequence and tensor parallel layouts: not yet
+    # heads split across ranks: q/k/v and the MLP input by output, the projections back by input; the
+    # blocks count heads from the projection width and the QK norm is per head, so nothing else changes
+    tensor=TensorLayout(column=("*attn.qkv", "attn2.qkv", "*_mlp.0"), row=("*attn.proj", "attn2.proj", "*_mlp.2")),
+    # streams (img, txt) and consts (vec, grid); sequence parallelism: not yet (MMDiT-X's image-only
+    # attention needs its own padding mask)
 )
