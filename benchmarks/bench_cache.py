@@ -229,7 +229,9 @@ def time_ours(dit, accel: AccelConfig, device: str, inp, branches: tuple[str, ..
     t_reused = timed(stepper(reused), device, warmup, reps)
     reuses = step_cache(reused).totals.skipped - before
     assert step_cache(computed).totals.skipped == 0 and reuses == warmup + reps, (reuses, warmup + reps)
-    return {"computed_step_s": t_computed, "reused_step_s": t_reused}
+    policy = step_cache(computed).policy  # fn/bn as resolved for this model (dual-block's default probe)
+    return {"computed_step_s": t_computed, "reused_step_s": t_reused, "fn": policy.fn, "bn": policy.bn,
+            "taylorseer_order": policy.order}
 
 
 def _fbc_head(ref):
@@ -328,22 +330,24 @@ def rows(result: dict, labels: dict) -> list[dict]:
     out = []
     for precision, paths in result["paths"].items():
         plain = paths["plain_step_s"]
-        entries = [("uncached", None, plain, None, 0.0, "no cache")]
+        entries = [("uncached", None, plain, None, 0.0, "no cache", {})]
         for label, t in paths["methods"].items():
             if "computed_step_s" not in t:
                 continue
             f, source = skip_at(labels[label]["skipped"], steps)
             method = labels[label]["keys"]["method"]
-            entries.append((label, method, t["computed_step_s"], t["reused_step_s"], f, source))
-        for label, method, computed, reused, f, source in entries:
+            policy = {"probe_blocks": t["fn"], "tail_blocks": t["bn"], "taylorseer_order": t["taylorseer_order"]}
+            entries.append((label, method, t["computed_step_s"], t["reused_step_s"], f, source, policy))
+        for label, method, computed, reused, f, source, policy in entries:
             est = computed if reused is None else (1 - f) * computed + f * reused
-            row = {**common, "precision": precision, "method": label, "computed_step_s": computed,
+            row = {**common, "precision": precision, "method": label, **policy, "computed_step_s": computed,
                    "reused_step_s": reused, "skip_fraction": f, "skip_source": source, "est_step_s": est,
                    "speedup_vs_uncached": plain / est, "est_wall_s": steps * est + other,
                    "uncached_wall_s": steps * plain + other}
             row["wall_speedup_vs_uncached"] = row["uncached_wall_s"] / row["est_wall_s"]
             if peer is not None and method in (None, "first-block"):
                 row.update(_peer_fields(row, peer, f, steps, other, taylorseer="+TS" in label))
+                row["diffusers_precision"] = result["dtype"]
             out.append(row)
     return out
 
@@ -354,7 +358,7 @@ def _peer_fields(row: dict, peer: dict, f: float, steps: int, other: float, tayl
     reused = None if uncached else peer["reused_step_s"]
     est = computed if uncached else (1 - f) * computed + f * reused
     fields = {"diffusers_method": "uncached" if uncached else "FBCache" + (" (no TaylorSeer)" if taylorseer else ""),
-              "diffusers_precision": "bf16", "diffusers_mode": peer["mode"], "diffusers_computed_step_s": computed,
+              "diffusers_mode": peer["mode"], "diffusers_computed_step_s": computed,
               "diffusers_reused_step_s": reused, "diffusers_est_step_s": est,
               "diffusers_speedup_vs_uncached": peer["plain_step_s"] / est, "diffusers_est_wall_s": steps * est + other,
               "ours_over_diffusers_computed": row["computed_step_s"] / computed,
