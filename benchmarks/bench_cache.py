@@ -446,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     big = args.model == "wan2.1-t2v-1.3b" and not args.tiny  # ≈ 1 s a computed step
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2 if big else 3)
-    args.reps = args.reps if args.reps is not None else (2 if args.tiny else 5 if big else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny or big else 3)
+    args.reps = args.reps if args.reps is not None else (2 if args.tiny else 4 if big else 10)
     if args.tiny:
         args.compile = args.fp8 = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
