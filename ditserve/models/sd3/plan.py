@@ -1,6 +1,6 @@
 """What accel/ and parallel/ may do to SD3DiT."""
 
-from ditserve.models.common.plan import DiTPlan, TensorLayout
+from ditserve.models.common.plan import DiTPlan, SequenceLayout, TensorLayout
 
 SD3_PLAN = DiTPlan(
     block_lists=("joint_blocks",),
@@ -15,6 +15,8 @@ SD3_PLAN = DiTPlan(
     # heads split across ranks: q/k/v and the MLP input by output, the projections back by input; the
     # blocks count heads from the projection width and the QK norm is per head, so nothing else changes
     tensor=TensorLayout(column=("*attn.qkv", "attn2.qkv", "*_mlp.0"), row=("*attn.proj", "attn2.proj", "*_mlp.2")),
-    # streams (img, txt) and consts (vec, grid); sequence parallelism: not yet (MMDiT-X's image-only
-    # attention needs its own padding mask)
+    # streams (img, txt), joined as (img, txt) for attention; consts (vec, grid). MMDiT-X's image-only
+    # attention would need a padding mask of its own: models with dual attention drop this layout
+    sequence=SequenceLayout(joint_order=(0, 1), consts=("same", "same"), self_attention_sites=("attn_op",),
+                            head_streams=(0,)),
 )
