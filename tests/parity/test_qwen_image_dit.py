@@ -215,3 +215,15 @@ def test_variants_run_under_segments_and_fp8(variant):
         assert not any(isinstance(m, FP8Linear) for n, m in fp8.named_modules() if n.endswith("mod.lin"))
         got = fp8(inp)
     assert float((got - expected).norm() / expected.norm()) < 0.2
+
+
+def test_sequence_parallel_shards_the_modulation_index_with_the_image_tokens():
+    """The plan marks the index "per_token": each rank gets its image tokens' entries (padded)."""
+    from ditserve.models.qwen_image.plan import QWEN_IMAGE_PLAN
+    from ditserve.parallel.sequence import Split, shard_const
+
+    assert QWEN_IMAGE_PLAN.sequence.consts[3] == "per_token"
+    index = (torch.arange(15) >= 9).long().expand(2, -1)
+    parts = [shard_const("per_token", index, [], [Split(15, 2)], rank) for rank in range(2)]
+    assert [p.shape for p in parts] == [(2, 8), (2, 8)]
+    assert torch.equal(torch.cat(parts, dim=1)[:, :15], index)
