@@ -160,6 +160,13 @@ def read_scheduler_config(path: Path) -> SchedulerSpec:
     if not isinstance(raw, dict):
         raise UnsupportedScheduler(f"{path.name}: must hold a JSON object")
     name = raw.get("_class_name")
+    if name in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"):  # their own solvers: sampling/cogvideox.py
+        from ditserve.sampling.cogvideox import read_cogvideox_scheduler
+
+        try:
+            return read_cogvideox_scheduler(path.name, name, raw)
+        except ValueError as exc:
+            raise UnsupportedScheduler(str(exc)) from None
     if not isinstance(name, str) or name not in KEYS:
         raise UnsupportedScheduler(f"{path.name}: scheduler {json.dumps(name)} is not supported; "
                                    f"ditserve runs {', '.join(KEYS)}")
