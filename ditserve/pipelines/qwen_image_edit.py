@@ -1,4 +1,5 @@
-"""Qwen-Image-Edit (one input image) and Qwen-Image-Edit-2509+ (`QwenImageEditPlusPipeline`, several).
+"""Qwen-Image-Edit (one input image) and Qwen-Image-Edit-2509+ (`QwenImageEditPlusPipeline`, several;
+Edit-2511 is the same pipeline over a `zero_cond_t` transformer: models/qwen_image/model.py).
 
 Each input image reaches the model twice, as diffusers' pipelines pass it:
 - to the text encoder, resized to a condition size, as vision tokens inside the prompt template;

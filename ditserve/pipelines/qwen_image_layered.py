@@ -9,7 +9,8 @@ As diffusers' pipeline runs it:
 - noise for `layers + 1` frames (the composite, then each layer) is packed frame after frame and
   followed by the input image's latents; the transformer (additional timestep embedding row 0,
   layered 3D RoPE: frames 0..layers, the input image on frame -1) predicts the frames;
-- sigmas are linspace(1, 0, N + 1)[:-1] shifted with mu = sqrt(input-image tokens / 256);
+- sigmas are linspace(1, 0, N + 1)[:-1] (in float32 the same as the other Qwen pipelines'
+  linspace(1, 1/N, N)) shifted with mu = sqrt(input-image tokens / 256), not by image size;
 - true CFG is the plain combination (diffusers' `cfg_normalize` defaults to off and is not exposed);
 - the composite frame is dropped, each layer decoded to an RGBA image: `layers` images per image.
 """
