@@ -74,7 +74,8 @@ def shard_const(kind: str, value, splits: list[Split], stream_splits: list[Split
     if kind == "key_mask":
         return take_joint(value, 1, splits, rank, fill=False)
     if kind == "per_token":
-        return stream_splits[0].take(value, 1, rank) if isinstance(value, torch.Tensor) and value.ndim in (2, 4) else value
+        sharded = isinstance(value, torch.Tensor) and value.ndim in (2, 4)  # [B, L] or [B, L, n, D]
+        return stream_splits[0].take(value, 1, rank) if sharded else value
     raise ValueError(f"unknown sequence-parallel const kind {kind!r}")
 
 

@@ -122,8 +122,9 @@ class QwenImageDiT(DiT):
             t = torch.stack([t, t * 0], dim=1)  # [B, 2]: generated-image tokens at t, input images at 0
         vec = self.time_in(timestep_embedding(t.flatten(), scale=1000.0).to(img.dtype)).unflatten(0, t.shape)
         if self.cfg.use_additional_t_cond:
-            rows = inp.t_cond if inp.t_cond is not None else torch.zeros(len(img), dtype=torch.long)
-            extra = self.t_cond_in(rows.to(img.device)).to(img.dtype)
+            # made on the device: the embed segment may be captured in a CUDA graph (no host copies)
+            rows = inp.t_cond if inp.t_cond is not None else torch.zeros(len(img), dtype=torch.long, device=img.device)
+            extra = self.t_cond_in(rows).to(img.dtype)
             vec = vec + (extra[:, None] if vec.ndim == 3 else extra)
         txt = self.txt_in(self.txt_norm(inp.txt))
         rope = inp.rope if inp.rope is not None else self.positional_tables(inp.img_ids, inp.txt_ids)
