@@ -109,9 +109,20 @@ def _unprojected_pool(self, prompts):
     return out.hidden_states[-2], out.last_hidden_state[torch.arange(len(prompts)), -1, : out.text_embeds.shape[-1]]
 
 
-@pytest.mark.parametrize("mistake", ["perturbed_weight", "last_clip_layer", "pooled_without_projection"])
+def _zeros_for_empty(encode):
+    """`encode` with zeros for the empty negative prompt instead of its encoding."""
+    def call(self, prompts, max_sequence_length):
+        text = encode(self, prompts, max_sequence_length)
+        if all(p == "" for p in prompts):
+            return type(text)(torch.zeros_like(text.txt), torch.zeros_like(text.pooled))
+        return text
+    return call
+
+
+@pytest.mark.parametrize("mistake", ["perturbed_weight", "last_clip_layer", "pooled_without_projection",
+                                     "no_t5", "zeros_for_empty_negative"])
 def test_a_mistake_is_caught(loaded, monkeypatch, mistake):
-    from ditserve.encoders.sd3_text import ClipProjectedEncoder
+    from ditserve.encoders.sd3_text import ClipProjectedEncoder, SD3TextEncoder
 
     pipe, gen = loaded("sd35m")
     args = ("a red fox in the snow", None, 64, 64, 2, 5.0, None, 0)
@@ -122,8 +133,12 @@ def test_a_mistake_is_caught(loaded, monkeypatch, mistake):
         dit.pos_table.data.add_(0.05 * torch.randn_like(original))
     elif mistake == "last_clip_layer":
         monkeypatch.setattr(ClipProjectedEncoder, "__call__", _last_hidden_state)
-    else:
+    elif mistake == "pooled_without_projection":
         monkeypatch.setattr(ClipProjectedEncoder, "__call__", _unprojected_pool)
+    elif mistake == "no_t5":  # zeros in T5's place, as for a T5-less folder
+        monkeypatch.setattr(gen.engine.pipeline.text, "t5", None)
+    else:
+        monkeypatch.setattr(SD3TextEncoder, "__call__", _zeros_for_empty(SD3TextEncoder.__call__))
     try:
         assert max_diff(ours(gen, *args), expected) > 4
     finally:
