@@ -93,6 +93,20 @@ def test_several_images_per_prompt_match_diffusers(loaded):
     assert max_diff(got[0], got[1]) > 10  # distinct noise per image
 
 
+def test_batched_requests_match_one_by_one(loaded):
+    """Two requests with different prompts, negatives and CFG scales as one batch: each gets its own image."""
+    from ditserve.api import GenerationRequest
+
+    _, gen = loaded("sd35m")
+    engine = gen.engine
+    reqs = [engine.resolve(GenerationRequest(prompt=p, negative_prompt=n, height=48, width=48, num_inference_steps=2,
+                                             seed=s, guidance_scale=g, max_sequence_length=MSL))
+            for p, n, s, g in [("a cat", None, 1, 4.0), ("a dog", "grey", 2, 7.5)]]
+    batched = engine.run_batch(reqs)
+    for req, out in zip(reqs, batched):
+        assert max_diff(np.asarray(out.images[0]), np.asarray(engine.run_batch([req])[0].images[0])) <= 1
+
+
 # -- the fixture can fail: each mistake moves pixels far past 1/255 ------------------------------
 
 def _last_hidden_state(self, prompts):
