@@ -107,6 +107,23 @@ def test_batched_requests_match_one_by_one(loaded):
         assert max_diff(np.asarray(out.images[0]), np.asarray(engine.run_batch([req])[0].images[0])) <= 1
 
 
+def test_dynamic_shift_scheduler_matches_diffusers(tiny_sd3, tmp_path):
+    """A folder whose scheduler shifts by image size (mu from the patch count) and stretches to a terminal
+    sigma: the SD3 pipeline's own rule, without the sigmas FLUX's pipeline passes."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_sd3("sd3"), tmp_path / "dynamic")
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_dynamic_shifting": True,
+                                  "base_image_seq_len": 16, "max_image_seq_len": 256, "shift_terminal": 0.1}))
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    args = ("a fox", None, 48, 80, 3, 5.0, None, 3)
+    got = ours(Generator.from_pretrained(folder, device="cpu", dtype=torch.float32), *args)
+    assert max_diff(got, reference(pipe, *args)) <= 1
+
+
 # -- the fixture can fail: each mistake moves pixels far past 1/255 ------------------------------
 
 def _last_hidden_state(self, prompts):
