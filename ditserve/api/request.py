@@ -59,6 +59,8 @@ class ModelLimits:
     guidance_layers: int = 0
     # layered models: at most this many RGBA layers per image; 0 = not a layered model
     max_layers: int = 0
+    # the model writes its own prompt from the input image when the prompt is "" or " " (Qwen-Image-Layered)
+    captions: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ class GenerationRequest:
 
     def validate(self, limits: ModelLimits) -> None:
         """Raise InvalidRequest naming the first bad field."""
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
+        captioned = limits.captions and self.prompt in ("", " ")
+        if not isinstance(self.prompt, str) or not (self.prompt.strip() or captioned):
             raise InvalidRequest("prompt must be a non-empty string", "prompt")
         for name in ("prompt", "negative_prompt"):
             text = getattr(self, name)

@@ -59,6 +59,39 @@ EDIT_PLUS_TEMPLATE = PromptTemplate(
     drop=64, image_slot=f"Picture {{}}: {VISION_SLOT}")
 
 
+# Qwen-Image-Layered's captioning prompts (diffusers writes a caption when the prompt is empty),
+# line by line as the pipeline has them; one image slot each
+_CAPTION_HEAD = ("<|im_start|>system", "You are a helpful assistant.<|im_end|>", "<|im_start|>user")
+_CAPTION_TAIL = (f"{VISION_SLOT}<|im_end|>", "<|im_start|>assistant", "")
+CAPTION_PROMPTS = {
+    "en": "\n".join((*_CAPTION_HEAD, "# Image Annotator", "You are a professional",
+                     "image annotator. Please write an image caption based on the input image:",
+                     "1. Write the caption using natural,",
+                     "descriptive language without structured formats or rich text.",
+                     "2. Enrich caption details by including: ", " - Object",
+                     "attributes, such as quantity, color, shape, size, material, state, position, actions, and so on",
+                     " - Vision Relations",
+                     "between objects, such as spatial relations, functional relations, possessive relations, "
+                     "attachment relations, action",
+                     "relations, comparative relations, causal relations, and so on",
+                     " - Environmental details, such as weather, lighting,", "colors, textures, atmosphere, and so on",
+                     " - Identify the text clearly visible in the image, without translation or",
+                     "explanation, and highlight it in the caption with quotation marks",
+                     "3. Maintain authenticity and accuracy:", " - Avoid", "generalizations",
+                     " - Describe all visible information in the image, while do not add information not explicitly "
+                     "shown in", "the image", *_CAPTION_TAIL)),
+    "zh": "\n".join((*_CAPTION_HEAD, "# 图像标注器", "你是一个专业的图像标注器。请基于输入图像，撰写图注:", "1.",
+                     "使用自然、描述性的语言撰写图注，不要使用结构化形式或富文本形式。", "2. 通过加入以下内容，丰富图注细节：",
+                     " - 对象的属性：如数量、颜色、形状、大小、位置、材质、状态、动作等", " -",
+                     "对象间的视觉关系：如空间关系、功能关系、动作关系、从属关系、比较关系、因果关系等",
+                     " - 环境细节：例如天气、光照、颜色、纹理、气氛等",
+                     " - 文字内容：识别图像中清晰可见的文字，不做翻译和解释，用引号在图注中强调", "3.", "保持真实性与准确性：",
+                     " - 不要使用笼统的描述", " -", "描述图像中所有可见的信息，但不要加入没有在图像中出现的内容",
+                     *_CAPTION_TAIL)),
+}
+MAX_CAPTION_TOKENS = 512
+
+
 @dataclass
 class PromptEmbeds:
     """Hidden states [N, T, D], zero past each prompt's length; mask [N, T] (True = token)."""
@@ -112,11 +145,27 @@ class QwenPromptEncoder:
                          use_cache=False, **vision)
         return out.hidden_states[-1]
 
-    def _tokens_with_images(self, text: str, images: list[Image.Image]):
-        """Qwen2VLProcessor's expansion: each image slot gets one pad token per merged patch group."""
+    @torch.no_grad()
+    def caption(self, image: Image.Image, prompt: str, max_new_tokens: int = MAX_CAPTION_TOKENS) -> str:
+        """What Qwen2.5-VL writes about `image` for a captioning `prompt` (one image slot), as
+        diffusers' Qwen-Image-Layered asks it through Qwen2VLProcessor: the image as given (the image
+        processor puts any transparency on white), the folder's generation config."""
+        ids, mask, vision = self._tokens_with_images(prompt, [image], rgb=False)
+        image_token = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        device = self.model.device
+        inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image_token).long(), **vision}
+        out = self.model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens)
+        text = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True,
+                                           clean_up_tokenization_spaces=False)[0]
+        return text.strip()
+
+    def _tokens_with_images(self, text: str, images: list[Image.Image], rgb: bool = True):
+        """Qwen2VLProcessor's expansion: each image slot gets one pad token per merged patch group.
+        `rgb`: images converted to RGB first (as the edit pipelines hand them over)."""
         if self.image_processor is None:
             raise ValueError("this model has no image processor (processor/ folder); it cannot read images")
-        vision = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        images = [im.convert("RGB") for im in images] if rgb else images
+        vision = self.image_processor(images=images, return_tensors="pt")
         grids = vision["image_grid_thw"]
         parts = text.split(IMAGE_PAD)
         if len(parts) - 1 != len(grids):

@@ -4,8 +4,9 @@ As diffusers' pipeline runs it:
 - the input image (RGBA; an RGB one gets an opaque alpha) is resized to the output size — by
   default its aspect ratio at about 640² pixels, diffusers' `resolution=640` bucket (give a size
   for another, e.g. the 1024 bucket) — and encoded by the 4-channel VAE;
-- the prompt goes through Qwen-Image's text-to-image template (no image in it). diffusers writes a
-  caption with Qwen2.5-VL when the prompt is empty; we need a prompt (an empty one is refused);
+- the prompt goes through Qwen-Image's text-to-image template (no image in it); a prompt of "" or
+  " " is first replaced by Qwen2.5-VL's caption of the (resized) input image, written for diffusers'
+  Chinese captioning prompt (its default, `use_en_prompt=False`; the English one is not exposed);
 - noise for `layers + 1` frames (the composite, then each layer) is packed frame after frame and
   followed by the input image's latents; the transformer (additional timestep embedding row 0,
   layered 3D RoPE: frames 0..layers, the input image on frame -1) predicts the frames;
@@ -17,21 +18,27 @@ As diffusers' pipeline runs it:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 
-from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults
-from ditserve.pipelines.base import Pixels
+from ditserve.api import GenerationRequest, InvalidRequest, ModelLimits, RequestDefaults
+from ditserve.encoders.qwen import CAPTION_PROMPTS, QwenPromptEncoder
+from ditserve.pipelines.base import Pixels, RunControl
 from ditserve.pipelines.denoise import Sampling
 from ditserve.pipelines.qwen_image import QwenImagePipeline, QwenLatents
 from ditserve.pipelines.stages import initial_noise, latent_grid, pack, repeat_per_image, unpack
 from ditserve.sampling.flow_match import FlowMatchEuler
 from ditserve.sampling.guidance import ClassifierFree, NoGuidance
 from ditserve.vae.qwen import decode_qwen, encode_qwen
+
+log = logging.getLogger(__name__)
 
 RESOLUTION = 640  # diffusers' default bucket (640 or 1024)
 BASE_SEQ_LEN = 256  # diffusers' base_seqlen = 256 * 256 / 16 / 16
@@ -41,9 +48,38 @@ class QwenImageLayeredPipeline(QwenImagePipeline):
     defaults = RequestDefaults(height=RESOLUTION, width=RESOLUTION, num_inference_steps=50, guidance_scale=1.0,
                                true_cfg_scale=4.0, max_sequence_length=512, image_size_area=RESOLUTION**2, layers=4)
     limits = ModelLimits(size_multiple=16, max_sequence_length=1024, min_images=1, max_images=1, max_layers=16,
-                         samplers=("euler",))
+                         samplers=("euler",), captions=True)
     passes_t_cond: ClassVar[bool] = True
     image_channels: ClassVar[int] = 4
+    caption_prompt: ClassVar[str] = CAPTION_PROMPTS["zh"]
+    captioner: QwenPromptEncoder | None = None  # the text encoder with the processor/ folder's image processor
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "QwenImageLayeredPipeline":
+        """Prompts are tokenised with tokenizer/ (as diffusers); captions go through processor/."""
+        pipe = super().load(path, device, dtype)
+        if (path / "processor").is_dir():
+            pipe.captioner = QwenPromptEncoder(transformers.Qwen2Tokenizer.from_pretrained(str(path / "processor")),
+                                               pipe.text.model,
+                                               transformers.AutoImageProcessor.from_pretrained(str(path / "processor")))
+        return pipe
+
+    def run(self, requests: list[GenerationRequest], control: RunControl):
+        """As diffusers: an empty prompt ("" or " ") becomes the model's caption of the input image."""
+        return super().run([self._captioned(r) for r in requests], control)
+
+    def _captioned(self, req: GenerationRequest) -> GenerationRequest:
+        if req.prompt not in ("", " "):
+            return req
+        if self.captioner is None:
+            raise InvalidRequest("this Qwen-Image-Layered folder has no processor/ to caption the image with; "
+                                 "give a prompt", "prompt")
+        image = req.images[0]
+        if image.size != (req.width, req.height):
+            image = image.resize((req.width, req.height), resample=Image.LANCZOS)
+        caption = self.captioner.caption(image, self.caption_prompt)
+        log.info("empty prompt: the image's caption is %r", caption)
+        return replace(req, prompt=caption)
 
     @classmethod
     def batch_key(cls, req: GenerationRequest) -> tuple:

@@ -64,11 +64,12 @@ def our_layers(gen, image, prompt, negative, layers, steps, seed) -> list[Image.
 CASES = [
     # (input image, prompt, negative, layers, steps, seed)
     (rgba_picture(80, 60, 0), "a cat on a mat", "blurry", 3, 2, 5),
-    (rgba_picture(50, 90, 1).convert("RGB"), "a red ball", None, 2, 3, 8),  # RGB in: opaque alpha
+    # RGB in (opaque alpha); an empty prompt: both write the image's caption first (512 tokens)
+    (rgba_picture(50, 90, 1).convert("RGB"), "", None, 2, 3, 8),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["rgba-cfg-3layers", "rgb-2layers"])
+@pytest.mark.parametrize("case", CASES, ids=["rgba-cfg-3layers", "rgb-caption-2layers"])
 def test_layers_match_diffusers(layered, small, case):
     image, prompt, negative, layers, steps, seed = case
     ref, gen = layered
@@ -106,6 +107,15 @@ def test_the_fixture_can_fail(layered, small):
         assert moved() > 5
 
 
+def test_caption_prompts_are_diffusers(layered):
+    from ditserve.encoders.qwen import CAPTION_PROMPTS
+    from ditserve.pipelines.qwen_image_layered import QwenImageLayeredPipeline as Ours
+
+    ref = layered[0]
+    assert (CAPTION_PROMPTS["en"], CAPTION_PROMPTS["zh"]) == (ref.image_caption_prompt_en, ref.image_caption_prompt_cn)
+    assert Ours.caption_prompt == ref.image_caption_prompt_cn  # diffusers' default, use_en_prompt=False
+
+
 def test_default_size_is_the_640_bucket(layered):
     engine = layered[1].engine
     for size in [(800, 600), (333, 1000)]:
@@ -119,8 +129,9 @@ def test_layer_requests_are_checked(layered, tiny_qwen_image):
     image = (Image.new("RGBA", (64, 64)),)
     with pytest.raises(InvalidRequest, match="layers must be between 1 and 16, got 0"):
         engine.resolve(GenerationRequest(prompt="x", images=image, layers=0))
-    with pytest.raises(InvalidRequest, match="prompt must be a non-empty string"):  # no captioning
-        engine.resolve(GenerationRequest(prompt=" ", images=image))
+    assert engine.resolve(GenerationRequest(prompt=" ", images=image)).prompt == " "  # captioned, as diffusers
+    with pytest.raises(InvalidRequest, match="prompt must be a non-empty string"):
+        engine.resolve(GenerationRequest(prompt="\t", images=image))
     t2i = Generator.from_pretrained(tiny_qwen_image, device="cpu", dtype=torch.float32).engine
     with pytest.raises(InvalidRequest, match="layers is for layered models"):
         t2i.resolve(GenerationRequest(prompt="x", layers=3))
