@@ -40,6 +40,7 @@ from ditserve.config import EngineConfig, parse_device
 from ditserve.pipelines.base import RunControl
 from ditserve.runtime.engine import Engine
 from ditserve.runtime.loader import ModelSource, inspect_model
+from ditserve.runtime.handoff import collect_videos
 from ditserve.runtime.ranks import (STORE_TIMEOUT, Batch, Cancel, Done, Failed, Hello, Progress, RankSpec, Ready,
                                     Setup, read_auth_key)
 
@@ -264,7 +265,7 @@ class Executor:
             if isinstance(message, Progress):
                 control.on_step(message.step, message.total)
             elif isinstance(message, Done):
-                return message.outputs
+                return collect_videos(message.outputs)
             elif isinstance(message, Failed):
                 if message.fatal:
                     # a peer's death shows on rank 0 as a broken collective: name the dead rank if there is one

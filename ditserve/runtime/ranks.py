@@ -31,6 +31,7 @@ from multiprocessing.connection import Client, Connection
 
 from ditserve.api import Cancelled, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig
+from ditserve.runtime.handoff import discard_videos, share_videos
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,9 @@ class RankSpec:
 
 # -- the rank's life -----------------------------------------------------------------------------
 
-def run_rank(device: str, driver: tuple[str, int], authkey: bytes) -> int:
-    """Join (torch.distributed already initialised), load, serve until told to stop. Returns the exit code."""
+def run_rank(device: str, driver: tuple[str, int], authkey: bytes, local: bool = False) -> int:
+    """Join (torch.distributed already initialised), load, serve until told to stop. Returns the exit code.
+    `local`: on the executor's machine (videos then go back through shared memory)."""
     import torch
     import torch.distributed as dist
 
@@ -150,20 +152,28 @@ def run_rank(device: str, driver: tuple[str, int], authkey: bytes) -> int:
         conn.send(Ready(dist.get_world_size(), device))
     log.info("rank %d ready on %s", rank, device)
     try:
-        return _serve(engine, groups, conn)
+        return _serve(engine, groups, conn, local)
     except (OSError, RuntimeError) as exc:  # the executor or a peer went away mid-batch
         log.error("rank %d stops: %s", rank, exc)
         return 1
 
 
-def _serve(engine, groups, conn: Connection | None) -> int:
+def _serve(engine, groups, conn: Connection | None, local: bool) -> int:
     while True:
         batch = _broadcast(_next_batch(conn) if conn is not None else None, groups.control)
         if batch is None:
             return 0
         reply = _run(engine, groups, conn, batch)
-        if conn is not None:
+        if conn is None:
+            continue
+        if local and isinstance(reply, Done):
+            reply = Done(reply.batch_id, share_videos(reply.outputs))
+        try:
             conn.send(reply)
+        except BaseException:
+            if isinstance(reply, Done):
+                discard_videos(reply.outputs)
+            raise
 
 
 def _run(engine, groups, conn: Connection | None, batch: Batch):
@@ -294,7 +304,7 @@ def main_local(spec: RankSpec) -> int:
     store = TCPStore(spec.store[0], spec.store[1], spec.world, False, STORE_TIMEOUT)
     backend = "nccl" if spec.device.startswith("cuda") else "gloo"
     _init(backend, spec.device, store=store, rank=spec.rank, world_size=spec.world)
-    return run_rank(spec.device, spec.driver, spec.authkey)
+    return run_rank(spec.device, spec.driver, spec.authkey, local=True)
 
 
 def main_torchrun(driver: tuple[str, int], authkey: bytes, threads: int | None) -> int:
