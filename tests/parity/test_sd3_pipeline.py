@@ -17,7 +17,6 @@ MSL = 32  # T5 tokens (the real default is 256; tiny prompts need few)
 CASES = [
     # (variant, prompt, negative, height, width, steps, guidance, slg, seed)
     ("sd3", "a red fox in the snow", None, 64, 64, 3, 7.0, None, 0),
-    ("sd3", "a red fox in the snow", None, 48, 80, 2, 1.0, None, 1234),
     ("sd3", "a lighthouse at dusk", "blurry, low quality", 64, 32, 2, 4.0, None, 7),
     ("sd35m", "a bowl of fruit", None, 64, 64, 3, 5.0, None, 3),
     ("sd35m", "a bowl of fruit", "dark", 80, 48, 2, 1.0, None, 5),
@@ -26,7 +25,6 @@ CASES = [
                                                              skip_layer_guidance_stop=0.7), 11),
     ("sd35l", "city at night", "daylight", 48, 64, 2, 3.5, None, 2),
     ("no_t5", "two cats", None, 64, 64, 2, 7.0, None, 99),
-    ("no_t5", "two cats", None, 32, 64, 2, 1.0, None, 9),
 ]
 
 
@@ -78,7 +76,7 @@ def test_image_matches_diffusers(loaded, case):
 def test_skip_layer_guidance_changes_the_image(loaded):
     """The SLG case above is not passing by accident: without SLG, diffusers' image differs."""
     pipe, _ = loaded("sd35m")
-    _, prompt, negative, h, w, steps, guidance, slg, seed = CASES[5]
+    _, prompt, negative, h, w, steps, guidance, slg, seed = next(c for c in CASES if c[7])
     with_slg = reference(pipe, prompt, negative, h, w, steps, guidance, slg, seed)
     without = reference(pipe, prompt, negative, h, w, steps, guidance, None, seed)
     assert max_diff(with_slg, without) > 10
