@@ -83,13 +83,10 @@ def test_layers_match_diffusers(layered, small, case):
 
 
 def test_the_fixture_can_fail(layered, small):
-    """Plain MSRoPE instead of the layered one, or Qwen-Image's shift and CFG rescale, move the
-    layers far beyond the tolerance."""
+    """Plain MSRoPE instead of the layered one moves the layers far beyond the tolerance."""
     from unittest import mock
 
     from ditserve.models.qwen_image import model as qwen_model
-    from ditserve.pipelines.qwen_image import QwenImagePipeline
-    from ditserve.pipelines.qwen_image_layered import QwenImageLayeredPipeline as Ours
 
     image, prompt, negative, layers, steps, seed = CASES[0]
     ref, gen = layered
@@ -103,8 +100,6 @@ def test_the_fixture_can_fail(layered, small):
                                                   qwen_model.text_ids(grids, n, device))
     with mock.patch.object(qwen_model.QwenImageDiT, "positions", msrope):
         assert moved() > 10
-    with mock.patch.object(Ours, "sampling", QwenImagePipeline.sampling):
-        assert moved() > 5
 
 
 def test_caption_prompts_are_diffusers(layered):
