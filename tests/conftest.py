@@ -116,3 +116,21 @@ def tiny_sd3(tmp_path_factory):
         return built[variant]
 
     return get
+
+
+# --- tiny CogVideoX (diffusers format) -------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_cogvideox(tmp_path_factory):
+    """A function `variant -> folder` (2b, 5b, 5b_dynamic, 1.5, i2v, 1.5_i2v; tests/tiny/cogvideox.py), each built once."""
+    from tiny.cogvideox import build_tiny_cogvideox
+
+    built: dict[str, Path] = {}
+
+    def get(variant: str = "2b") -> Path:
+        if variant not in built:
+            built[variant] = _build_once(tmp_path_factory, f"tiny_cogvideox_{variant}", build_tiny_cogvideox,
+                                         variant=variant)
+        return built[variant]
+
+    return get

@@ -8,6 +8,8 @@ from ditserve.api import InvalidRequest
 
 # _class_name -> "module:Class"
 _PIPELINES: dict[str, str] = {
+    "CogVideoXPipeline": "ditserve.pipelines.cogvideox:CogVideoXPipeline",
+    "CogVideoXImageToVideoPipeline": "ditserve.pipelines.cogvideox:CogVideoXImageToVideoPipeline",
     "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
     "QwenImagePipeline": "ditserve.pipelines.qwen_image:QwenImagePipeline",
     "QwenImageEditPipeline": "ditserve.pipelines.qwen_image_edit:QwenImageEditPipeline",

@@ -286,8 +286,8 @@ class CogVideoXDiT(DiT):
             x = x + pos
         dtype = inp.latents.dtype
         temb = self.time_in(time_embedding(inp.timesteps, cfg.hidden_size, cfg.freq_shift).to(dtype))
-        if self.ofs_in is not None:  # 1.5 I2V: the pipelines pass ofs = 2
-            ofs = torch.full_like(inp.timesteps, 2.0, dtype=torch.float32)
+        if self.ofs_in is not None:  # 1.5 I2V: the pipelines pass one ofs = 2 for the batch
+            ofs = torch.full((1,), 2.0, device=x.device)
             temb = temb + self.ofs_in(time_embedding(ofs, cfg.ofs_embed_dim, cfg.freq_shift).to(dtype))
         rope = inp.rope
         if rope is None:
