@@ -146,15 +146,18 @@ class QwenPromptEncoder:
         return out.hidden_states[-1]
 
     @torch.no_grad()
-    def caption(self, image: Image.Image, prompt: str, max_new_tokens: int = MAX_CAPTION_TOKENS) -> str:
+    def caption(self, image: Image.Image, prompt: str, seed: int, max_new_tokens: int = MAX_CAPTION_TOKENS) -> str:
         """What Qwen2.5-VL writes about `image` for a captioning `prompt` (one image slot), as
         diffusers' Qwen-Image-Layered asks it through Qwen2VLProcessor: the image as given (the image
-        processor puts any transparency on white), the folder's generation config."""
+        processor puts any transparency on white), the folder's generation config. Should that config
+        sample, it draws from a generator seeded with `seed` (the same caption on every rank)."""
         ids, mask, vision = self._tokens_with_images(prompt, [image], rgb=False)
         image_token = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         device = self.model.device
         inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image_token).long(), **vision}
-        out = self.model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = self.model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens)
         text = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True,
                                            clean_up_tokenization_spaces=False)[0]
         return text.strip()

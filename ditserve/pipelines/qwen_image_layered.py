@@ -77,7 +77,7 @@ class QwenImageLayeredPipeline(QwenImagePipeline):
         image = req.images[0]
         if image.size != (req.width, req.height):
             image = image.resize((req.width, req.height), resample=Image.LANCZOS)
-        caption = self.captioner.caption(image, self.caption_prompt)
+        caption = self.captioner.caption(image, self.caption_prompt, req.seed)
         log.info("empty prompt: the image's caption is %r", caption)
         return replace(req, prompt=caption)
 
