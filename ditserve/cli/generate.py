@@ -247,7 +247,11 @@ def _log_result(outputs: list[dict], request: GenerationRequest, out, wall_s: fl
         log.info("wrote %s (%s, seed %d) in %s", only["path"], only["content"], only["seed"], took)
         return
     for o in outputs:
-        log.info("wrote %s (%s, seed %d, image %d of %d; again: %s)", o["path"], o["content"], o["seed"],
-                 o["index"] + 1, o["num_images"], _seed_flags(o["seed"], o["num_images"]))
+        layer = f", layer {o['layer'] + 1} of {len(outputs) // o['num_images']}" if "layer" in o else ""
+        log.info("wrote %s (%s, seed %d, image %d of %d%s; again: %s)", o["path"], o["content"], o["seed"],
+                 o["index"] + 1, o["num_images"], layer, _seed_flags(o["seed"], o["num_images"]))
+    if request.num_images == 1:  # one image's layers
+        log.info("%d outputs in %s", len(outputs), took)
+        return
     log.info("%d outputs in %s; their noise is one draw from seed %d, as in diffusers, so output 2 is not "
              "what --seed %d gives alone", len(outputs), took, request.seed, request.seed + 1)
