@@ -39,10 +39,19 @@ from ditserve.pipelines.base import Frames, Pipeline, RunControl, StageTimer
 from ditserve.pipelines.denoise import Sampling, denoise
 from ditserve.pipelines.stages import repeat_per_image
 from ditserve.sampling.cogvideox import CogVideoXDPM, RequestNoise
-from ditserve.sampling.guidance import ClassifierFree, ModelCall, NoGuidance, cfg_combine
+from ditserve.sampling.guidance import (
+    ClassifierFree,
+    ModelCall,
+    NoGuidance,
+    cfg_combine,
+)
 from ditserve.sampling.scheduler_config import read_scheduler_config
-from ditserve.vae.cogvideox import (CogVideoXLatentShape, decode_cogvideox, encode_cogvideox_image,
-                                    load_cogvideox_vae)
+from ditserve.vae.cogvideox import (
+    CogVideoXLatentShape,
+    decode_cogvideox,
+    encode_cogvideox_image,
+    load_cogvideox_vae,
+)
 from ditserve.vae.kl import image_to_tensor
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import (
+    get_resize_crop_region_for_grid,
+)
 
 from ditserve.models.cogvideox.config import CogVideoXConfig
 from ditserve.models.cogvideox.model import CogVideoXInputs

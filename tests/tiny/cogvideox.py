@@ -22,8 +22,12 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
-                       CogVideoXTransformer3DModel)
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXTransformer3DModel,
+)
 from transformers import T5Config, T5EncoderModel
 
 from .tokenizers import save_t5_tokenizer

@@ -10,7 +10,10 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 from ditserve.sampling.cogvideox import KEYS, RULES, RequestNoise
-from ditserve.sampling.scheduler_config import UnsupportedScheduler, read_scheduler_config
+from ditserve.sampling.scheduler_config import (
+    UnsupportedScheduler,
+    read_scheduler_config,
+)
 
 # the CogVideoX folders' scheduler: 2B ships snr_shift_scale 3.0, 5B and 1.5 1.0
 COGVIDEOX_2B = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, clip_sample=False,

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.models.cogvideox.config import CogVideoXConfig
+from ditserve.models.cogvideox.plan import COGVIDEOX_PLAN
 from ditserve.models.common.attention import sdpa_attention
 from ditserve.models.common.dit import DiT, Hidden
 from ditserve.models.common.embeddings import MLPEmbedder
 from ditserve.models.common.rope import Rotary, apply_rope
-from ditserve.models.cogvideox.config import CogVideoXConfig
-from ditserve.models.cogvideox.plan import COGVIDEOX_PLAN
 
 ROPE_THETA = 10000.0
 QK_NORM_EPS = 1e-6
@@ -78,10 +78,10 @@ def crop_region(grid_hw: tuple[int, int], base_w: int, base_h: int) -> tuple[tup
     """The (top, left), (bottom, right) of the token grid resized into the trained grid, centred."""
     h, w = grid_hw
     if h / w > base_h / base_w:
-        rh, rw = base_h, int(round(base_h / h * w))
+        rh, rw = base_h, round(base_h / h * w)
     else:
-        rw, rh = base_w, int(round(base_w / w * h))
-    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+        rw, rh = base_w, round(base_w / w * h)
+    top, left = round((base_h - rh) / 2.0), round((base_w - rw) / 2.0)
     return (top, left), (top + rh, left + rw)
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ditserve.models.common.loading import KeyMap, load_dit
-from ditserve.models.common.loading import linear_keys as _linear
 from ditserve.models.cogvideox.config import CogVideoXConfig
 from ditserve.models.cogvideox.model import CogVideoXDiT
+from ditserve.models.common.loading import KeyMap, load_dit
+from ditserve.models.common.loading import linear_keys as _linear
 
 
 def _weights(ours: str, theirs: str, bias: bool = True) -> KeyMap:
