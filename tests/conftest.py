@@ -23,6 +23,18 @@ def _build_once(tmp_path_factory: pytest.TempPathFactory, name: str, builder, **
     return builder(tmp_path_factory.mktemp(name, numbered=True), **kwargs)
 
 
+def _variants(tmp_path_factory: pytest.TempPathFactory, name: str, builder, default: str):
+    """A function `variant -> folder` that builds each variant of a family once per session."""
+    built: dict[str, Path] = {}
+
+    def get(variant: str = default) -> Path:
+        if variant not in built:
+            built[variant] = _build_once(tmp_path_factory, f"{name}_{variant}", builder, variant=variant)
+        return built[variant]
+
+    return get
+
+
 # --- tiny FLUX (diffusers format) --------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -90,15 +102,7 @@ def tiny_qwen_image_layered(tmp_path_factory) -> Path:
 def tiny_wan(tmp_path_factory):
     """A function `variant -> folder` (t2v, i2v, a14b, i2v_a14b, ti2v), each built once per session."""
     from tiny.wan import build_tiny_wan
-
-    built: dict[str, Path] = {}
-
-    def get(variant: str = "t2v") -> Path:
-        if variant not in built:
-            built[variant] = _build_once(tmp_path_factory, f"tiny_wan_{variant}", build_tiny_wan, variant=variant)
-        return built[variant]
-
-    return get
+    return _variants(tmp_path_factory, "tiny_wan", build_tiny_wan, "t2v")
 
 
 # --- tiny Stable Diffusion 3 / 3.5 (diffusers format) ---------------------------
@@ -107,15 +111,7 @@ def tiny_wan(tmp_path_factory):
 def tiny_sd3(tmp_path_factory):
     """A function `variant -> folder` (sd3, sd35m, sd35l, no_t5; tests/tiny/sd3.py), each built once."""
     from tiny.sd3 import build_tiny_sd3
-
-    built: dict[str, Path] = {}
-
-    def get(variant: str = "sd3") -> Path:
-        if variant not in built:
-            built[variant] = _build_once(tmp_path_factory, f"tiny_sd3_{variant}", build_tiny_sd3, variant=variant)
-        return built[variant]
-
-    return get
+    return _variants(tmp_path_factory, "tiny_sd3", build_tiny_sd3, "sd3")
 
 
 # --- tiny CogVideoX (diffusers format) -------------------------------------------
@@ -124,13 +120,4 @@ def tiny_sd3(tmp_path_factory):
 def tiny_cogvideox(tmp_path_factory):
     """A function `variant -> folder` (2b, 5b, 5b_dynamic, 1.5, i2v, 1.5_i2v; tests/tiny/cogvideox.py), each built once."""
     from tiny.cogvideox import build_tiny_cogvideox
-
-    built: dict[str, Path] = {}
-
-    def get(variant: str = "2b") -> Path:
-        if variant not in built:
-            built[variant] = _build_once(tmp_path_factory, f"tiny_cogvideox_{variant}", build_tiny_cogvideox,
-                                         variant=variant)
-        return built[variant]
-
-    return get
+    return _variants(tmp_path_factory, "tiny_cogvideox", build_tiny_cogvideox, "2b")
