@@ -18,12 +18,14 @@ def add_parser(sub) -> None:
                        description="Time ditserve against diffusers on this CUDA GPU with random weights at real "
                                    "size; prints JSON rows.")
     p.add_argument("--model", default="flux.1-dev",
-                   help="flux.1-dev, flux.1-schnell, qwen-image, wan2.1-t2v-1.3b, wan2.1-t2v-14b, sd3.5-large or "
-                        "sd3.5-medium "
+                   help="flux.1-dev, flux.1-schnell, qwen-image, wan2.1-t2v-1.3b, wan2.1-t2v-14b, sd3.5-large, "
+                        "sd3.5-medium or cogvideox-5b "
                         "(shapes in ditserve/bench/architectures.json)")
-    p.add_argument("--height", type=int, default=None, help="default: 1024 (FLUX, SD3.5), 1328 (Qwen-Image), 480 (Wan)")
-    p.add_argument("--width", type=int, default=None, help="default: 1024 (FLUX, SD3.5), 1328 (Qwen-Image), 832 (Wan)")
-    p.add_argument("--num-frames", type=int, default=81, help="Wan: video frames (default 81)")
+    p.add_argument("--height", type=int, default=None,
+                   help="default: 1024 (FLUX, SD3.5), 1328 (Qwen-Image), 480 (Wan, CogVideoX)")
+    p.add_argument("--width", type=int, default=None,
+                   help="default: 1024 (FLUX, SD3.5), 1328 (Qwen-Image), 832 (Wan), 720 (CogVideoX)")
+    p.add_argument("--num-frames", type=int, default=None, help="video frames (default: Wan 81, CogVideoX 49)")
     p.add_argument("--vae", action="store_true", help="Wan: also time the VAE decode (whole and tiled)")
     p.add_argument("--reps", type=int, default=10, help="Wan: timed repetitions of the compiled step (eager: half)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps for --end-to-end")
@@ -50,9 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in architectures() or args.model.startswith("_"):
         names = [k for k in architectures() if not k.startswith("_")]
         raise InvalidRequest(f"unknown model {args.model!r}; known: {', '.join(names)}", "model")
-    if not args.model.startswith(("flux", "qwen-image", "wan", "sd3")):
-        raise InvalidRequest(f"bench supports the flux.1, qwen-image, wan and sd3.5 models so far, not {args.model}",
-                             "model")
+    if not args.model.startswith(("flux", "qwen-image", "wan", "sd3", "cogvideox")):
+        raise InvalidRequest(f"bench supports the flux.1, qwen-image, wan, sd3.5 and cogvideox models so far, "
+                             f"not {args.model}", "model")
+    if args.model.startswith("cogvideox") and (args.end_to_end or args.vae):
+        raise InvalidRequest("bench for cogvideox times the DiT step only (no --end-to-end or --vae yet)", "model")
     if args.model.startswith("sd3") and args.end_to_end:
         raise InvalidRequest("bench for sd3.5 times the DiT step only (no --end-to-end yet)", "model")
     qwen = args.model.startswith("qwen-image")
@@ -66,11 +70,16 @@ def run(args: argparse.Namespace) -> int:
         from ditserve.bench.wan import bench_vae_decode
 
         height, width = args.height or 480, args.width or 832
-        rows = [wan_bench_step(args.model, height, width, args.num_frames, args.quantization,
+        rows = [wan_bench_step(args.model, height, width, args.num_frames or 81, args.quantization,
                                compare=args.compare == "diffusers", reps=args.reps)]
         if args.vae:
-            rows.append(bench_vae_decode(height, width, args.num_frames))
+            rows.append(bench_vae_decode(height, width, args.num_frames or 81))
         return _write(rows, args.json)
+    if args.model.startswith("cogvideox"):
+        from ditserve.bench.cogvideox import bench_step as cogvideox_bench_step
+
+        return _write([cogvideox_bench_step(args.model, args.height or 480, args.width or 720, args.num_frames or 49,
+                                            args.quantization, compare=args.compare == "diffusers")], args.json)
     height, width = args.height or (1328 if qwen else 1024), args.width or (1328 if qwen else 1024)
     if args.model.startswith("sd3"):
         from ditserve.bench.sd3 import bench_step as sd3_bench_step

@@ -1,0 +1,168 @@
+"""CogVideoX-5B DiT step: ditserve vs diffusers (eager and compiled block by block), same random weights
+(bf16).
+
+At 720x480 and 49 frames the latents are 13x60x90, 2x2 patches: 13·30·45 = 17,550 video tokens, plus
+226 T5 tokens in the same sequence. A real step runs uncond and cond as one batch of 2 (CFG, as the
+pipeline batches it), so that is the default.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import replace
+
+import torch
+
+from ditserve.bench.common import (MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair,
+                                   rel_l2, sustained_matmul_tflops)
+from ditserve.models.cogvideox.config import CogVideoXConfig
+from ditserve.models.cogvideox.model import CogVideoXDiT, CogVideoXInputs
+from ditserve.models.cogvideox.weights import cogvideox_key_map
+
+log = logging.getLogger(__name__)
+GUARD_REL_L2 = 1e-2
+FAST_BLOCK_GUARD = 2e-2  # compiled bf16 blocks round elsewhere than eager ones (see bench/flux.py)
+FP8_GUARD_REL_L2 = 3e-2  # the quality guard of issue 20 for --quantization fp8
+MODEL = "cogvideox-5b"
+
+
+def step_flops(cfg: CogVideoXConfig, video_len: int, txt_len: int, batch: int = 1) -> float:
+    """Matmul + attention FLOPs of one forward (every token through q/k/v, output and the 4x
+    feed-forward; joint attention over all tokens); embeddings and modulation are negligible."""
+    d, s = cfg.hidden_size, video_len + txt_len
+    return batch * cfg.num_layers * (2 * d * 12 * d * s + 4 * s * s * d)
+
+
+def build(model: str = MODEL, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, weight_scale: float = 0.5):
+    """diffusers' CogVideoXTransformer3DModel with random weights, and our CogVideoXDiT with the same values."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    arch = arch_kwargs(architectures()[model]["transformer"])
+    cfg = CogVideoXConfig.from_dict(arch)
+    return random_pair(CogVideoXTransformer3DModel, arch, CogVideoXDiT, cfg, cogvideox_key_map(cfg), device, dtype,
+                       weight_scale)
+
+
+def inputs(ours: CogVideoXDiT, height: int, width: int, num_frames: int, device, dtype,
+           batch: int = 2) -> CogVideoXInputs:
+    cfg = ours.cfg
+    gen = torch.Generator(device).manual_seed(1)
+    f = (num_frames - 1) // cfg.temporal_compression_ratio + 1
+    x = torch.randn(batch, f, cfg.in_channels, height // 8, width // 8, generator=gen, device=device, dtype=dtype)
+    ctx = torch.randn(batch, cfg.max_text_seq_length, cfg.text_embed_dim, generator=gen, device=device, dtype=dtype)
+    inp = CogVideoXInputs(x, torch.full((batch,), 600.0, device=device), ctx)
+    return replace(inp, rope=ours.positional_tables(ours.grid(x.shape), ctx.shape[1], device))
+
+
+def diffusers_rope(cfg: CogVideoXConfig, inp: CogVideoXInputs):
+    """The rotary table as diffusers' pipeline builds it (5B: the grid cropped to the trained aspect)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    if not cfg.use_rotary_positional_embeddings:
+        return None
+    p = cfg.patch_size
+    f, (h, w) = inp.latents.shape[1], inp.latents.shape[3:]
+    gh, gw = h // p, w // p
+    crops = get_resize_crop_region_for_grid((gh, gw), cfg.sample_width // p, cfg.sample_height // p)
+    return get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, (gh, gw), f, device=inp.latents.device)
+
+
+def ref_call(ref, inp: CogVideoXInputs, rope):
+    return ref(hidden_states=inp.latents, encoder_hidden_states=inp.context, timestep=inp.timesteps,
+               image_rotary_emb=rope, return_dict=False)[0]
+
+
+def block_update_rel_l2(ref, ours: CogVideoXDiT, inp: CogVideoXInputs, rope) -> dict[str, float]:
+    """rel L2 of the first and the last block's update to the video stream, ours vs diffusers' blocks, from
+    the same embedded inputs (streams at 1/100 of their size, as in bench/flux.py: the blocks normalise
+    them, and a small update keeps its bits in bf16). The whole output of random weights barely depends
+    on the blocks, so this is the guard that catches block math."""
+    h = ours.embed(inp)
+    (x, txt), (temb, table, _) = h.streams, h.consts
+    x, txt = x * 0.01, txt * 0.01
+    out = {}
+    for name, k in (("first", 0), ("last", ours.cfg.num_layers - 1)):
+        x_ref, _ = ref.transformer_blocks[k](hidden_states=x, encoder_hidden_states=txt, temb=temb,
+                                            image_rotary_emb=rope)
+        x_ours, _ = ours.blocks[k](x, txt, temb, table)
+        out[name] = rel_l2(x_ours - x, x_ref - x)
+    return out
+
+
+def compile_diffusers(ref) -> None:
+    """diffusers' regional compilation: `compile_repeated_blocks` where the class names its repeated
+    blocks, else each block, as that would."""
+    try:
+        ref.compile_repeated_blocks(fullgraph=True)
+    except ValueError:  # `_repeated_blocks` is empty
+        for block in ref.transformer_blocks:
+            block.compile(fullgraph=True)
+
+
+@torch.no_grad()
+def bench_step(model: str = MODEL, height: int = 480, width: int = 720, num_frames: int = 49,
+               quantization: str | None = None, compare: bool = True, device: str = "cuda",
+               compiled: bool = True, batch: int = 2) -> dict:
+    """One DiT forward of a CFG batch: diffusers eager and compiled vs ditserve eager and compiled
+    (and compiled FP8 with `quantization="fp8"`), with the rel-L2 guards."""
+    from ditserve.accel import accelerate_dit
+    from ditserve.config import AccelConfig
+
+    dtype = torch.bfloat16
+    ref, ours = build(model, device, dtype)
+    inp = inputs(ours, height, width, num_frames, device, dtype, batch)
+    rope = diffusers_rope(ours.cfg, inp)
+    f, gh, gw = ours.grid(inp.latents.shape)
+    video_len, txt_len = f * gh * gw, inp.context.shape[1]
+    flops = step_flops(ours.cfg, video_len, txt_len, batch)
+    shape = f"{width}x{height}x{num_frames}, {video_len}+{txt_len} tokens, batch {batch} (CFG)"
+    row = base_row(model, "bfloat16", shape)
+    row["step_tflop"] = flops / 1e12
+    row["floor_step_s"] = flops / (MATMUL_TFLOPS["bfloat16"] * 1e12)
+
+    expected = ref_call(ref, inp, rope)
+    row["ditserve_eager_step_s"] = median_time(lambda: ours(inp))
+    row["rel_l2_eager"] = rel_l2(ours(inp), expected)
+    row["rel_l2_block_update_eager"] = block_update_rel_l2(ref, ours, inp, rope)
+    row["guard_ok"] = max(row["rel_l2_eager"], *row["rel_l2_block_update_eager"].values()) <= GUARD_REL_L2
+    if compare:
+        row["diffusers_eager_step_s"] = median_time(lambda: ref_call(ref, inp, rope))
+        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_eager_step_s"]
+    log.info("%s eager: %s", model, row)
+    if not compiled:
+        return row
+
+    if device == "cuda":
+        row["sustained_bf16_tflops"] = sustained_matmul_tflops("bfloat16")
+        row["sustained_floor_step_s"] = flops / (row["sustained_bf16_tflops"] * 1e12)
+    fast = accelerate_dit(ours, AccelConfig(compile=True), torch.device(device))
+    row["ditserve_step_s"] = median_time(lambda: fast(inp), warmup=3, reps=10)
+    row["rel_l2_vs_diffusers"] = rel_l2(fast(inp), expected)
+    row["rel_l2_block_update"] = block_update_rel_l2(ref, fast, inp, rope)
+    row["guard_ok"] = (row["guard_ok"] and row["rel_l2_vs_diffusers"] <= GUARD_REL_L2
+                       and max(row["rel_l2_block_update"].values()) <= FAST_BLOCK_GUARD)
+    row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
+    if compare:
+        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_step_s"]
+        compile_diffusers(ref)
+        row["diffusers_compiled_step_s"] = median_time(lambda: ref_call(ref, inp, rope), warmup=3, reps=10)
+        row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
+    if quantization == "fp8":
+        del ref, ours, fast
+        gc.collect()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        ref8, fresh = build(model, device, dtype)  # same seed: the same weights
+        fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8"), torch.device(device))
+        row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp), warmup=3, reps=10)
+        row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp), expected)
+        row["fp8_rel_l2_block_update"] = block_update_rel_l2(ref8, fast8, inp, rope)
+        row["fp8_guard_ok"] = max(row["fp8_rel_l2_vs_diffusers_bf16"],
+                                  *row["fp8_rel_l2_block_update"].values()) <= FP8_GUARD_REL_L2
+        row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
+        row["fp8_speedup_vs_diffusers_compiled"] = row.get("diffusers_compiled_step_s", float("nan")) / \
+            row["ditserve_fp8_step_s"]
+    log.info("%s: %s", model, row)
+    return row
