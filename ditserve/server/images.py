@@ -42,7 +42,7 @@ async def generations(body: ImageGenerationBody, request: Request):
     """Generate images from a prompt (OpenAI's Images API)."""
     state = state_of(request)
     _images_only(state)
-    resolved = _resolved(state, body, body.to_request())  # a bad request is a 400 even when the queue is full
+    resolved = _resolved(state, body, body.to_request(transparent=state.limits.max_layers > 0))  # a bad request is a 400 even when the queue is full
     with _admitted(request, state):
         return await _generate(request, state, body, resolved)
 
@@ -66,7 +66,7 @@ async def edits(request: Request):
         if state.limits.max_layers and body.output_format == "jpeg":
             raise InvalidRequest("output_format jpeg has no alpha channel; the layered model's RGBA layers "
                                  "come as png or webp", "output_format")
-        return await _generate(request, state, body, _resolved(state, body, body.to_request(tuple(images))))
+        return await _generate(request, state, body, _resolved(state, body, body.to_request(tuple(images), state.limits.max_layers > 0)))
 
 
 def _images_only(state: ServerState) -> None:

@@ -42,7 +42,8 @@ class ImageGenerationBody(BaseModel):
     style: Literal["vivid", "natural"] | None = Field(None, description=f"Ignored ({_IGNORED}).")
     background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="auto and opaque are accepted; transparent is refused (400): the image models "
-                          "served here draw opaque images.")
+                          "served here draw opaque images — except Qwen-Image-Layered, whose RGBA layers take "
+                          "auto or transparent (opaque is a 400).")
     moderation: Literal["auto", "low"] | None = Field(None, description=f"Ignored ({_IGNORED}); ditserve "
                                                                         "does no content moderation.")
     user: str | None = Field(None, description=f"Ignored ({_IGNORED}).")
@@ -75,16 +76,20 @@ class ImageGenerationBody(BaseModel):
                                                  "into, returned layer after layer for each of the n images; "
                                                  "default 4.")
 
-    def to_request(self, images: tuple = ()) -> GenerationRequest:
-        """The unresolved request (with decoded input `images` for an edit); resolving validates it."""
+    def to_request(self, images: tuple = (), transparent: bool = False) -> GenerationRequest:
+        """The unresolved request (with decoded input `images` for an edit); resolving validates it.
+        `transparent`: the model draws RGBA layers (Qwen-Image-Layered), so `background` may not be opaque."""
         _check_text("prompt", self.prompt)
         _check_text("negative_prompt", self.negative_prompt)
         if self.stream or self.partial_images:
             raise InvalidRequest("streaming (stream, partial_images) is not supported; images are returned whole",
                                  "stream" if self.stream else "partial_images")
-        if self.background == "transparent":
+        if self.background == "transparent" and not transparent:
             raise InvalidRequest("the loaded model draws opaque images; background 'transparent' is not "
                                  "supported (use 'opaque' or 'auto')", "background")
+        if self.background == "opaque" and transparent:
+            raise InvalidRequest("the loaded model draws transparent layers; background 'opaque' is not "
+                                 "supported (use 'transparent' or 'auto')", "background")
         width, height = parse_size(self.size)
         return GenerationRequest(
             prompt=self.prompt, negative_prompt=self.negative_prompt, height=height, width=width,

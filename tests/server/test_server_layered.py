@@ -35,11 +35,14 @@ def test_edits_return_rgba_layers_equal_to_the_python_api(layered_server, tiny_q
     from ditserve import Generator
 
     with httpx.Client(base_url=layered_server.url, timeout=120) as client:
-        r = client.post("/v1/images/edits", data=FIELDS, files={"image": ("in.png", rgba_png(), "image/png")})
+        r = client.post("/v1/images/edits", data=FIELDS | {"background": "transparent"},
+                        files={"image": ("in.png", rgba_png(), "image/png")})
         assert r.status_code == 200, r.text
         served = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in r.json()["data"]]
         bad = client.post("/v1/images/edits", data=FIELDS | {"output_format": "jpeg"},
                           files={"image": ("in.png", rgba_png(), "image/png")})
+        opaque = client.post("/v1/images/edits", data=FIELDS | {"background": "opaque"},
+                             files={"image": ("in.png", rgba_png(), "image/png")})
     assert [im.mode for im in served] == ["RGBA", "RGBA"]
     expected = Generator.from_pretrained(tiny_qwen_image_layered, device="cpu", dtype="float32").generate(
         "a cat on a mat", negative_prompt=" ", seed=3, num_inference_steps=2, height=32, width=48, layers=2,
@@ -48,3 +51,4 @@ def test_edits_return_rgba_layers_equal_to_the_python_api(layered_server, tiny_q
         assert np.array_equal(np.asarray(s), np.asarray(e))
     error = assert_envelope(bad, 400)
     assert error["param"] == "output_format" and "alpha" in error["message"]
+    assert assert_envelope(opaque, 400)["param"] == "background"
