@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from ditserve import demo
@@ -42,10 +43,11 @@ class Generator:
         accel = AccelConfig(compile=enable_torch_compile, quantization=quantization,
                             cache=CacheConfig.from_mapping(cache))
         if isinstance(parallel, dict):
-            try:
-                parallel = ParallelConfig(**parallel)
-            except TypeError as exc:
-                raise InvalidRequest(f"parallel: {exc}", "parallel") from None
+            unknown = sorted(set(parallel) - {f.name for f in fields(ParallelConfig)})
+            if unknown:
+                raise InvalidRequest(f"unknown parallel key(s) {', '.join(map(str, unknown))}; use "
+                                     f"{', '.join(f.name for f in fields(ParallelConfig))}", "parallel")
+            parallel = ParallelConfig(**parallel)
         path = demo.default_model(model)
         return cls(Engine.from_config(EngineConfig(ModelConfig(path, device, dtype), accel=accel,
                                                    parallel=parallel or ParallelConfig())))

@@ -85,3 +85,8 @@ def test_teacache_is_refused_where_no_coefficients_are_published(tiny_qwen_image
                "--output", str(tmp_path / "x.png"), "--cache", "teacache"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "teacache has no published coefficients" in err[-1]
+
+
+def test_generator_names_the_parallel_keys_it_knows():
+    with pytest.raises(InvalidRequest, match="unknown parallel key.*enable_cfg_parallel.*cfg_parallel"):
+        Generator.from_pretrained(device="cpu", parallel=dict(num_gpus=2, enable_cfg_parallel=True))
