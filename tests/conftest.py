@@ -121,3 +121,12 @@ def tiny_cogvideox(tmp_path_factory):
     """A function `variant -> folder` (2b, 5b, 5b_dynamic, 1.5, i2v, 1.5_i2v; tests/tiny/cogvideox.py), each built once."""
     from tiny.cogvideox import build_tiny_cogvideox
     return _variants(tmp_path_factory, "tiny_cogvideox", build_tiny_cogvideox, "2b")
+
+
+# --- tiny HunyuanVideo (diffusers format) ------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_hunyuan_video(tmp_path_factory) -> Path:
+    """HunyuanVideo T2V-like: LLaMA + CLIP text, 3D VAE, embedded guidance, shift 7 (tests/tiny/hunyuan_video.py)."""
+    from tiny.hunyuan_video import build_tiny_hunyuan_video
+    return _build_once(tmp_path_factory, "tiny_hunyuan_video", build_tiny_hunyuan_video)

@@ -11,6 +11,7 @@ _PIPELINES: dict[str, str] = {
     "CogVideoXPipeline": "ditserve.pipelines.cogvideox:CogVideoXPipeline",
     "CogVideoXImageToVideoPipeline": "ditserve.pipelines.cogvideox:CogVideoXImageToVideoPipeline",
     "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
+    "HunyuanVideoPipeline": "ditserve.pipelines.hunyuan_video:HunyuanVideoPipeline",
     "QwenImagePipeline": "ditserve.pipelines.qwen_image:QwenImagePipeline",
     "QwenImageEditPipeline": "ditserve.pipelines.qwen_image_edit:QwenImageEditPipeline",
     "QwenImageEditPlusPipeline": "ditserve.pipelines.qwen_image_edit:QwenImageEditPlusPipeline",
