@@ -80,3 +80,31 @@ def test_bad_input_is_refused_in_one_line(tiny_hunyuan_video, change, named):
     with pytest.raises(InvalidRequest, match=named) as err:
         _ENGINES[tiny_hunyuan_video].generate(GenerationRequest(**{**BASE, "prompt": PROMPT, "seed": 0, **change}))
     assert "\n" not in str(err.value)
+
+
+def _left_padding(load):
+    def patched(*args, **kwargs):
+        enc = load(*args, **kwargs)
+        enc.tokenizer.padding_side = "left"
+        return enc
+    return patched
+
+
+@pytest.mark.parametrize("mistake", ["last_hidden_layer", "no_crop", "left_padding", "no_text_mask"])
+def test_text_mistakes_show(tiny_hunyuan_video, monkeypatch, mistake):
+    """Mistakes the parity test could miss if the fixture were too smooth move pixels by far more than 1/255."""
+    import ditserve.encoders.hunyuan_video as enc
+    import ditserve.models.hunyuan_video.model as model
+
+    base = ours(tiny_hunyuan_video, prompt=PROMPT, **BASE)
+    if mistake == "last_hidden_layer":
+        monkeypatch.setattr(enc, "HIDDEN_LAYERS_TO_SKIP", 0)
+    elif mistake == "no_crop":
+        monkeypatch.setattr(enc.LlamaPromptEncoder.__init__, "__defaults__", (enc.PROMPT_TEMPLATE, 0))
+    elif mistake == "left_padding":
+        monkeypatch.setattr(enc.LlamaPromptEncoder, "load", classmethod(_left_padding(enc.LlamaPromptEncoder.load.__func__)))
+    else:
+        monkeypatch.setattr(model, "joint_mask", lambda txt_mask, img_len: None)
+    engine = Engine.from_config(EngineConfig(ModelConfig(str(tiny_hunyuan_video), "cpu", "float32")))
+    other = engine.generate(GenerationRequest(prompt=PROMPT, seed=0, **BASE)).videos[0]
+    assert np.abs(base.astype(int) - other.astype(int)).max() > 20, mistake
