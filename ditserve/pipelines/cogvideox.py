@@ -152,10 +152,14 @@ class CogVideoXPipeline(Pipeline):
 
     @classmethod
     def for_folder(cls, path: Path, defaults: RequestDefaults, limits: ModelLimits):
-        """Defaults from the transformer's sample size (as diffusers; 1.5: its model card's)."""
-        cfg = CogVideoXConfig.from_json(path / "transformer" / "config.json")
-        vae = CogVideoXLatentShape.read(path / "vae")
-        cls.dynamic_cfg_of(path)
+        """Defaults from the transformer's sample size (as diffusers; 1.5: its model card's). The
+        transformer config and `ditserve.json` are read strictly here, before any weights load."""
+        try:
+            cfg = CogVideoXConfig.from_json(path / "transformer" / "config.json")
+            vae = CogVideoXLatentShape.read(path / "vae")
+            cls.dynamic_cfg_of(path)
+        except (ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
+            raise InvalidRequest(f"{path}: {str(exc).splitlines()[0]}", "model") from None
         if cfg.patch_size_t is not None:
             defaults = replace(defaults, **DEFAULTS_15)
         else:
@@ -184,7 +188,8 @@ class CogVideoXPipeline(Pipeline):
             raise InvalidRequest("guidance_scale_2 is for two-expert models (Wan 2.2 A14B); CogVideoX has one DiT",
                                  "guidance_scale_2")
         if req.flow_shift is not None:
-            raise InvalidRequest("flow_shift: CogVideoX runs its own DDIM/DPM schedule, which has no shift", "flow_shift")
+            raise InvalidRequest("flow_shift: CogVideoX runs its own DDIM/DPM schedule, which has no shift",
+                                 "flow_shift")
         positions = cfg.sincos_positions or cfg.use_learned_positional_embeddings
         if positions and req.max_sequence_length != cfg.max_text_seq_length:
             raise InvalidRequest(f"max_sequence_length must be {cfg.max_text_seq_length} for this CogVideoX model "
@@ -222,19 +227,18 @@ class CogVideoXPipeline(Pipeline):
         req = requests[0]
         f, pad = self.latent_frames(req.num_frames)
         shape = (f + pad, self.dit.cfg.in_channels, req.height // self.shape.spatial, req.width // self.shape.spatial)
-        return CogVideoXLatents(*self.noise(requests, shape), pad=pad)
+        x, noise, _ = self.noise(requests, shape)
+        return CogVideoXLatents(x, noise, pad=pad)
 
     def noise(self, requests: list[GenerationRequest], shape: tuple[int, ...],
-              before=None) -> tuple[torch.Tensor, RequestNoise]:
+              before=None) -> tuple[torch.Tensor, RequestNoise, list]:
         """Initial noise drawn as diffusers draws it (one CPU generator per request, seeded with its
-        seed; `before(req, generator)` draws first, as the I2V image encoding does); the generators
-        stay with the run for the DPM solver."""
+        seed), the generators (they stay with the run for the DPM solver), and what
+        `before(req, generator)` returned per request: it draws first, as the I2V image encoding does."""
         gens = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        if before is not None:
-            before = [before(r, g) for r, g in zip(requests, gens)]
+        first = [before(r, g) for r, g in zip(requests, gens)] if before is not None else []
         draws = [torch.randn((r.num_images, *shape), generator=g, dtype=torch.float32) for r, g in zip(requests, gens)]
-        noise = RequestNoise(gens, [r.num_images for r in requests])
-        return (torch.cat(draws).to(self.device), noise) + ((before,) if before is not None else ())
+        return torch.cat(draws).to(self.device), RequestNoise(gens, [r.num_images for r in requests]), first
 
     def sampling(self, latents: CogVideoXLatents, requests: list[GenerationRequest]) -> Sampling:
         req = requests[0]

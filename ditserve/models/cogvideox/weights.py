@@ -40,9 +40,9 @@ def cogvideox_key_map(cfg: CogVideoXConfig) -> KeyMap:
     m |= _linear("text_proj", "patch_embed.text_proj")
     if cfg.use_learned_positional_embeddings:
         m["pos_embedding"] = ["patch_embed.pos_embedding"]
-    m |= _linear("time_in.in_layer", "time_embedding.linear_1") | _linear("time_in.out_layer", "time_embedding.linear_2")
-    if cfg.ofs_embed_dim:
-        m |= _linear("ofs_in.in_layer", "ofs_embedding.linear_1") | _linear("ofs_in.out_layer", "ofs_embedding.linear_2")
+    for ours, theirs in (("time_in", "time_embedding"), ("ofs_in", "ofs_embedding")):
+        if ours == "time_in" or cfg.ofs_embed_dim:
+            m |= _linear(f"{ours}.in_layer", f"{theirs}.linear_1") | _linear(f"{ours}.out_layer", f"{theirs}.linear_2")
     for k in range(cfg.num_layers):
         m |= _block(f"layers.{k}", f"transformer_blocks.{k}", cfg)
     h = "head_out"
