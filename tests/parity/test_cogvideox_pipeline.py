@@ -107,3 +107,23 @@ def test_bad_input_is_refused_in_one_line(tiny_cogvideox, variant, change, named
     with pytest.raises(InvalidRequest, match=named) as err:
         engine(folder).generate(GenerationRequest(**kw))
     assert "\n" not in str(err.value)
+
+
+def test_cli_writes_the_video_and_refuses_bad_frames(tiny_cogvideox, tmp_path, capsys):
+    """`ditserve generate` on a CogVideoX folder: the Python API's video at the folder's 8 fps; 13 frames
+    exit 2 with one line."""
+    from ditserve.cli.main import main
+    from ditserve.runtime.video_io import read_video
+
+    folder, out = tiny_cogvideox("2b"), tmp_path / "v.mp4"
+    args = ["generate", "--model-path", str(folder), "--device", "cpu", "--dtype", "float32", "--prompt", PROMPT,
+            "--seed", "0", "--num-inference-steps", "2", "--guidance-scale", "1"]
+    assert main([*args, "--output", str(out)]) == 0
+    frames, rate = read_video(out.read_bytes())
+    assert frames.shape == (9, 32, 48, 3) and rate == 8
+    api = ours(folder, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0)
+    assert np.abs(frames.mean(axis=(1, 2)) - api.mean(axis=(1, 2))).max() < 6  # the MP4 is lossy
+    capsys.readouterr()
+    assert main([*args, "--num-frames", "13", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ditserve: error: num_frames must be 8k+1") and "\n" not in err
