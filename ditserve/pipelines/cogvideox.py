@@ -135,12 +135,15 @@ class CogVideoXPipeline(Pipeline):
         tokenizer = component_class(index, "tokenizer", "T5TokenizerFast").from_pretrained(str(path / "tokenizer"))
         model = load_pretrained(component_class(index, "text_encoder", "T5EncoderModel"), path / "text_encoder",
                                 device, dtype)
+        dynamic = cls.dynamic_cfg_of(path)
+        if dynamic:
+            log.info("CogVideoX: dynamic CFG on (%s)", path / SETTINGS_FILE)
         return cls(
             dit=load_cogvideox_dit(path / "transformer", device, dtype),
             text=T5SequenceEncoder(tokenizer, model),
             vae=load_cogvideox_vae(path / "vae", device, torch.float32 if device.type == "cpu" else dtype),
             scheduler_spec=read_scheduler_config(path / "scheduler" / "scheduler_config.json"),
-            device=device, dtype=dtype, use_dynamic_cfg=cls.dynamic_cfg_of(path),
+            device=device, dtype=dtype, use_dynamic_cfg=dynamic,
         )
 
     @staticmethod
