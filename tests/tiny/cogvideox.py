@@ -10,7 +10,7 @@ CogVideoX VAE: 8x spatial, 4x temporal):
 * "1.5"       CogVideoX1.5-5B: patches two latent frames deep, sliced rotary grid, DDIM;
 * "i2v"       CogVideoX-5B-I2V: image latents concatenated on channels (in = 2z), learned + rotary
               positions (so the trained size only), DDIM.
-* "1.5_i2v"   CogVideoX1.5-5B-I2V: temporal patches, the "ofs" embedding, DPM.
+* "1.5_i2v"   CogVideoX1.5-5B-I2V: temporal patches, the "ofs" embedding, `invert_scale_latents`, DPM.
 
 The DiT's trained sample is 4x6 latents (32x48 pixels) and 9 frames. Attention is sharp (norm gains
 about 3, varied) so that a wrong prompt, position or schedule moves pixels far more than 1/255.
@@ -53,11 +53,12 @@ def _t5(vocab_size: int) -> T5EncoderModel:
     return model
 
 
-def _vae() -> AutoencoderKLCogVideoX:
+def _vae(invert: bool = False) -> AutoencoderKLCogVideoX:
+    """`invert`: the 1.5-I2V VAE's `invert_scale_latents` (image latents divided by the scaling factor)."""
     torch.manual_seed(SEED + 2)
     vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 16, 16), latent_channels=Z, layers_per_block=1,
                                  norm_num_groups=4, temporal_compression_ratio=4, sample_height=32, sample_width=48,
-                                 scaling_factor=0.7).eval()
+                                 scaling_factor=0.7, invert_scale_latents=invert).eval()
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -101,7 +102,7 @@ def build_tiny_cogvideox(path: str | Path, variant: str = "2b") -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _t5(save_t5_tokenizer(path / "tokenizer")).save_pretrained(path / "text_encoder")
-    _vae().save_pretrained(path / "vae")
+    _vae(invert=variant == "1.5_i2v").save_pretrained(path / "vae")
     dpm = variant in ("5b", "5b_dynamic", "1.5_i2v")
     scheduler_cls = CogVideoXDPMScheduler if dpm else CogVideoXDDIMScheduler
     scheduler_cls(**dict(SCHEDULER, snr_shift_scale=3.0 if variant == "2b" else 1.0)).save_pretrained(
