@@ -108,3 +108,18 @@ def test_text_mistakes_show(tiny_hunyuan_video, monkeypatch, mistake):
     engine = Engine.from_config(EngineConfig(ModelConfig(str(tiny_hunyuan_video), "cpu", "float32")))
     other = engine.generate(GenerationRequest(prompt=PROMPT, seed=0, **BASE)).videos[0]
     assert np.abs(base.astype(int) - other.astype(int)).max() > 20, mistake
+
+
+def test_teacache_skips_steps(tiny_hunyuan_video):
+    """TeaCache4HunyuanVideo's fit drives the step cache (a threshold for the tiny model's large changes): some steps reuse the cached residual and the
+    video stays close to the uncached one."""
+    from ditserve.config import AccelConfig
+    from ditserve.config.engine import CacheConfig
+
+    settings = dict(BASE, num_inference_steps=6)
+    cfg = EngineConfig(ModelConfig(str(tiny_hunyuan_video), "cpu", "float32"),
+                       accel=AccelConfig(cache=CacheConfig(method="teacache", threshold=50.0)))
+    out = Engine.from_config(cfg).generate(GenerationRequest(prompt=PROMPT, seed=0, **settings))
+    assert out.timings.cache.method == "teacache" and 0 < out.timings.cache.skipped < out.timings.cache.forwards
+    full = ours(tiny_hunyuan_video, prompt=PROMPT, **settings)
+    assert np.abs(out.videos[0].astype(int) - full.astype(int)).mean() < 20
