@@ -111,8 +111,8 @@ def test_text_mistakes_show(tiny_hunyuan_video, monkeypatch, mistake):
 
 
 def test_teacache_skips_steps(tiny_hunyuan_video):
-    """TeaCache4HunyuanVideo's fit drives the step cache (a threshold for the tiny model's large changes): some steps reuse the cached residual and the
-    video stays close to the uncached one."""
+    """TeaCache4HunyuanVideo's fit drives the step cache (with a threshold for the tiny model's large
+    changes): some steps reuse the cached residual and the video stays close to the uncached one."""
     from ditserve.config import AccelConfig
     from ditserve.config.engine import CacheConfig
 
