@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ditserve.config.engine import CACHE_METHODS, AccelConfig, CacheConfig, EngineConfig, ModelConfig
+from ditserve.cli.memory_args import add_memory_arguments, memory_config_from_args
 from ditserve.parallel.args import add_parallel_arguments, parallel_config_from_args
 
 
@@ -25,6 +26,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage"],
                    help="auto/sdpa: torch SDPA (cuDNN on Hopper); fa3, sage: when installed (CUDA)")
     add_cache_arguments(p)
+    add_memory_arguments(p)
     add_parallel_arguments(p)
 
 
@@ -34,7 +36,7 @@ def engine_config(args: argparse.Namespace, model: str, **kw) -> EngineConfig:
     accel = AccelConfig(compile=args.enable_torch_compile, quantization=args.quantization,
                         attention=args.attention_backend, cache=cache_config_from_args(args))
     return EngineConfig(ModelConfig(model, args.device, args.dtype), accel=accel,
-                        parallel=parallel_config_from_args(args), **kw)
+                        parallel=parallel_config_from_args(args), memory=memory_config_from_args(args), **kw)
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:

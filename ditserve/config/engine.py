@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from ditserve.api import InvalidRequest
+from ditserve.config.memory import MemoryConfig
 
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -218,3 +219,4 @@ class EngineConfig:
     max_batch_size: int = 1
     accel: AccelConfig = AccelConfig()
     parallel: ParallelConfig = ParallelConfig()
+    memory: MemoryConfig = MemoryConfig()  # offload, text-encoder device, VAE tiling

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ditserve.accel import accelerate_dit, cache_dit
+from ditserve.accel.offload import apply_memory, load_device, offload_accel
 from ditserve.api import Cancelled, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, parse_device, parse_dtype
 from ditserve.pipelines.base import Frames, Pipeline, RunControl
@@ -41,21 +42,23 @@ class Engine:
         device = groups.device if groups is not None else torch.device(parse_device(cfg.model.device))
         dtype = parse_dtype(cfg.model.dtype, device.type)
         source = source or inspect_model(cfg.model.path)
+        accel, where = offload_accel(cfg.accel, cfg.memory), load_device(cfg.memory, device)  # offload: host
         if groups is None:
-            pipeline = load_pipeline(source, device, dtype)
+            pipeline = load_pipeline(source, where, dtype)
         else:
             from ditserve import parallel
 
             with parallel.loading(groups):
-                pipeline = load_pipeline(source, device, dtype)
+                pipeline = load_pipeline(source, where, dtype)
         for name in pipeline.dit_names:  # every DiT the pipeline holds (both experts of Wan 2.2 A14B)
             if getattr(pipeline, name, None) is not None:
-                setattr(pipeline, name, accelerate_dit(getattr(pipeline, name), cfg.accel, device))
+                setattr(pipeline, name, accelerate_dit(getattr(pipeline, name), accel, device))
         if groups is not None:
             parallel.parallelize_pipeline(pipeline, groups, cfg.parallel.vae_parallel)
         for name in pipeline.dit_names:
             if getattr(pipeline, name, None) is not None:
-                setattr(pipeline, name, cache_dit(getattr(pipeline, name), cfg.accel, device, groups))
+                setattr(pipeline, name, cache_dit(getattr(pipeline, name), accel, device, groups))
+        apply_memory(pipeline, cfg.memory, device)  # offload, text-encoder device, VAE tiling
         engine = cls(pipeline, source)
         if cfg.accel.compile:
             engine.warmup(warmup or engine.default_warmups(cfg.max_batch_size))

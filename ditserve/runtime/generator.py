@@ -11,6 +11,7 @@ from ditserve import demo
 from ditserve.api import GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import AccelConfig, EngineConfig, ModelConfig, ParallelConfig
 from ditserve.config.engine import CacheConfig
+from ditserve.config.memory import MemoryConfig, memory_config
 from ditserve.pipelines.base import RunControl
 from ditserve.runtime.engine import Engine
 
@@ -32,13 +33,16 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, device: str | None = None, dtype=None, *,
                         enable_torch_compile: bool = False, quantization: str | None = None,
-                        cache: dict | str | None = None, parallel: dict | ParallelConfig | None = None) -> "Generator":
+                        cache: dict | str | None = None, parallel: dict | ParallelConfig | None = None,
+                        cpu_offload: str = "none", memory: dict | MemoryConfig | None = None) -> "Generator":
         """`model` is a diffusers directory or a Hugging Face id (default: $DITSERVE_DEFAULT_MODEL, else
         the bundled demo model, `ditserve.demo.MODEL_DIR`); `dtype` a name or torch dtype.
 
         `cache`: step caching, keys as the `--cache-*` flags (e.g. `dict(method="first-block",
         threshold=0.08, taylorseer_order=1)`); `parallel`: the parallel engine, keys as ParallelConfig's
         (e.g. `dict(num_gpus=2, ulysses_degree=2)`) — then call `close()` (or use `with`) to stop the ranks.
+        `cpu_offload`: "none", "model" or "layerwise" (as `--cpu-offload`); `memory`: MemoryConfig's other keys
+        (e.g. `dict(gpu_memory_budget_gib=12, text_encoder_device="cpu", vae_tiling="on", vae_slicing=True)`).
         """
         accel = AccelConfig(compile=enable_torch_compile, quantization=quantization,
                             cache=CacheConfig.from_mapping(cache))
@@ -49,8 +53,9 @@ class Generator:
                                      f"{', '.join(f.name for f in fields(ParallelConfig))}", "parallel")
             parallel = ParallelConfig(**parallel)
         path = demo.default_model(model)
+        memory = memory_config(cpu_offload, memory)
         return cls(Engine.from_config(EngineConfig(ModelConfig(path, device, dtype), accel=accel,
-                                                   parallel=parallel or ParallelConfig())))
+                                                   parallel=parallel or ParallelConfig(), memory=memory)))
 
     def close(self) -> None:
         """Stop the parallel engine's ranks (nothing to do for one process)."""
