@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from ditserve.api.errors import InvalidRequest
@@ -61,6 +62,9 @@ class ModelLimits:
     max_layers: int = 0
     # the model writes its own prompt from the input image when the prompt is "" or " " (Qwen-Image-Layered)
     captions: bool = False
+    # what a family checks beyond the fields above, from the folder's configs (no weights): raises
+    # InvalidRequest; a module-level function or partial, so the limits still pickle
+    refuse: Callable[["GenerationRequest"], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,8 @@ class GenerationRequest:
         _check_images(self.images, limits)
         _check_sampling(self.sampler, self.flow_shift, limits)
         _check_video(self, limits)
+        if limits.refuse is not None:
+            limits.refuse(self)
         _check_skip_layers(self, limits)
         _check_layers(self.layers, limits)
 

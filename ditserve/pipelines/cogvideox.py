@@ -23,6 +23,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -171,7 +172,7 @@ class CogVideoXPipeline(Pipeline):
         sampler = read_scheduler_config(path / "scheduler" / "scheduler_config.json").default_sampler
         return replace(defaults, max_sequence_length=cfg.max_text_seq_length), replace(
             limits, max_sequence_length=cfg.max_text_seq_length, size_multiple=vae.spatial * cfg.patch_size,
-            samplers=(sampler,))
+            samplers=(sampler,), refuse=partial(refuse, cfg, vae.spatial))
 
     def components(self) -> dict[str, torch.nn.Module]:
         return {"transformer": self.dit, "text_encoder": self.text.model, "vae": self.vae}
@@ -185,29 +186,7 @@ class CogVideoXPipeline(Pipeline):
         return req.guidance_scale > 1
 
     def check(self, req: GenerationRequest) -> None:
-        """What the limits cannot say, refused before any model work."""
-        cfg = self.dit.cfg
-        if req.guidance_scale_2 is not None:
-            raise InvalidRequest("guidance_scale_2 is for two-expert models (Wan 2.2 A14B); CogVideoX has one DiT",
-                                 "guidance_scale_2")
-        if req.flow_shift is not None:
-            raise InvalidRequest("flow_shift: CogVideoX runs its own DDIM/DPM schedule, which has no shift",
-                                 "flow_shift")
-        positions = cfg.sincos_positions or cfg.use_learned_positional_embeddings
-        if positions and req.max_sequence_length != cfg.max_text_seq_length:
-            raise InvalidRequest(f"max_sequence_length must be {cfg.max_text_seq_length} for this CogVideoX model "
-                                 f"(its position table is laid out for that many text tokens), got "
-                                 f"{req.max_sequence_length}", "max_sequence_length")
-        if cfg.patch_size_t is not None:  # 1.5: its rotary grid is sliced from the trained one
-            h, w = cfg.sample_height * self.shape.spatial, cfg.sample_width * self.shape.spatial
-            if req.height > h or req.width > w:
-                raise InvalidRequest(f"this CogVideoX1.5 model's positions reach {w}x{h}, got "
-                                     f"{req.width}x{req.height}", "size")
-        if cfg.use_learned_positional_embeddings:
-            h, w = cfg.sample_height * self.shape.spatial, cfg.sample_width * self.shape.spatial
-            if (req.height, req.width) != (h, w):
-                raise InvalidRequest(f"this CogVideoX model has learned positions for {w}x{h} only, got "
-                                     f"{req.width}x{req.height}", "size")
+        refuse(self.dit.cfg, self.shape.spatial, req)
 
     def run(self, requests: list[GenerationRequest], control: RunControl):
         for req in requests:
@@ -300,3 +279,29 @@ class CogVideoXImageToVideoPipeline(CogVideoXPipeline):
         image = torch.cat(images).to(self.device)
         image = torch.cat([image, image.new_zeros(image.shape[0], f + pad - 1, c, h, w)], dim=1)
         return CogVideoXLatents(x, noise, pad, image)
+
+
+def refuse(cfg: CogVideoXConfig, spatial: int, req: GenerationRequest) -> None:
+    """What the other limits cannot say, from the transformer's config (ModelLimits.refuse: the
+    request is refused at the edge, before any model work)."""
+    if req.guidance_scale_2 is not None:
+        raise InvalidRequest("guidance_scale_2 is for two-expert models (Wan 2.2 A14B); CogVideoX has one DiT",
+                             "guidance_scale_2")
+    if req.flow_shift is not None:
+        raise InvalidRequest("flow_shift: CogVideoX runs its own DDIM/DPM schedule, which has no shift",
+                             "flow_shift")
+    positions = cfg.sincos_positions or cfg.use_learned_positional_embeddings
+    if positions and req.max_sequence_length != cfg.max_text_seq_length:
+        raise InvalidRequest(f"max_sequence_length must be {cfg.max_text_seq_length} for this CogVideoX model "
+                             f"(its position table is laid out for that many text tokens), got "
+                             f"{req.max_sequence_length}", "max_sequence_length")
+    if cfg.patch_size_t is not None:  # 1.5: its rotary grid is sliced from the trained one
+        h, w = cfg.sample_height * spatial, cfg.sample_width * spatial
+        if req.height > h or req.width > w:
+            raise InvalidRequest(f"this CogVideoX1.5 model's positions reach {w}x{h}, got "
+                                 f"{req.width}x{req.height}", "size")
+    if cfg.use_learned_positional_embeddings:
+        h, w = cfg.sample_height * spatial, cfg.sample_width * spatial
+        if (req.height, req.width) != (h, w):
+            raise InvalidRequest(f"this CogVideoX model has learned positions for {w}x{h} only, got "
+                                 f"{req.width}x{req.height}", "size")

@@ -10,6 +10,7 @@ from PIL import Image
 from ditserve.api import GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, ModelConfig
 from ditserve.runtime.engine import Engine
+from ditserve.runtime.loader import inspect_model
 
 PROMPT, NEGATIVE = "a red cat walks on the grass", "blurry, static"
 BASE = dict(height=32, width=48, num_frames=9, num_inference_steps=3, guidance_scale=6.0, negative_prompt=NEGATIVE)
@@ -104,8 +105,9 @@ def test_bad_input_is_refused_in_one_line(tiny_cogvideox, variant, change, named
     kw = {**BASE, "prompt": PROMPT, "seed": 0, **change}
     if variant.endswith("i2v") and "images" not in kw:
         kw["images"] = (input_image(),)
+    source = inspect_model(folder)  # the folder's configs only: refused at the edge, before any weights load
     with pytest.raises(InvalidRequest, match=named) as err:
-        engine(folder).generate(GenerationRequest(**kw))
+        GenerationRequest(**kw).resolve(source.defaults, source.limits)
     assert "\n" not in str(err.value)
 
 
