@@ -33,11 +33,12 @@ class CacheStats:
 @dataclass
 class Timings:
     """Wall times of one pipeline run: per stage and per denoising step, in seconds; with a step
-    cache, what it skipped."""
+    cache, what it skipped; on a GPU, each stage's peak allocated memory in GiB (None elsewhere)."""
 
     stages: dict[str, float] = field(default_factory=dict)
     steps: list[float] = field(default_factory=list)
     cache: CacheStats | None = None
+    peak_memory_gib: dict[str, float] | None = None
 
     @property
     def total_s(self) -> float:
@@ -53,6 +54,8 @@ class Timings:
         }
         if self.cache is not None:
             out["cache"] = self.cache.to_dict()
+        if self.peak_memory_gib is not None:
+            out["peak_memory_gib"] = dict(self.peak_memory_gib)
         return out
 
 

@@ -171,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
     if args.log_level != "debug":
         quiet_libraries()
     config = engine_config(args, str(source.path))
+    from ditserve.runtime.fit import warn_if_too_big
+
+    warn_if_too_big(config, source.path)  # one line naming the flag that helps (CUDA only)
     engine = Engine.from_config(config, source, warmup=[request])  # compile for this request's shape
     # a bar only where a person watches; captured stderr (CI, scripts) would get carriage-return noise
     bar = sys.stderr.isatty() and args.log_level in ("debug", "info")

@@ -63,11 +63,16 @@ class StageTimer:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self.sync()
+        if self.device.type == "cuda":  # each stage's own peak (GPU memory)
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         yield
         self.sync()
         elapsed = time.perf_counter() - start
         self.timings.stages[name] = self.timings.stages.get(name, 0.0) + elapsed
+        if self.device.type == "cuda":
+            peaks = self.timings.peak_memory_gib = self.timings.peak_memory_gib or {}
+            peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(self.device) / 2**30)
         log.info("stage %-16s %.3f s", name, elapsed)
 
     def step_clock(self) -> "StepClock":

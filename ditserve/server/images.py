@@ -132,7 +132,8 @@ async def _generate(request: Request, state: ServerState, body: ImageGenerationB
         seed=output.seed,
         timings=TimingsBody(queue_s=ticket.queue_s, total_s=timings.total_s, stages=timings.stages,
                             mean_step_s=timings.to_dict()["mean_step_s"], batch_images=ticket.batch_images,
-                            cache=None if timings.cache is None else timings.cache.to_dict()),
+                            cache=None if timings.cache is None else timings.cache.to_dict(),
+                            peak_memory_gib=timings.peak_memory_gib),
     )
 
 

@@ -149,6 +149,8 @@ class TimingsBody(BaseModel):
     batch_images: int = Field(description="images in the pipeline call that ran this request")
     cache: dict[str, str | int] | None = Field(
         None, description='with a step cache: {"method", "forwards", "skipped"} of the pipeline call')
+    peak_memory_gib: dict[str, float] | None = Field(
+        None, description="on a GPU: each stage's peak allocated GPU memory, GiB (absent on CPU)")
 
 
 class ImagesResponse(BaseModel):
