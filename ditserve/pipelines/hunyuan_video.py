@@ -7,13 +7,18 @@ guidance is `guidance_scale` x 1000 in the DiT's dtype; the timestep enters in t
 true CFG (cond and uncond here batched into one call) only when a negative prompt is given and
 `true_cfg_scale` > 1; CLIP sees `prompt` (no `prompt_2`). Frame counts must be 4k + 1 (diffusers
 floors other counts silently; here they are refused).
+
+The DiT sees the text only up to the batch's longest prompt: the padding after it is masked out of
+every attention anyway, so dropping it changes nothing but the work, and when no row is padded the
+attention runs without a mask (the fast kernels). True CFG runs cond and uncond as one batch when
+their prompts are as long, else as two unmasked calls.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,7 +55,26 @@ class HunyuanText:
 
     @staticmethod
     def cat(a: HunyuanText, b: HunyuanText) -> HunyuanText:
-        return HunyuanText(torch.cat([a.states, b.states]), torch.cat([a.mask, b.mask]), torch.cat([a.pooled, b.pooled]))
+        return HunyuanText(torch.cat([a.states, b.states]), torch.cat([a.mask, b.mask]),
+                           torch.cat([a.pooled, b.pooled]))
+
+
+@dataclass
+class DiTText:
+    """What the DiT gets of a batch's text: states [N, T', D] up to the last token of the longest prompt,
+    their mask (None: no padding left), the pooled vector."""
+
+    states: torch.Tensor
+    mask: torch.Tensor | None
+    pooled: torch.Tensor
+
+    @classmethod
+    def trimmed(cls, text: HunyuanText) -> DiTText:
+        """Right padding that every row has is dropped (none is with a left-padding tokenizer)."""
+        used = text.mask.bool().any(dim=0).nonzero()
+        n = int(used.max()) + 1 if used.numel() else 1
+        mask = text.mask[:, :n]
+        return cls(text.states[:, :n], None if bool(mask.bool().all()) else mask, text.pooled)
 
 
 @dataclass
@@ -111,6 +135,7 @@ class HunyuanVideoPipeline(Pipeline):
         solver = self.scheduler_spec.solver(req.sampler, req.flow_shift)
         guidance = NoGuidance()
         if req.do_true_cfg:
+            # one batch when cond and uncond need no mask (decided in `denoise`, which knows the texts)
             guidance = ClassifierFree(repeat_per_image(torch.tensor([r.true_cfg_scale for r in requests]), requests))
         return Sampling(solver.schedule(req.num_inference_steps, latents.x.shape[1]), solver, guidance)
 
@@ -118,16 +143,20 @@ class HunyuanVideoPipeline(Pipeline):
                 requests: list[GenerationRequest], control: RunControl, timer: StageTimer) -> HunyuanLatents:
         scales = torch.tensor([r.guidance_scale for r in requests], dtype=self.dtype)
         embedded = repeat_per_image(scales * 1000.0, requests).to(self.device)
-        texts = {("cond",): cond}
+        texts = {("cond",): DiTText.trimmed(cond)}
         if uncond is not None:
-            texts |= {("uncond",): uncond, ("cond", "uncond"): HunyuanText.cat(cond, uncond)}
-        rope = self.dit.positional_tables(latents.grid, cond.states.shape[1], self.device)
+            texts |= {("uncond",): DiTText.trimmed(uncond),
+                      ("cond", "uncond"): DiTText.trimmed(HunyuanText.cat(cond, uncond))}
+            if isinstance(sampling.guidance, ClassifierFree) and texts[("cond", "uncond")].mask is not None:
+                sampling = replace(sampling, guidance=replace(sampling.guidance, batched=False))
+        ropes = {n: self.dit.positional_tables(latents.grid, n, self.device)
+                 for n in {text.states.shape[1] for text in texts.values()}}
 
         def model(expert: int, x: torch.Tensor, t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
             text = texts[ctx.branches]
             inp = HunyuanVideoInputs(img=x.to(self.dtype), grid=latents.grid, timesteps=t.to(x.dtype),
                                      txt=text.states, pooled=text.pooled, txt_mask=text.mask,
-                                     guidance=embedded.repeat(len(ctx.branches)), rope=rope)
+                                     guidance=embedded.repeat(len(ctx.branches)), rope=ropes[text.states.shape[1]])
             return self.dit(inp, ctx)
 
         return HunyuanLatents(denoise(latents.x, sampling, model, control, timer), latents.grid)

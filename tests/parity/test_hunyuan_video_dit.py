@@ -48,8 +48,11 @@ def test_forward_matches_diffusers(tmp_path, guidance_embeds, patch_size_t):
         got = ours(HunyuanVideoInputs(img=pack(x, ours.cfg.patch), grid=grid, timesteps=timesteps, txt=txt,
                                       pooled=pooled, txt_mask=mask, guidance=guidance))
         got = unpack(got, grid, ours.cfg.patch)
+        unmasked = ours(HunyuanVideoInputs(img=pack(x, ours.cfg.patch), grid=grid, timesteps=timesteps, txt=txt,
+                                           pooled=pooled, guidance=guidance))
     assert expected.abs().mean() > 0.1  # not a degenerate comparison
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (unpack(unmasked, grid, ours.cfg.patch) - expected).abs().max() > 0.1  # the text mask matters
 
 
 def test_pack_round_trips():

@@ -39,6 +39,9 @@ CASES = {
     "embedded": BASE,
     "true_cfg": dict(BASE, height=48, width=32, num_frames=5, negative_prompt=NEGATIVE, true_cfg_scale=4.0),
     "time_tiles": dict(BASE, height=16, width=16, num_frames=21),  # 6 latent frames: blended time tiles
+    # a negative prompt as long as the prompt (in tokens): cond and uncond in one batch
+    "true_cfg_batched": dict(BASE, height=16, width=32, num_frames=5, negative_prompt="a cat walks on the red grass",
+                             true_cfg_scale=4.0),
 }
 
 
@@ -90,21 +93,20 @@ def _left_padding(load):
     return patched
 
 
-@pytest.mark.parametrize("mistake", ["last_hidden_layer", "no_crop", "left_padding", "no_text_mask"])
+@pytest.mark.parametrize("mistake", ["last_hidden_layer", "no_crop", "left_padding"])
 def test_text_mistakes_show(tiny_hunyuan_video, monkeypatch, mistake):
-    """Mistakes the parity test could miss if the fixture were too smooth move pixels by far more than 1/255."""
+    """Mistakes the parity test could miss if the fixture were too smooth move pixels by far more than 1/255
+    (the DiT's text mask: tests/parity/test_hunyuan_video_dit.py)."""
     import ditserve.encoders.hunyuan_video as enc
-    import ditserve.models.hunyuan_video.model as model
 
     base = ours(tiny_hunyuan_video, prompt=PROMPT, **BASE)
     if mistake == "last_hidden_layer":
         monkeypatch.setattr(enc, "HIDDEN_LAYERS_TO_SKIP", 0)
     elif mistake == "no_crop":
         monkeypatch.setattr(enc.LlamaPromptEncoder.__init__, "__defaults__", (enc.PROMPT_TEMPLATE, 0))
-    elif mistake == "left_padding":
-        monkeypatch.setattr(enc.LlamaPromptEncoder, "load", classmethod(_left_padding(enc.LlamaPromptEncoder.load.__func__)))
     else:
-        monkeypatch.setattr(model, "joint_mask", lambda txt_mask, img_len: None)
+        load = enc.LlamaPromptEncoder.load.__func__
+        monkeypatch.setattr(enc.LlamaPromptEncoder, "load", classmethod(_left_padding(load)))
     engine = Engine.from_config(EngineConfig(ModelConfig(str(tiny_hunyuan_video), "cpu", "float32")))
     other = engine.generate(GenerationRequest(prompt=PROMPT, seed=0, **BASE)).videos[0]
     assert np.abs(base.astype(int) - other.astype(int)).max() > 20, mistake
@@ -123,3 +125,16 @@ def test_teacache_skips_steps(tiny_hunyuan_video):
     assert out.timings.cache.method == "teacache" and 0 < out.timings.cache.skipped < out.timings.cache.forwards
     full = ours(tiny_hunyuan_video, prompt=PROMPT, **settings)
     assert np.abs(out.videos[0].astype(int) - full.astype(int)).mean() < 20
+
+
+def test_batched_requests_match_one_by_one(tiny_hunyuan_video):
+    """Requests of different prompt lengths batched with true CFG (the text mask, cond and uncond in
+    separate calls) get the videos they get alone."""
+    ours(tiny_hunyuan_video, prompt=PROMPT, **BASE)  # engine loaded
+    engine = _ENGINES[tiny_hunyuan_video]
+    settings = dict(BASE, num_frames=5, negative_prompt=NEGATIVE, true_cfg_scale=4.0)
+    reqs = [engine.resolve(GenerationRequest(prompt=p, seed=s, **settings))
+            for p, s in ((PROMPT, 0), ("a dog", 1), ("a blue dog sits on the red grass", 2))]
+    for req, out in zip(reqs, engine.run_batch(reqs)):
+        alone = engine.run_batch([req])[0]
+        assert np.abs(out.videos[0].astype(int) - alone.videos[0].astype(int)).max() <= 1
