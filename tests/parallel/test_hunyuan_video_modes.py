@@ -1,7 +1,7 @@
 """HunyuanVideo in the parallel modes at world size 2 (gloo, CPU): CFG-parallel, Ulysses, Ring and TP
 give the single-process frames within 1/255. 3x3 tokens per latent frame x 3 frames = 27 video
-tokens (odd: padding and its mask over the ranks) and 256 text tokens, mostly padding (the text key
-mask), true CFG with a negative prompt of another length (a key mask per branch).
+tokens plus the prompt's text tokens (odd counts: padding and its mask over the ranks), true CFG with
+a negative prompt of another length (cond and uncond in separate calls of different lengths).
 Slow (two spawned processes, ~35 s): run with -m slow."""
 
 import numpy as np
