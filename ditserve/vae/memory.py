@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # resnets at full size and their norms, about 16. Estimates, not measured per model.
 ACTIVATIONS_PER_PIXEL_CHANNEL = {"image": 16, "video": 64}
 FREE_FRACTION = 0.9  # of the free memory, for what the estimate misses
+GIB_ESTIMATE_CHECK = 1024 * 1024 * 128 * 2 * 16  # FLUX.1 at 1024², bfloat16: 4 GiB (tests pin the rule)
 
 
 def spatial_scale(vae) -> int:
