@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
                                    "size; prints JSON rows.")
     p.add_argument("--model", default="flux.1-dev",
                    help="flux.1-dev, flux.1-schnell, qwen-image, wan2.1-t2v-1.3b, wan2.1-t2v-14b, sd3.5-large, "
-                        "sd3.5-medium or cogvideox-5b "
+                        "sd3.5-medium, cogvideox-5b or hunyuanvideo "
                         "(shapes in ditserve/bench/architectures.json)")
     p.add_argument("--height", type=int, default=None,
                    help="default: 1024 (FLUX, SD3.5), 1328 (Qwen-Image), 480 (Wan, CogVideoX)")
@@ -52,9 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in architectures() or args.model.startswith("_"):
         names = [k for k in architectures() if not k.startswith("_")]
         raise InvalidRequest(f"unknown model {args.model!r}; known: {', '.join(names)}", "model")
-    if not args.model.startswith(("flux", "qwen-image", "wan", "sd3", "cogvideox")):
-        raise InvalidRequest(f"bench supports the flux.1, qwen-image, wan, sd3.5 and cogvideox models so far, "
-                             f"not {args.model}", "model")
+    if not args.model.startswith(("flux", "qwen-image", "wan", "sd3", "cogvideox", "hunyuanvideo")):
+        raise InvalidRequest(f"bench supports the flux.1, qwen-image, wan, sd3.5, cogvideox and hunyuanvideo models "
+                             f"so far, not {args.model}", "model")
+    if args.model.startswith("hunyuanvideo") and (args.end_to_end or args.vae):
+        raise InvalidRequest("bench for hunyuanvideo times the DiT step only (no --end-to-end or --vae yet)", "model")
     if args.model.startswith("cogvideox") and (args.end_to_end or args.vae):
         raise InvalidRequest("bench for cogvideox times the DiT step only (no --end-to-end or --vae yet)", "model")
     if args.model.startswith("sd3") and args.end_to_end:
@@ -75,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
         if args.vae:
             rows.append(bench_vae_decode(height, width, args.num_frames or 81))
         return _write(rows, args.json)
+    if args.model.startswith("hunyuanvideo"):
+        from ditserve.bench.hunyuan_video import bench_step as hunyuan_video_bench_step
+
+        return _write([hunyuan_video_bench_step(args.model, args.height or 720, args.width or 1280,
+                                                args.num_frames or 129, args.quantization,
+                                                compare=args.compare == "diffusers")], args.json)
     if args.model.startswith("cogvideox"):
         from ditserve.bench.cogvideox import bench_step as cogvideox_bench_step
 

@@ -1,0 +1,173 @@
+"""HunyuanVideo DiT step: ditserve vs diffusers (eager and compiled block by block), same random weights
+(bf16).
+
+At 1280x720 and 129 frames the latents are 33x90x160, 2x2 patches: 33·45·80 = 118,800 video tokens (544x960:
+33·34·60 = 67,320). The pipelines differ in the text they hand the DiT, and each is timed as its pipeline
+runs it: diffusers' pads the prompt to 256 tokens and masks the padding; ours drops the padding (it is masked
+out of every attention anyway) and attends without a mask. `txt_len` real prompt tokens (64 by default, the
+template's user part plus a prompt of a few dozen tokens). One forward per step (embedded guidance, no CFG).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from ditserve.bench.common import (MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair,
+                                   rel_l2, sustained_matmul_tflops)
+from ditserve.models.hunyuan_video.config import HunyuanVideoConfig
+from ditserve.models.hunyuan_video.model import HunyuanVideoDiT, HunyuanVideoInputs, pack, unpack
+from ditserve.models.hunyuan_video.weights import hunyuan_video_key_map
+
+log = logging.getLogger(__name__)
+GUARD_REL_L2 = 1e-2
+FAST_BLOCK_GUARD = 2e-2  # compiled bf16 blocks round elsewhere than eager ones (see bench/flux.py)
+FP8_GUARD_REL_L2 = 3e-2  # the quality guard of issue 20 for --quantization fp8
+MODEL = "hunyuanvideo"
+PADDED_TEXT = 256  # diffusers' max_sequence_length
+
+
+def step_flops(cfg: HunyuanVideoConfig, video_len: int, txt_len: int, batch: int = 1) -> float:
+    """Matmul + attention FLOPs of one forward over `video_len + txt_len` tokens: dual-stream blocks
+    (q/k/v, output, 4x MLP: 12·d² per token) and single-stream blocks (q/k/v + MLP in, [attention, MLP]
+    out: 12·d² per token), joint attention in both; the token refiner and embeddings are negligible."""
+    d, s = cfg.hidden_size, video_len + txt_len
+    layers = cfg.num_layers + cfg.num_single_layers
+    return batch * layers * (2 * d * 12 * d * s + 4 * s * s * d)
+
+
+def build(model: str = MODEL, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, weight_scale: float = 0.5):
+    """diffusers' HunyuanVideoTransformer3DModel with random weights, and our DiT with the same values."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    arch = arch_kwargs(architectures()[model]["transformer"])
+    cfg = HunyuanVideoConfig.from_dict(arch)
+    return random_pair(HunyuanVideoTransformer3DModel, arch, HunyuanVideoDiT, cfg, hunyuan_video_key_map(cfg),
+                       device, dtype, weight_scale)
+
+
+class Case:
+    """The latents and text of one step, as each pipeline hands them to its DiT."""
+
+    def __init__(self, ours: HunyuanVideoDiT, height: int, width: int, num_frames: int, txt_len: int, device,
+                 dtype: torch.dtype, batch: int = 1):
+        cfg = ours.cfg
+        gen = torch.Generator(device).manual_seed(1)
+        self.x = torch.randn(batch, cfg.in_channels, (num_frames - 1) // 4 + 1, height // 8, width // 8,
+                             generator=gen, device=device, dtype=dtype)
+        self.txt = torch.randn(batch, PADDED_TEXT, cfg.text_embed_dim, generator=gen, device=device, dtype=dtype)
+        self.mask = torch.zeros(batch, PADDED_TEXT, device=device, dtype=dtype)
+        self.mask[:, :txt_len] = 1
+        self.pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=gen, device=device, dtype=dtype)
+        self.t = torch.full((batch,), 600.0, device=device, dtype=dtype)
+        self.guidance = torch.full((batch,), 6000.0, device=device, dtype=dtype)
+        self.grid = ours.grid(self.x.shape)
+        self.txt_len = txt_len
+        self.ours = HunyuanVideoInputs(pack(self.x, cfg.patch), self.grid, self.t, self.txt[:, :txt_len], self.pooled,
+                                       guidance=self.guidance,
+                                       rope=ours.positional_tables(self.grid, txt_len, device))
+
+    def video_len(self) -> int:
+        f, h, w = self.grid
+        return f * h * w
+
+    def ref(self, ref):
+        return ref(hidden_states=self.x, timestep=self.t, encoder_hidden_states=self.txt,
+                   encoder_attention_mask=self.mask, pooled_projections=self.pooled, guidance=self.guidance,
+                   return_dict=False)[0]
+
+    def run(self, dit, patch) -> torch.Tensor:
+        return unpack(dit(self.ours), self.grid, patch)
+
+
+def block_update_rel_l2(ref, ours: HunyuanVideoDiT, case: Case) -> dict[str, float]:
+    """rel L2 of the first dual-stream and the last single-stream block's update to the video stream, ours vs
+    diffusers' blocks, from the same embedded inputs (streams at 1/100 of their size, as in bench/flux.py: a
+    small update keeps its bits in bf16). The output of random weights barely depends on the blocks, so this
+    is the guard that catches block math."""
+    h = ours.embed(case.ours)
+    (img, txt), (vec, rope, _) = h.streams, h.consts
+    img, txt = img * 0.01, txt * 0.01
+    freqs = ref.rope(case.x)
+    out = {}
+    for name, ref_block, our_block in (("first_double", ref.transformer_blocks[0], ours.double_blocks[0]),
+                                       ("last_single", ref.single_transformer_blocks[-1], ours.single_blocks[-1])):
+        img_ref, _ = ref_block(img, txt, vec, None, freqs)
+        img_ours, _ = our_block(img, txt, vec, rope)
+        out[name] = rel_l2(img_ours - img, img_ref - img)
+    return out
+
+
+def compile_diffusers(ref) -> None:
+    """diffusers' regional compilation of the repeated blocks its class names."""
+    ref.compile_repeated_blocks(fullgraph=True)
+
+
+@torch.no_grad()
+def bench_step(model: str = MODEL, height: int = 720, width: int = 1280, num_frames: int = 129,
+               quantization: str | None = None, compare: bool = True, device: str = "cuda",
+               compiled: bool = True, txt_len: int = 64, reps: int = 5) -> dict:
+    """One DiT forward: diffusers eager and compiled vs ditserve eager and compiled (and compiled FP8 with
+    `quantization="fp8"`), with the rel-L2 guards."""
+    from ditserve.accel import accelerate_dit
+    from ditserve.config import AccelConfig
+
+    dtype = torch.bfloat16
+    ref, ours = build(model, device, dtype)
+    patch = ours.cfg.patch
+    case = Case(ours, height, width, num_frames, txt_len, device, dtype)
+    video_len = case.video_len()
+    flops = step_flops(ours.cfg, video_len, txt_len)
+    shape = (f"{width}x{height}x{num_frames}, {video_len}+{txt_len} tokens "
+             f"(diffusers: {video_len}+{PADDED_TEXT}, padding masked)")
+    row = base_row(model, "bfloat16", shape)
+    row["step_tflop"] = flops / 1e12
+    row["diffusers_step_tflop"] = step_flops(ours.cfg, video_len, PADDED_TEXT) / 1e12
+    row["floor_step_s"] = flops / (MATMUL_TFLOPS["bfloat16"] * 1e12)
+
+    expected = case.ref(ref)
+    row["ditserve_eager_step_s"] = median_time(lambda: case.run(ours, patch), warmup=1, reps=reps)
+    row["rel_l2_eager"] = rel_l2(case.run(ours, patch), expected)
+    row["rel_l2_block_update_eager"] = block_update_rel_l2(ref, ours, case)
+    row["guard_ok"] = max(row["rel_l2_eager"], *row["rel_l2_block_update_eager"].values()) <= GUARD_REL_L2
+    if compare:
+        row["diffusers_eager_step_s"] = median_time(lambda: case.ref(ref), warmup=1, reps=reps)
+        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_eager_step_s"]
+    log.info("%s eager: %s", model, row)
+    if not compiled:
+        return row
+
+    if device == "cuda":
+        row["sustained_bf16_tflops"] = sustained_matmul_tflops("bfloat16")
+        row["sustained_floor_step_s"] = flops / (row["sustained_bf16_tflops"] * 1e12)
+    fast = accelerate_dit(ours, AccelConfig(compile=True), torch.device(device))
+    row["ditserve_step_s"] = median_time(lambda: case.run(fast, patch), warmup=2, reps=reps)
+    row["rel_l2_vs_diffusers"] = rel_l2(case.run(fast, patch), expected)
+    row["rel_l2_block_update"] = block_update_rel_l2(ref, fast, case)
+    row["guard_ok"] = (row["guard_ok"] and row["rel_l2_vs_diffusers"] <= GUARD_REL_L2
+                       and max(row["rel_l2_block_update"].values()) <= FAST_BLOCK_GUARD)
+    row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
+    if compare:
+        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_step_s"]
+        compile_diffusers(ref)
+        row["diffusers_compiled_step_s"] = median_time(lambda: case.ref(ref), warmup=2, reps=reps)
+        row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
+    if quantization == "fp8":
+        del ref, ours, fast
+        gc.collect()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        ref8, fresh = build(model, device, dtype)  # same seed: the same weights
+        fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8"), torch.device(device))
+        row["ditserve_fp8_step_s"] = median_time(lambda: case.run(fast8, patch), warmup=2, reps=reps)
+        row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(case.run(fast8, patch), expected)
+        row["fp8_rel_l2_block_update"] = block_update_rel_l2(ref8, fast8, case)
+        row["fp8_guard_ok"] = max(row["fp8_rel_l2_vs_diffusers_bf16"],
+                                  *row["fp8_rel_l2_block_update"].values()) <= FP8_GUARD_REL_L2
+        row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
+        row["fp8_speedup_vs_diffusers_compiled"] = row.get("diffusers_compiled_step_s", float("nan")) / \
+            row["ditserve_fp8_step_s"]
+    log.info("%s: %s", model, row)
+    return row
