@@ -50,3 +50,9 @@ def test_guard_catches_wrong_block_math(shrunk):
         assert max(bench.block_update_rel_l2(ref, ours, case).values()) <= bench.GUARD_REL_L2
         ours.double_blocks[0] = ours.double_blocks[1]  # another block's weights (ours shares its tensors with ref)
         assert bench.block_update_rel_l2(ref, ours, case)["first_double"] > bench.GUARD_REL_L2
+
+
+@pytest.mark.slow  # inductor on the CPU: ~20 s
+def test_compiled_step_guards_on_cpu(shrunk):
+    row = bench.bench_step(height=32, width=32, num_frames=5, device="cpu", compiled=True, txt_len=7, compare=False)
+    assert row["guard_ok"] and row["rel_l2_vs_diffusers"] <= bench.GUARD_REL_L2 and row["ditserve_step_s"] > 0
