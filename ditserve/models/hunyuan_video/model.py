@@ -115,8 +115,8 @@ class TokenRefiner(nn.Module):
         self.blocks = nn.ModuleList(RefinerBlock(dim, heads, mlp_ratio) for _ in range(layers))
 
     def forward(self, txt: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is None:
-            pooled = txt.mean(dim=1)
+        if mask is None:  # in float32, as the masked mean (the pipeline drops padding and passes no mask)
+            pooled = txt.float().mean(dim=1).to(txt.dtype)
         else:
             weights = mask.float()[..., None]
             pooled = ((txt * weights).sum(dim=1) / weights.sum(dim=1)).to(txt.dtype)
