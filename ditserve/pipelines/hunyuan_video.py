@@ -4,8 +4,7 @@ embedded guidance (guidance-distilled), true CFG with a negative prompt.
 As diffusers' `HunyuanVideoPipeline`: noise [N, C, (F-1)/4+1, H/8, W/8] in float32 from the request's
 generator; sigmas linspace(1, 0, N+1)[:-1] shifted by the folder's shift (7.0); the embedded
 guidance is `guidance_scale` x 1000 in the DiT's dtype; the timestep enters in the latents' dtype;
-true CFG (cond and uncond here batched into one call) only when a negative prompt is given and
-`true_cfg_scale` > 1; CLIP sees `prompt` (no `prompt_2`). Frame counts must be 4k + 1 (diffusers
+true CFG only when a negative prompt is given and `true_cfg_scale` > 1; CLIP sees `prompt` (no `prompt_2`). Frame counts must be 4k + 1 (diffusers
 floors other counts silently; here they are refused).
 
 The DiT sees the text only up to the batch's longest prompt: the padding after it is masked out of
