@@ -136,9 +136,11 @@ def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return t.pin_memory() if pin and not t.is_pinned() else t
 
 
-def wrap_call(block: nn.Module, before: Callable[[], None] | None, after: Callable[[], None] | None) -> None:
+def wrap_call(block: nn.Module, before: Callable[[], None] | None,
+              after: Callable[[], None] | None) -> Callable[[], None]:
     """Run `before` and `after` around each call of `block`, outside any compiled code: around the
-    compiled call of a block compiled in place (`nn.Module.compile`), else as forward hooks."""
+    compiled call of a block compiled in place (`nn.Module.compile`), else as forward hooks.
+    Returns what undoes it."""
     compiled = getattr(block, "_compiled_call_impl", None)
     if compiled is not None:
         def call(*args, **kwargs):
@@ -149,11 +151,13 @@ def wrap_call(block: nn.Module, before: Callable[[], None] | None, after: Callab
                 after()
             return out
         block._compiled_call_impl = call
-        return
+        return lambda: setattr(block, "_compiled_call_impl", compiled)
+    handles = []
     if before is not None:
-        block.register_forward_pre_hook(lambda _m, _a: before())
+        handles.append(block.register_forward_pre_hook(lambda _m, _a: before()))
     if after is not None:
-        block.register_forward_hook(lambda _m, _a, _o: after())
+        handles.append(block.register_forward_hook(lambda _m, _a, _o: after()))
+    return lambda: [h.remove() for h in handles]
 
 
 class BlockStreamer:
@@ -167,13 +171,21 @@ class BlockStreamer:
         self.loaded: dict[int, tuple[torch.cuda.Event | None, list[torch.Tensor]]] = {}
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.transfers = 0  # groups copied to the device (tests and logs)
+        self.undo = []
         for k, group in enumerate(groups):
             enter, leave = functools.partial(self.enter, k), functools.partial(self.leave, k)
             if len(group) == 1:
-                wrap_call(group[0], enter, leave)
+                self.undo.append(wrap_call(group[0], enter, leave))
             else:
-                wrap_call(group[0], enter, None)
-                wrap_call(group[-1], None, leave)
+                self.undo.append(wrap_call(group[0], enter, None))
+                self.undo.append(wrap_call(group[-1], None, leave))
+
+    def remove(self) -> None:
+        """Stop streaming: the blocks stay on the host copies, called as before (benchmarks)."""
+        self.drop_all()
+        for undo in self.undo:
+            undo()
+        self.undo = []
 
     @property
     def nbytes(self) -> int:
@@ -238,6 +250,20 @@ def plan_streaming(blocks: list[nn.Module], group_size: int, budget_bytes: int |
                 keep = k
     streamed = blocks[keep:]
     return blocks[:keep], [streamed[i:i + group_size] for i in range(0, len(streamed), group_size)]
+
+
+def stream_blocks(dit: nn.Module, device: torch.device, group_size: int = 1, budget_gib: float | None = None,
+                  name: str = "dit") -> BlockStreamer | None:
+    """Stream `dit`'s blocks (on the host) in groups of `group_size`, keeping the first ones resident
+    as far as `budget_gib` allows; None when every block fits. The rest of the DiT is the caller's
+    to place (an Offloader's HostCopy, or `.to(device)`)."""
+    blocks = list(dit.blocks)
+    budget = None if budget_gib is None else int(budget_gib * GIB)
+    resident, groups = plan_streaming(blocks, group_size, budget, nbytes([dit]) - nbytes(blocks))
+    streamer = BlockStreamer(groups, device, device.type == "cuda") if groups else None
+    log.info("%s: %d blocks resident, %d streamed in %d groups (%.2f GiB streamed per call)", name,
+             len(resident), len(blocks) - len(resident), len(groups), streamer.nbytes / GIB if streamer else 0.0)
+    return streamer
 
 
 class Offloader:
@@ -341,16 +367,10 @@ def _offload(pipeline, parts: dict[str, nn.Module], memory: MemoryConfig, device
             dits[name] = dit
     streamers = {}
     if memory.cpu_offload == "layerwise":
-        budget = None if memory.gpu_memory_budget_gib is None else int(memory.gpu_memory_budget_gib * GIB)
         for name, dit in dits.items():
-            blocks = list(dit.blocks)
-            fixed = nbytes([dit]) - nbytes(blocks)
-            resident, groups = plan_streaming(blocks, memory.offload_group_size, budget, fixed)
-            if groups:
-                streamers[name] = BlockStreamer(groups, device, pin)
-            log.info("%s: %d blocks resident, %d streamed in %d groups (%.2f GiB streamed per call)", name,
-                     len(resident), len(blocks) - len(resident), len(groups),
-                     streamers[name].nbytes / GIB if groups else 0.0)
+            streamer = stream_blocks(dit, device, memory.offload_group_size, memory.gpu_memory_budget_gib, name)
+            if streamer is not None:
+                streamers[name] = streamer
     offloader = Offloader(parts, device, pin, streamers)
     for stage, uses in STAGE_PARTS.items():
         if hasattr(pipeline, stage) and stage != "prepare_latents":

@@ -1,0 +1,231 @@
+"""Offload on the GPU: one DiT step and its peak memory, ditserve's layerwise offload (every block
+streamed; and with a GPU memory budget, the first blocks resident) side by side with diffusers' own
+group offload (`enable_group_offload`, block level, one block per group, CUDA streams) on the same
+random weights at real size, in the same run, against the resident step.
+
+A step is one DiT call at the checkpoint's default size, batch 1 (the issue's table): FLUX.1-dev
+1024² (4096 + 512 tokens), Wan2.1-T2V-1.3B 480p x 81, Wan2.1-T2V-14B 720p x 81. Weights start in
+host memory (pinned: ours through accel/offload.py's copies, diffusers' through its own hooks), the
+inputs on the GPU; the peak is `torch.cuda.max_memory_allocated` over the timed calls. Every mode's
+output is checked against the resident one (`max_abs_diff_vs_resident`: streaming changes no value).
+
+    python benchmarks/bench_offload.py --model flux.1-dev [--budget 12] [--out FILE]
+    python benchmarks/bench_offload.py --model wan2.1-t2v-14b --budget 12 --out FILE
+    python benchmarks/bench_offload.py --model flux.1-dev --tiny      # CPU smoke run at toy size
+
+Rows (one per ditserve mode): model, gpu, offload, gpu_memory_budget_gib, step_s, resident_step_s,
+diffusers_offload_step_s, diffusers_offload_peak_mem_gib, peak_mem_gib, commit. Not here yet: Wan's
+end-to-end rows (UMT5 + both passes + VAE decode: e2e_s, resident_e2e_s, e2e_peak_mem_gib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ditserve.accel.offload import GIB, HostCopy, nbytes, stream_blocks  # noqa: E402
+from ditserve.bench.common import arch_kwargs, architectures, base_row  # noqa: E402
+
+log = logging.getLogger("bench_offload")
+
+SIZES = {  # height, width, frames (1: an image); text tokens
+    "flux.1-dev": ((1024, 1024, 1), 512),
+    "wan2.1-t2v-1.3b": ((480, 832, 81), 512),
+    "wan2.1-t2v-14b": ((720, 1280, 81), 512),
+}
+TINY_SIZES = {"flux.1-dev": ((64, 64, 1), 8), "wan2.1-t2v-1.3b": ((32, 32, 5), 8), "wan2.1-t2v-14b": ((32, 32, 5), 8)}
+_TINY_WAN = dict(cls="WanTransformer3DModel", attention_head_dim=16, cross_attn_norm=True, eps=1e-6, ffn_dim=64,
+                 freq_dim=32, in_channels=16, num_attention_heads=2, num_layers=6, out_channels=16,
+                 patch_size=[1, 2, 2], qk_norm="rms_norm_across_heads", rope_max_seq_len=64, text_dim=16)
+TINY_ARCH = {
+    "flux.1-dev": dict(cls="FluxTransformer2DModel", patch_size=1, in_channels=16, num_layers=2, num_single_layers=4,
+                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20,
+                       guidance_embeds=True, axes_dims_rope=[4, 6, 6]),
+    "wan2.1-t2v-1.3b": _TINY_WAN,
+    "wan2.1-t2v-14b": _TINY_WAN,
+}
+
+
+@dataclass
+class Case:
+    ref: torch.nn.Module  # diffusers' model
+    ours: torch.nn.Module
+    inp: object  # ours' input for one step
+    ref_kwargs: dict
+    shape: str
+
+
+def build_case(model: str, tiny: bool, device: str, dtype: torch.dtype) -> Case:
+    """diffusers' model with random weights and ours holding the same values, both on `device`,
+    with one step's inputs."""
+    from ditserve.bench.common import random_pair
+
+    arch = arch_kwargs(TINY_ARCH[model] if tiny else architectures()[model]["transformer"])
+    (height, width, frames), txt_len = (TINY_SIZES if tiny else SIZES)[model]
+    if model.startswith("flux"):
+        from diffusers import FluxTransformer2DModel
+
+        from ditserve.bench import flux
+        from ditserve.models.flux.config import FluxConfig
+        from ditserve.models.flux.model import FluxDiT
+        from ditserve.models.flux.weights import flux_key_map
+
+        cfg = FluxConfig.from_dict(arch)
+        ref, ours = random_pair(FluxTransformer2DModel, arch, FluxDiT, cfg, flux_key_map(cfg), device, dtype)
+        inp = flux.inputs(cfg, height, width, txt_len, device, dtype)
+        kwargs = dict(hidden_states=inp.img, encoder_hidden_states=inp.txt, pooled_projections=inp.pooled,
+                      timestep=inp.timesteps, img_ids=inp.img_ids, txt_ids=inp.txt_ids, guidance=inp.guidance)
+        inp = replace(inp, rope=ours.positional_tables(inp.img_ids, inp.txt_ids))
+        return Case(ref, ours, inp, kwargs, f"{width}x{height}, {inp.img.shape[1]}+{txt_len} tokens")
+    from diffusers import WanTransformer3DModel
+
+    from ditserve.bench import wan
+    from ditserve.models.wan.config import WanConfig
+    from ditserve.models.wan.model import WanDiT, WanInputs
+    from ditserve.models.wan.weights import wan_key_map
+
+    cfg = WanConfig.from_dict(arch)
+    ref, ours = random_pair(WanTransformer3DModel, arch, WanDiT, cfg, wan_key_map(cfg), device, dtype)
+    cond = wan.inputs(cfg, height, width, frames, device, dtype)
+    grid = ours.grid(cond.latents.shape)
+    inp = WanInputs(latents=cond.latents, timesteps=cond.timesteps, context=cond.context,
+                    rope=ours.positional_tables(grid, device))
+    kwargs = dict(hidden_states=cond.latents, timestep=cond.timesteps, encoder_hidden_states=cond.context)
+    return Case(ref, ours, inp, kwargs, f"{width}x{height}x{frames}, {grid[0] * grid[1] * grid[2]} tokens")
+
+
+def timed(fn, device: torch.device, warmup: int, reps: int) -> tuple[float, float | None, torch.Tensor]:
+    """(median seconds, peak GiB over the calls (CUDA; None on CPU), last output)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    return statistics.median(times), peak, out
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def bench(args) -> dict:
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    case = build_case(args.model, args.tiny, str(device), dtype)
+    ours, ref = case.ours, case.ref
+    weights_gib = nbytes([ours]) / GIB
+    run = lambda: ours(case.inp)  # noqa: E731
+    with torch.no_grad():
+        resident_s, resident_peak, expected = timed(run, device, args.warmup, args.reps)
+    expected = expected.clone()
+    ref.to("cpu")  # diffusers' side waits on the host while ours runs
+    budget = args.budget
+    if args.tiny:  # the toy model is KiBs: a budget that keeps some blocks resident
+        from ditserve.accel.offload import ACTIVATION_RESERVE_GIB
+
+        blocks = nbytes(list(ours.blocks))
+        budget = ACTIVATION_RESERVE_GIB + (nbytes([ours]) - blocks / 10) / GIB
+    modes = [("layerwise", None), ("layerwise", budget)]
+    results = []
+    for offload, gib in modes:
+        ours.to("cpu")
+        gc.collect()
+        streamer = stream_blocks(ours, device, args.group_size, gib)
+        streamed = {id(t) for c in (streamer.copies if streamer else []) for t, _ in c.params}
+        rest = HostCopy([ours], device.type == "cuda",
+                        frozenset(i for c in (streamer.copies if streamer else []) for i in c.tensor_ids()))
+        rest.to_device(device)  # embed, head and the resident blocks
+        with torch.no_grad():
+            step_s, peak, out = timed(run, device, args.warmup, args.reps)
+        results.append((offload, gib, step_s, peak, _diff(out, expected),
+                        len(streamer.copies) if streamer else 0, len(streamed)))
+        if streamer is not None:
+            streamer.remove()
+        rest.to_host()
+    ours.to("cpu")
+    gc.collect()
+    diffusers_s = diffusers_peak = None
+    if not args.no_diffusers:
+        ref.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                                 use_stream=device.type == "cuda")
+        with torch.no_grad():
+            diffusers_s, diffusers_peak, _ = timed(lambda: ref(**case.ref_kwargs, return_dict=False)[0], device,
+                                                   args.warmup, args.reps)
+    base = base_row(args.model, str(dtype).removeprefix("torch."), case.shape)
+    rows = [{**base, "offload": "none", "gpu_memory_budget_gib": None, "step_s": resident_s,
+             "resident_step_s": resident_s, "diffusers_offload_step_s": diffusers_s,
+             "diffusers_offload_peak_mem_gib": diffusers_peak, "peak_mem_gib": resident_peak,
+             "max_abs_diff_vs_resident": 0.0, "streamed_groups": 0}]
+    for offload, gib, step_s, peak, diff, groups, _ in results:
+        rows.append({**base, "offload": offload, "gpu_memory_budget_gib": gib, "step_s": step_s,
+                     "resident_step_s": resident_s, "diffusers_offload_step_s": diffusers_s,
+                     "diffusers_offload_peak_mem_gib": diffusers_peak, "peak_mem_gib": peak,
+                     "max_abs_diff_vs_resident": diff, "streamed_groups": groups,
+                     "over_diffusers": None if not diffusers_s else step_s / diffusers_s})
+    return {"model": args.model, "gpu": base["gpu"], "commit": base["commit"], "shape": case.shape,
+            "weights_gib": weights_gib, "group_size": args.group_size, "rows": rows}
+
+
+def table(rows: list[dict]) -> str:
+    def f(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    lines = ["offload     budget  step_s  peak_GiB  diffusers_step_s  diffusers_peak_GiB  x_diffusers  diff"]
+    for r in rows:
+        lines.append(f"{r['offload']:<10} {f(r['gpu_memory_budget_gib'], '.1f'):>7} {f(r['step_s']):>7} "
+                     f"{f(r['peak_mem_gib'], '.2f'):>9} {f(r['diffusers_offload_step_s']):>17} "
+                     f"{f(r['diffusers_offload_peak_mem_gib'], '.2f'):>19} {f(r.get('over_diffusers'), '.2f'):>12} "
+                     f"{r['max_abs_diff_vs_resident']:.1e}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(SIZES), default="flux.1-dev")
+    p.add_argument("--budget", type=float, default=12.0, help="GiB for the budgeted layerwise row (default 12)")
+    p.add_argument("--group-size", type=int, default=1, help="blocks per streamed group (default 1)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' group offload")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run at toy size")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    big = args.model == "wan2.1-t2v-14b" and not args.tiny  # ≈ 12 s a step
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny or big else 2)
+    args.reps = args.reps if args.reps is not None else (2 if args.tiny or big else 5)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    result = bench(args)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(f"{result['model']} on {result['gpu']} at {result['commit']}, {result['shape']}, "
+                     f"{result['weights_gib']:.2f} GiB of weights\n" + table(result["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

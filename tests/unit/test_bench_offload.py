@@ -1,0 +1,27 @@
+"""The offload bench (GPU) runs on the CPU at toy size: resident, layerwise and budgeted layerwise
+rows beside diffusers' group offload, every mode's output equal to the resident one."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
+ROW_KEYS = {"model", "gpu", "offload", "gpu_memory_budget_gib", "step_s", "resident_step_s",
+            "diffusers_offload_step_s", "peak_mem_gib", "commit"}
+
+
+def test_tiny_run_writes_rows(tmp_path):
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    bench = importlib.import_module("bench_offload")
+    out = tmp_path / "offload.json"
+    bench.main(["--model", "flux.1-dev", "--tiny", "--warmup", "1", "--reps", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["offload"], r["gpu_memory_budget_gib"] is not None) for r in rows] == [
+        ("none", False), ("layerwise", False), ("layerwise", True)]
+    for row in rows:
+        assert ROW_KEYS <= set(row) and row["gpu"] == "cpu" and row["peak_mem_gib"] is None
+        assert row["max_abs_diff_vs_resident"] == 0.0 and row["diffusers_offload_step_s"] > 0
+    assert 0 < rows[2]["streamed_groups"] < rows[1]["streamed_groups"] == 6  # the budget keeps some resident
