@@ -138,3 +138,20 @@ def test_batched_requests_match_one_by_one(tiny_hunyuan_video):
     for req, out in zip(reqs, engine.run_batch(reqs)):
         alone = engine.run_batch([req])[0]
         assert np.abs(out.videos[0].astype(int) - alone.videos[0].astype(int)).max() <= 1
+
+
+def test_defaults_follow_diffusers(tiny_hunyuan_video):
+    """720x1280, 129 frames, 50 steps, embedded guidance 6.0, true CFG 1.0, 256 text tokens: as
+    HunyuanVideoPipeline.__call__ has them; the folder's scheduler shift (7.0) is read as is."""
+    import inspect
+
+    import diffusers
+
+    ours(tiny_hunyuan_video, prompt=PROMPT, **BASE)  # engine loaded
+    req = _ENGINES[tiny_hunyuan_video].resolve(GenerationRequest(prompt="x"))
+    params = inspect.signature(diffusers.HunyuanVideoPipeline.__call__).parameters
+    for name in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "true_cfg_scale",
+                 "max_sequence_length"):
+        assert getattr(req, name) == params[name].default, name
+    pipe = _ENGINES[tiny_hunyuan_video].pipeline
+    assert pipe.scheduler_spec.solver().cfg.shift == 7.0
