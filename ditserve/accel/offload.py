@@ -344,10 +344,13 @@ def apply_memory(pipeline, memory: MemoryConfig, device: torch.device) -> Offloa
     if on_cpu and device.type != "cpu":
         _wrap_stage(pipeline, "encode_prompt", lambda: None, lambda out: to_device(out, device))
         log.info("text encoders %s run on the CPU", sorted(on_cpu))
-    for name in ("vae",):
-        vae = parts.get(name)
-        if vae is not None and hasattr(vae, "use_tiling"):
-            apply_vae_memory(vae, memory.vae_tiling, memory.vae_slicing, memory.vae_tile_size)
+    vae = parts.get("vae")
+    if isinstance(vae, nn.Module) and load_device(memory, device).type == "cpu" and device.type != "cpu":
+        # the video families load their VAE in float32 on the CPU, in the pipeline dtype elsewhere
+        if next(vae.parameters()).dtype == torch.float32 and pipeline.dtype != torch.float32:
+            vae.to(pipeline.dtype)
+    if vae is not None and hasattr(vae, "use_tiling"):
+        apply_vae_memory(vae, memory.vae_tiling, memory.vae_slicing, memory.vae_tile_size)
     managed = {n: m for n, m in parts.items() if n not in on_cpu}
     if not memory.offload:
         for module in managed.values():
