@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call (under 10 minutes) for issue 17's offload numbers: one DiT step and its peak memory,
+# resident, layerwise (every block streamed) and layerwise at a 12 GiB budget, beside diffusers'
+# enable_group_offload (block level, CUDA streams) on the same random bf16 weights at real size:
+# FLUX.1-dev 1024², Wan2.1-T2V-1.3B 480p x 81, Wan2.1-T2V-14B 720p x 81. Each part writes its JSON as
+# it goes (a part cut off by its time limit keeps what it finished) and its log beside it.
+# Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_offload.sh [all|flux|wan|wan14b]
+# Results: $OUT/offload_{flux,wan,wan14b}_h200.json (+ .log); commit them under benchmarks/results/.
+set -u
+source benchmarks/gpu_setup.sh
+export DITSERVE_COMMIT="${DITSERVE_COMMIT:?set DITSERVE_COMMIT to the commit under test}"
+out="${OUT:-benchmarks/results}"
+part="${1:-all}"
+limit() { if [ "$part" = all ]; then echo "$1"; else echo 580; fi; }
+show() { grep -E "bench_offload|^offload|^none|^layerwise|on NVIDIA|Error|error:|Traceback" | tail -20; }
+
+if [ "$part" = all ] || [ "$part" = flux ]; then  # 22 GiB of weights, a resident step ≈ 0.17 s
+    timeout "$(limit 150)" python3 benchmarks/bench_offload.py --model flux.1-dev --budget 12 \
+        --out "$out/offload_flux_h200.json" 2>&1 | tee "$out/offload_flux_h200.log" | show
+fi
+if [ "$part" = all ] || [ "$part" = wan ]; then  # 1.3B: fits anywhere; streaming should cost nothing
+    timeout "$(limit 120)" python3 benchmarks/bench_offload.py --model wan2.1-t2v-1.3b --budget 12 \
+        --out "$out/offload_wan_h200.json" 2>&1 | tee "$out/offload_wan_h200.log" | show
+fi
+if [ "$part" = all ] || [ "$part" = wan14b ]; then  # 27 GiB, a step ≈ 12 s: 3 calls per mode
+    timeout "$(limit 300)" python3 benchmarks/bench_offload.py --model wan2.1-t2v-14b --budget 12 \
+        --out "$out/offload_wan14b_h200.json" 2>&1 | tee "$out/offload_wan14b_h200.log" | show
+fi
