@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ditserve.api import GenerationRequest, ModelLimits, RequestDefaults
+from ditserve.api import GenerationRequest, InvalidRequest, ModelLimits, RequestDefaults
 from ditserve.encoders.hunyuan_video import LlamaPromptEncoder
 from ditserve.encoders.text import ClipPooledEncoder
 from ditserve.encoders.umt5 import component_class
@@ -40,8 +40,17 @@ log = logging.getLogger(__name__)
 
 HUNYUAN_VIDEO_DEFAULTS = RequestDefaults(height=720, width=1280, num_inference_steps=50, guidance_scale=6.0,
                                          true_cfg_scale=1.0, max_sequence_length=256, num_frames=129, fps=24)
+
+
+def refuse(req: GenerationRequest) -> None:
+    """What the other limits cannot say (ModelLimits.refuse: at the edge, before any model work)."""
+    if req.guidance_scale_2 is not None:
+        raise InvalidRequest("guidance_scale_2 is for two-expert models (Wan 2.2 A14B); HunyuanVideo has one DiT",
+                             "guidance_scale_2")
+
+
 HUNYUAN_VIDEO_LIMITS = ModelLimits(size_multiple=16, max_sequence_length=256, frame_multiple=4, max_frames=257,
-                                   max_num_images=4, max_pixels=1280 * 1280)
+                                   max_num_images=4, max_pixels=1280 * 1280, refuse=refuse)
 
 
 @dataclass

@@ -76,7 +76,7 @@ def test_negative_prompt_alone_changes_nothing(tiny_hunyuan_video):
 
 @pytest.mark.parametrize("change, named", [
     (dict(num_frames=8), r"num_frames"), (dict(height=40), "height must be a multiple of 16"),
-    (dict(max_sequence_length=300), "max_sequence_length"),
+    (dict(max_sequence_length=300), "max_sequence_length"), (dict(guidance_scale_2=3.0), "one DiT"),
 ])
 def test_bad_input_is_refused_in_one_line(tiny_hunyuan_video, change, named):
     ours(tiny_hunyuan_video, prompt=PROMPT, **BASE)  # engine loaded
