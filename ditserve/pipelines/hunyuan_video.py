@@ -10,7 +10,8 @@ floors other counts silently; here they are refused).
 The DiT sees the text only up to the batch's longest prompt: the padding after it is masked out of
 every attention anyway, so dropping it changes nothing but the work, and when no row is padded the
 attention runs without a mask (the fast kernels). True CFG runs cond and uncond as one batch when
-their prompts are as long, else as two unmasked calls.
+their prompts are as long, else as two unmasked calls. (A compiled DiT specialises per text length, as
+with Qwen-Image's unpadded prompts: each new prompt length compiles again; not yet bucketed.)
 """
 
 from __future__ import annotations
