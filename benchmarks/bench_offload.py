@@ -14,8 +14,10 @@ output is checked against the resident one (`max_abs_diff_vs_resident`: streamin
     python benchmarks/bench_offload.py --model flux.1-dev --tiny      # CPU smoke run at toy size
 
 Rows (one per ditserve mode): model, gpu, offload, gpu_memory_budget_gib, step_s, resident_step_s,
-diffusers_offload_step_s, diffusers_offload_peak_mem_gib, peak_mem_gib, commit. Not here yet: Wan's
-end-to-end rows (UMT5 + both passes + VAE decode: e2e_s, resident_e2e_s, e2e_peak_mem_gib).
+diffusers_offload_step_s, diffusers_offload_peak_mem_gib, peak_mem_gib, commit. With `--end-to-end`
+(Wan), "end_to_end": the WanPipeline on random weights — UMT5 for the prompt and "" , `--e2e-steps`
+CFG steps, VAE decode — resident and under `--cpu-offload layerwise --gpu-memory-budget`: e2e_s,
+resident_e2e_s, e2e_peak_mem_gib (the largest stage peak), the frames' difference (0 expected).
 """
 
 from __future__ import annotations
@@ -196,6 +198,94 @@ def bench(args) -> dict:
             "weights_gib": weights_gib, "group_size": args.group_size, "rows": rows}
 
 
+TINY_E2E = {  # toy UMT5 and VAE matching _TINY_WAN's widths (text_dim 16, 16 latent channels)
+    "text_encoder": dict(cls="UMT5EncoderModel", d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2,
+                         vocab_size=512, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                         relative_attention_max_distance=32),
+    "vae": dict(cls="AutoencoderKLWan", base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                temperal_downsample=[False, True, True]),
+}
+
+
+def wan_pipeline(model: str, tiny: bool, device: str, dtype: torch.dtype, folder: Path):
+    """A WanPipeline (text-to-video, one DiT) of random weights at real size on `device`: UMT5, the
+    Wan 2.1 VAE, the DiT; tokenizer and scheduler written to `folder`."""
+    import diffusers
+    import transformers
+
+    from ditserve.bench.tokenizers import save_t5_tokenizer
+    from ditserve.encoders.umt5 import UMT5Encoder
+    from ditserve.pipelines.wan import WanPipeline
+    from ditserve.sampling.scheduler_config import read_scheduler_config
+
+    arch = architectures()[model]
+    parts = TINY_E2E if tiny else arch
+    case = build_case(model, tiny, device, dtype)
+    del case.ref
+    save_t5_tokenizer(folder / "tokenizer")
+    scheduler = {"_class_name": arch["scheduler"]["cls"], **arch_kwargs(arch["scheduler"])}
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    with torch.device(device):
+        text = transformers.UMT5EncoderModel(transformers.UMT5Config(**arch_kwargs(parts["text_encoder"])))
+        vae = diffusers.AutoencoderKLWan(**arch_kwargs(parts["vae"]))
+    text = text.to(dtype).eval().requires_grad_(False)
+    vae = vae.to(dtype).eval().requires_grad_(False)
+    tokenizer = transformers.T5TokenizerFast.from_pretrained(str(folder / "tokenizer"))
+    return WanPipeline(case.ours, None, UMT5Encoder(tokenizer, text), vae,
+                       read_scheduler_config(folder / "scheduler" / "scheduler_config.json"), None, False,
+                       torch.device(device), dtype)
+
+
+def bench_end_to_end(args) -> list[dict]:
+    """Wan text-to-video end to end (UMT5 for prompt and negative prompt, `--e2e-steps` CFG steps of the
+    DiT, VAE decode), resident and then with `--cpu-offload layerwise` at `--budget`: wall time and the
+    largest per-stage peak (Timings.peak_memory_gib)."""
+    import tempfile
+
+    from ditserve.accel.offload import apply_memory
+    from ditserve.api import GenerationRequest
+    from ditserve.config.memory import MemoryConfig
+    from ditserve.pipelines.base import RunControl
+    from ditserve.pipelines.wan import WanPipeline
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    pipe = wan_pipeline(args.model, args.tiny, str(device), dtype, Path(tempfile.mkdtemp()))
+    (height, width, frames), _ = (TINY_SIZES if args.tiny else SIZES)[args.model]
+    req = GenerationRequest(prompt="a cat walks on the grass", negative_prompt="", height=height, width=width,
+                            num_frames=frames, num_inference_steps=args.e2e_steps, seed=0, guidance_scale=5.0,
+                            max_sequence_length=64 if args.tiny else 512)
+    req = req.resolve(WanPipeline.defaults, WanPipeline.limits)
+    run = lambda: pipe.run([req], RunControl())  # noqa: E731
+
+    def measure():
+        run()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        frames_out, timings = run()
+        wall = time.perf_counter() - start
+        peak = max(timings.peak_memory_gib.values()) if timings.peak_memory_gib else None
+        return wall, peak, frames_out.videos
+
+    resident_s, resident_peak, expected = measure()
+    for module in pipe.components().values():
+        module.to("cpu")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    budget = args.budget if not args.tiny else None
+    apply_memory(pipe, MemoryConfig(cpu_offload="layerwise", offload_group_size=args.group_size,
+                                    gpu_memory_budget_gib=budget), device)
+    e2e_s, peak, videos = measure()
+    base = base_row(args.model, str(dtype).removeprefix("torch."), f"{width}x{height}x{frames}")
+    return [{**base, "offload": "layerwise", "gpu_memory_budget_gib": budget, "e2e_steps": args.e2e_steps,
+             "e2e_s": e2e_s, "resident_e2e_s": resident_s, "e2e_peak_mem_gib": peak,
+             "resident_e2e_peak_mem_gib": resident_peak,
+             "max_abs_diff_vs_resident": int(abs(videos.astype(int) - expected.astype(int)).max())}]
+
+
 def table(rows: list[dict]) -> str:
     def f(x, spec=".3f"):
         return "-" if x is None else format(x, spec)
@@ -217,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' group offload")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="Wan: also UMT5 + --e2e-steps CFG steps + VAE decode, resident and layerwise at --budget")
+    p.add_argument("--e2e-steps", type=int, default=2, help="denoising steps of the end-to-end run (default 2)")
+    p.add_argument("--only-end-to-end", action="store_true", help="the end-to-end rows alone (a device call each)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run at toy size")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -224,11 +318,25 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny or big else 2)
     args.reps = args.reps if args.reps is not None else (2 if args.tiny or big else 5)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = bench(args)
+    if args.only_end_to_end:
+        args.end_to_end = True
+    result = {"model": args.model} if args.only_end_to_end else bench(args)
+    if args.end_to_end and args.model.startswith("wan"):
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        result["end_to_end"] = bench_end_to_end(args)
+        if args.out:  # the step rows are kept should the end-to-end run fail
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(f"{result['model']} on {result['gpu']} at {result['commit']}, {result['shape']}, "
-                     f"{result['weights_gib']:.2f} GiB of weights\n" + table(result["rows"]))
+    if "rows" in result:
+        sys.stdout.write(f"{result['model']} on {result['gpu']} at {result['commit']}, {result['shape']}, "
+                         f"{result['weights_gib']:.2f} GiB of weights\n" + table(result["rows"]))
+    for row in result.get("end_to_end", []):
+        sys.stdout.write(f"end to end, {row['e2e_steps']} steps: resident {row['resident_e2e_s']:.2f} s, "
+                         f"layerwise at {row['gpu_memory_budget_gib']} GiB {row['e2e_s']:.2f} s, peak "
+                         f"{row['e2e_peak_mem_gib']} GiB (resident {row['resident_e2e_peak_mem_gib']})\n")
     return 0
 
 

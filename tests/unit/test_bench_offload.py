@@ -25,3 +25,14 @@ def test_tiny_run_writes_rows(tmp_path):
         assert ROW_KEYS <= set(row) and row["gpu"] == "cpu" and row["peak_mem_gib"] is None
         assert row["max_abs_diff_vs_resident"] == 0.0 and row["diffusers_offload_step_s"] > 0
     assert 0 < rows[2]["streamed_groups"] < rows[1]["streamed_groups"] == 6  # the budget keeps some resident
+
+
+def test_tiny_wan_end_to_end_row(tmp_path):
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    out = tmp_path / "e2e.json"
+    importlib.import_module("bench_offload").main(["--model", "wan2.1-t2v-14b", "--tiny", "--only-end-to-end",
+                                                   "--out", str(out)])
+    (row,) = json.loads(out.read_text())["end_to_end"]
+    assert {"e2e_s", "resident_e2e_s", "e2e_peak_mem_gib", "offload", "gpu_memory_budget_gib", "commit"} <= set(row)
+    assert row["e2e_s"] > 0 and row["max_abs_diff_vs_resident"] == 0  # same frames under offload
