@@ -33,6 +33,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ditserve.api import InvalidRequest
 from ditserve.config import AccelConfig
 from ditserve.config.memory import MemoryConfig
 
@@ -56,6 +57,15 @@ def load_device(memory: MemoryConfig, device: torch.device) -> torch.device:
     """Where the pipeline loads: the host when anything is to live there (the weights then never
     pass through the GPU whole), else the execution device."""
     return torch.device("cpu") if memory.offload or memory.text_encoder_device == "cpu" else device
+
+
+def check_memory(memory: MemoryConfig, parallel_enabled: bool) -> None:
+    """Refuse, in one line before anything loads, what is not built yet: offload and the CPU text
+    encoder under the parallel engine (its ranks load and shard on their GPUs)."""
+    if parallel_enabled and (memory.offload or memory.text_encoder_device == "cpu"):
+        flag = f"--cpu-offload {memory.cpu_offload}" if memory.offload else "--text-encoder-device cpu"
+        raise InvalidRequest(f"{flag} does not work with several GPUs yet; use one GPU, or the parallel engine "
+                             "without it", "cpu_offload")
 
 
 def offload_accel(accel: AccelConfig, memory: MemoryConfig) -> AccelConfig:

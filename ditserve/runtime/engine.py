@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ditserve.accel import accelerate_dit, cache_dit
-from ditserve.accel.offload import apply_memory, load_device, offload_accel
+from ditserve.accel.offload import apply_memory, check_memory, load_device, offload_accel
 from ditserve.api import Cancelled, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, parse_device, parse_dtype
 from ditserve.pipelines.base import Frames, Pipeline, RunControl
@@ -35,6 +35,7 @@ class Engine:
 
         With several GPUs (`cfg.parallel`), this starts the ranks and returns a ParallelEngine that
         drives them (runtime/executor.py); each rank builds its own Engine with its `groups`."""
+        check_memory(cfg.memory, cfg.parallel.enabled)
         if cfg.parallel.enabled and groups is None:
             from ditserve.runtime.executor import ParallelEngine
 

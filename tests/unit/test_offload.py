@@ -136,6 +136,8 @@ def test_memory_settings_are_checked():
     with pytest.raises(InvalidRequest, match="unknown memory key"):
         memory_config("model", {"budget": 3})
     assert memory_config("layerwise", {"gpu_memory_budget_gib": 12}).gpu_memory_budget_gib == 12
+    with pytest.raises(InvalidRequest, match="several GPUs"):
+        Generator.from_pretrained(device="cpu", cpu_offload="model", parallel={"num_gpus": 2, "ulysses_degree": 2})
 
 
 def test_cli_flags_reach_the_config():
