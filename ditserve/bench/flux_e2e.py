@@ -103,6 +103,7 @@ def bench_end_to_end(model: str = "flux.1-dev", height: int = 1024, width: int =
     ours.run([req], RunControl())  # warm-up: compile and capture
     row["ditserve_e2e_s"], (pixels, timings) = _timed(lambda: ours.run([req], RunControl()), reps)
     row["ditserve_stages_s"] = dict(timings.stages)
+    row["ditserve_peak_memory_gib"] = timings.peak_memory_gib  # per stage (GPU)
     row["ditserve_mean_step_s"] = statistics.median(timings.steps)
     ref_u8 = (ref_img * 255).round().astype("uint8")
     row["psnr_ditserve_vs_diffusers_db"] = _psnr(pixels.images, ref_u8)
