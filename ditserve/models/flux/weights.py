@@ -16,6 +16,14 @@ def flux_key_map(cfg: FluxConfig) -> KeyMap:
     m: KeyMap = {}
     m |= _linear("img_in", "x_embedder")
     m |= _linear("txt_in", "context_embedder")
+    return m | stream_keys(cfg)
+
+
+def stream_keys(cfg) -> KeyMap:
+    """FLUX's conditioning embedders, double- and single-stream blocks and final layer, as diffusers
+    names them (shared by HunyuanVideo, whose transformer names these parts alike). `cfg`: anything
+    with `guidance_embeds`, `num_layers` and `num_single_layers`."""
+    m: KeyMap = {}
     embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
     if cfg.guidance_embeds:
         embedders["guidance_in"] = "guidance_embedder"
