@@ -8,14 +8,12 @@ pipeline batches it), so that is the default.
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import replace
 
 import torch
 
-from ditserve.bench.common import (MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair,
-                                   rel_l2, sustained_matmul_tflops)
+from ditserve.bench.common import StepCase, arch_kwargs, architectures, base_row, compare_step, random_pair, rel_l2
 from ditserve.models.cogvideox.config import CogVideoXConfig
 from ditserve.models.cogvideox.model import CogVideoXDiT, CogVideoXInputs
 from ditserve.models.cogvideox.weights import cogvideox_key_map
@@ -107,62 +105,19 @@ def bench_step(model: str = MODEL, height: int = 480, width: int = 720, num_fram
                compiled: bool = True, batch: int = 2) -> dict:
     """One DiT forward of a CFG batch: diffusers eager and compiled vs ditserve eager and compiled
     (and compiled FP8 with `quantization="fp8"`), with the rel-L2 guards."""
-    from ditserve.accel import accelerate_dit
-    from ditserve.config import AccelConfig
-
     dtype = torch.bfloat16
-    ref, ours = build(model, device, dtype)
+    built = [build(model, device, dtype)]
+    ours = built[0][1]
     inp = inputs(ours, height, width, num_frames, device, dtype, batch)
     rope = diffusers_rope(ours.cfg, inp)
     f, gh, gw = ours.grid(inp.latents.shape)
     video_len, txt_len = f * gh * gw, inp.context.shape[1]
-    flops = step_flops(ours.cfg, video_len, txt_len, batch)
     shape = f"{width}x{height}x{num_frames}, {video_len}+{txt_len} tokens, batch {batch} (CFG)"
     row = base_row(model, "bfloat16", shape)
-    row["step_tflop"] = flops / 1e12
-    row["floor_step_s"] = flops / (MATMUL_TFLOPS["bfloat16"] * 1e12)
-
-    expected = ref_call(ref, inp, rope)
-    row["ditserve_eager_step_s"] = median_time(lambda: ours(inp))
-    row["rel_l2_eager"] = rel_l2(ours(inp), expected)
-    row["rel_l2_block_update_eager"] = block_update_rel_l2(ref, ours, inp, rope)
-    row["guard_ok"] = max(row["rel_l2_eager"], *row["rel_l2_block_update_eager"].values()) <= GUARD_REL_L2
-    if compare:
-        row["diffusers_eager_step_s"] = median_time(lambda: ref_call(ref, inp, rope))
-        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_eager_step_s"]
-    log.info("%s eager: %s", model, row)
-    if not compiled:
-        return row
-
-    if device == "cuda":
-        row["sustained_bf16_tflops"] = sustained_matmul_tflops("bfloat16")
-        row["sustained_floor_step_s"] = flops / (row["sustained_bf16_tflops"] * 1e12)
-    fast = accelerate_dit(ours, AccelConfig(compile=True), torch.device(device))
-    row["ditserve_step_s"] = median_time(lambda: fast(inp), warmup=3, reps=10)
-    row["rel_l2_vs_diffusers"] = rel_l2(fast(inp), expected)
-    row["rel_l2_block_update"] = block_update_rel_l2(ref, fast, inp, rope)
-    row["guard_ok"] = (row["guard_ok"] and row["rel_l2_vs_diffusers"] <= GUARD_REL_L2
-                       and max(row["rel_l2_block_update"].values()) <= FAST_BLOCK_GUARD)
-    row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
-    if compare:
-        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_step_s"]
-        compile_diffusers(ref)
-        row["diffusers_compiled_step_s"] = median_time(lambda: ref_call(ref, inp, rope), warmup=3, reps=10)
-        row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
-    if quantization == "fp8":
-        del ref, ours, fast
-        gc.collect()
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-        ref8, fresh = build(model, device, dtype)  # same seed: the same weights
-        fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8"), torch.device(device))
-        row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp), warmup=3, reps=10)
-        row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp), expected)
-        row["fp8_rel_l2_block_update"] = block_update_rel_l2(ref8, fast8, inp, rope)
-        row["fp8_guard_ok"] = max(row["fp8_rel_l2_vs_diffusers_bf16"],
-                                  *row["fp8_rel_l2_block_update"].values()) <= FP8_GUARD_REL_L2
-        row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
-        row["fp8_speedup_vs_diffusers_compiled"] = row.get("diffusers_compiled_step_s", float("nan")) / \
-            row["ditserve_fp8_step_s"]
-    log.info("%s: %s", model, row)
-    return row
+    case = StepCase(build=lambda: built.pop() if built else build(model, device, dtype),
+                    run_ours=lambda dit: dit(inp), run_ref=lambda r: ref_call(r, inp, rope),
+                    block_updates=lambda r, dit: block_update_rel_l2(r, dit, inp, rope),
+                    compile_ref=compile_diffusers, flops=step_flops(ours.cfg, video_len, txt_len, batch),
+                    guard=GUARD_REL_L2, fast_block_guard=FAST_BLOCK_GUARD, fp8_guard=FP8_GUARD_REL_L2)
+    del ours
+    return compare_step(case, row, device, quantization, compare, compiled)

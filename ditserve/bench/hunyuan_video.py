@@ -10,13 +10,11 @@ template's user part plus a prompt of a few dozen tokens). One forward per step 
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import torch
 
-from ditserve.bench.common import (MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair,
-                                   rel_l2, sustained_matmul_tflops)
+from ditserve.bench.common import StepCase, arch_kwargs, architectures, base_row, compare_step, random_pair, rel_l2
 from ditserve.models.hunyuan_video.config import HunyuanVideoConfig
 from ditserve.models.hunyuan_video.model import HunyuanVideoDiT, HunyuanVideoInputs, pack, unpack
 from ditserve.models.hunyuan_video.weights import hunyuan_video_key_map
@@ -111,63 +109,21 @@ def bench_step(model: str = MODEL, height: int = 720, width: int = 1280, num_fra
                compiled: bool = True, txt_len: int = 64, reps: int = 5) -> dict:
     """One DiT forward: diffusers eager and compiled vs ditserve eager and compiled (and compiled FP8 with
     `quantization="fp8"`), with the rel-L2 guards."""
-    from ditserve.accel import accelerate_dit
-    from ditserve.config import AccelConfig
-
     dtype = torch.bfloat16
-    ref, ours = build(model, device, dtype)
+    built = [build(model, device, dtype)]
+    ours = built[0][1]
     patch = ours.cfg.patch
     case = Case(ours, height, width, num_frames, txt_len, device, dtype)
     video_len = case.video_len()
-    flops = step_flops(ours.cfg, video_len, txt_len)
     shape = (f"{width}x{height}x{num_frames}, {video_len}+{txt_len} tokens "
              f"(diffusers: {video_len}+{PADDED_TEXT}, padding masked)")
     row = base_row(model, "bfloat16", shape)
-    row["step_tflop"] = flops / 1e12
     row["diffusers_step_tflop"] = step_flops(ours.cfg, video_len, PADDED_TEXT) / 1e12
-    row["floor_step_s"] = flops / (MATMUL_TFLOPS["bfloat16"] * 1e12)
-
-    expected = case.ref(ref)
-    row["ditserve_eager_step_s"] = median_time(lambda: case.run(ours, patch), warmup=1, reps=reps)
-    row["rel_l2_eager"] = rel_l2(case.run(ours, patch), expected)
-    row["rel_l2_block_update_eager"] = block_update_rel_l2(ref, ours, case)
-    row["guard_ok"] = max(row["rel_l2_eager"], *row["rel_l2_block_update_eager"].values()) <= GUARD_REL_L2
-    if compare:
-        row["diffusers_eager_step_s"] = median_time(lambda: case.ref(ref), warmup=1, reps=reps)
-        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_eager_step_s"]
-    log.info("%s eager: %s", model, row)
-    if not compiled:
-        return row
-
-    if device == "cuda":
-        row["sustained_bf16_tflops"] = sustained_matmul_tflops("bfloat16")
-        row["sustained_floor_step_s"] = flops / (row["sustained_bf16_tflops"] * 1e12)
-    fast = accelerate_dit(ours, AccelConfig(compile=True), torch.device(device))
-    row["ditserve_step_s"] = median_time(lambda: case.run(fast, patch), warmup=2, reps=reps)
-    row["rel_l2_vs_diffusers"] = rel_l2(case.run(fast, patch), expected)
-    row["rel_l2_block_update"] = block_update_rel_l2(ref, fast, case)
-    row["guard_ok"] = (row["guard_ok"] and row["rel_l2_vs_diffusers"] <= GUARD_REL_L2
-                       and max(row["rel_l2_block_update"].values()) <= FAST_BLOCK_GUARD)
-    row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
-    if compare:
-        row["speedup_vs_diffusers_eager"] = row["diffusers_eager_step_s"] / row["ditserve_step_s"]
-        compile_diffusers(ref)
-        row["diffusers_compiled_step_s"] = median_time(lambda: case.ref(ref), warmup=2, reps=reps)
-        row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
-    if quantization == "fp8":
-        del ref, ours, fast
-        gc.collect()
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-        ref8, fresh = build(model, device, dtype)  # same seed: the same weights
-        fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8"), torch.device(device))
-        row["ditserve_fp8_step_s"] = median_time(lambda: case.run(fast8, patch), warmup=2, reps=reps)
-        row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(case.run(fast8, patch), expected)
-        row["fp8_rel_l2_block_update"] = block_update_rel_l2(ref8, fast8, case)
-        row["fp8_guard_ok"] = max(row["fp8_rel_l2_vs_diffusers_bf16"],
-                                  *row["fp8_rel_l2_block_update"].values()) <= FP8_GUARD_REL_L2
-        row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
-        row["fp8_speedup_vs_diffusers_compiled"] = row.get("diffusers_compiled_step_s", float("nan")) / \
-            row["ditserve_fp8_step_s"]
-    log.info("%s: %s", model, row)
-    return row
+    step = StepCase(build=lambda: built.pop() if built else build(model, device, dtype),
+                    run_ours=lambda dit: case.run(dit, patch), run_ref=case.ref,
+                    block_updates=lambda r, dit: block_update_rel_l2(r, dit, case), compile_ref=compile_diffusers,
+                    flops=step_flops(ours.cfg, video_len, txt_len), guard=GUARD_REL_L2,
+                    fast_block_guard=FAST_BLOCK_GUARD, fp8_guard=FP8_GUARD_REL_L2, eager_timing=(1, reps),
+                    fast_timing=(2, reps))
+    del ours
+    return compare_step(step, row, device, quantization, compare, compiled)
