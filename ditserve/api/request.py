@@ -31,6 +31,8 @@ class RequestDefaults:
     fps: int = 0
     # layered models (Qwen-Image-Layered): RGBA layers per image; 0 for every other model
     layers: int = 0
+    # CogVideoX: guidance that grows over the run (diffusers' `use_dynamic_cfg`)
+    use_dynamic_cfg: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class ModelLimits:
     # what a family checks beyond the fields above, from the folder's configs (no weights): raises
     # InvalidRequest; a module-level function or partial, so the limits still pickle
     refuse: Callable[["GenerationRequest"], None] | None = None
+    # the model offers dynamic CFG (CogVideoX)
+    dynamic_cfg: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class GenerationRequest:
     cache: bool = True
     # layered models (Qwen-Image-Layered): how many RGBA layers to split the input image into
     layers: int | None = None
+    # CogVideoX: dynamic CFG (None: the model's default, off unless its folder's ditserve.json turns it on)
+    use_dynamic_cfg: bool | None = None
 
     def resolve(self, defaults: RequestDefaults, limits: ModelLimits) -> "GenerationRequest":
         """Fill unset fields from `defaults`, pick a seed if none, and validate against `limits`."""
@@ -179,6 +185,11 @@ class GenerationRequest:
                 f"got {self.max_sequence_length}",
                 "max_sequence_length",
             )
+        if not isinstance(self.use_dynamic_cfg, bool):
+            raise InvalidRequest(f"use_dynamic_cfg must be true or false, got {self.use_dynamic_cfg!r}",
+                                 "use_dynamic_cfg")
+        if self.use_dynamic_cfg and not limits.dynamic_cfg:
+            raise InvalidRequest("use_dynamic_cfg is CogVideoX's; this model has no dynamic CFG", "use_dynamic_cfg")
         if not isinstance(self.cache, bool):
             raise InvalidRequest(f"cache must be true or false, got {self.cache!r}", "cache")
         _check_images(self.images, limits)

@@ -69,6 +69,9 @@ def add_parser(sub) -> None:
                    help="fraction of the steps where skip-layer guidance starts (default: 0.01)")
     p.add_argument("--skip-layer-guidance-stop", metavar="F", type=float, default=None,
                    help="fraction of the steps where skip-layer guidance stops (default: 0.2)")
+    p.add_argument("--use-dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="CogVideoX: guidance that grows over the run, as diffusers' use_dynamic_cfg "
+                        "(default: the model's, off)")
     p.add_argument("--layers", metavar="N", type=int, default=None,
                    help="Qwen-Image-Layered: RGBA layers to split the --image into, one PNG each (default: 4)")
     p.add_argument("--output", metavar="FILE", default=None,
@@ -154,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         skip_layer_guidance_scale=args.skip_layer_guidance_scale,
         skip_layer_guidance_start=args.skip_layer_guidance_start,
         skip_layer_guidance_stop=args.skip_layer_guidance_stop, layers=args.layers,
+        use_dynamic_cfg=args.use_dynamic_cfg,
     ).resolve(source.defaults, source.limits)
     video = bool(source.limits.frame_multiple)
     paths = output_paths(args.output or ("output.mp4" if video else "output.png"), request.num_images, video,

@@ -13,8 +13,9 @@ CogVideoX1.5 pads the latent frames to whole temporal patches at the front and d
 decoding. Noise and latents are float32 (diffusers keeps them in the model dtype); the model runs in
 its dtype.
 
-Dynamic CFG is a folder setting: `ditserve.json` beside `model_index.json` with
-`{"use_dynamic_cfg": true}` (CogVideoX's own demo turns it on with the DPM scheduler).
+Dynamic CFG is per request (`use_dynamic_cfg`, off by default as in diffusers); a folder's
+`ditserve.json` can turn it on by default: `{"defaults": {"use_dynamic_cfg": true}}` (CogVideoX's own
+demo uses it with the DPM scheduler).
 """
 
 from __future__ import annotations
@@ -62,10 +63,9 @@ DEFAULTS = RequestDefaults(height=480, width=720, num_inference_steps=50, guidan
 # 8k + 1 frames: the VAE decodes two latent frames at a time, so only an odd latent count comes back whole;
 # `sampler` may only name the folder's own (ddim or dpm: for_folder)
 LIMITS = ModelLimits(size_multiple=16, max_sequence_length=226, frame_multiple=8, max_frames=161, max_num_images=4,
-                     max_pixels=1360 * 1360, samplers=("ddim", "dpm"))
+                     max_pixels=1360 * 1360, samplers=("ddim", "dpm"), dynamic_cfg=True)
 # CogVideoX1.5: its model card's size and rate (diffusers' default, 8x its 300x300 sample size, is no video size)
 DEFAULTS_15 = dict(height=768, width=1360, num_frames=81, fps=16)
-SETTINGS_FILE = "ditserve.json"
 UNCOND_COND = ("uncond", "cond")
 
 
@@ -114,20 +114,15 @@ class CogVideoXLatents:
     image: torch.Tensor | None = None
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 class CogVideoXPipeline(Pipeline):
     defaults: ClassVar[RequestDefaults] = DEFAULTS
     limits: ClassVar[ModelLimits] = LIMITS
 
     def __init__(self, dit: CogVideoXDiT, text: T5SequenceEncoder, vae, scheduler_spec, device: torch.device,
-                 dtype: torch.dtype, use_dynamic_cfg: bool = False):
+                 dtype: torch.dtype):
         self.dit, self.text, self.vae = dit, text, vae
         self.scheduler_spec = scheduler_spec
         self.device, self.dtype = device, dtype
-        self.use_dynamic_cfg = use_dynamic_cfg
         self.shape = CogVideoXLatentShape.from_config(dict(vae.config))
 
     @classmethod
@@ -136,23 +131,13 @@ class CogVideoXPipeline(Pipeline):
         tokenizer = component_class(index, "tokenizer", "T5TokenizerFast").from_pretrained(str(path / "tokenizer"))
         model = load_pretrained(component_class(index, "text_encoder", "T5EncoderModel"), path / "text_encoder",
                                 device, dtype)
-        dynamic = cls.dynamic_cfg_of(path)
-        if dynamic:
-            log.info("CogVideoX: dynamic CFG on (%s)", path / SETTINGS_FILE)
         return cls(
             dit=load_cogvideox_dit(path / "transformer", device, dtype),
             text=T5SequenceEncoder(tokenizer, model),
             vae=load_cogvideox_vae(path / "vae", device, torch.float32 if device.type == "cpu" else dtype),
             scheduler_spec=read_scheduler_config(path / "scheduler" / "scheduler_config.json"),
-            device=device, dtype=dtype, use_dynamic_cfg=dynamic,
+            device=device, dtype=dtype,
         )
-
-    @staticmethod
-    def dynamic_cfg_of(path: Path) -> bool:
-        value = _read_json(path / SETTINGS_FILE).get("use_dynamic_cfg", False)
-        if not isinstance(value, bool):
-            raise ValueError(f"{path / SETTINGS_FILE}: use_dynamic_cfg must be true or false, got {value!r}")
-        return value
 
     @classmethod
     def for_folder(cls, path: Path, defaults: RequestDefaults, limits: ModelLimits):
@@ -161,7 +146,6 @@ class CogVideoXPipeline(Pipeline):
         try:
             cfg = CogVideoXConfig.from_json(path / "transformer" / "config.json")
             vae = CogVideoXLatentShape.read(path / "vae")
-            cls.dynamic_cfg_of(path)
         except (ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
             raise InvalidRequest(f"{path}: {str(exc).splitlines()[0]}", "model") from None
         if cfg.patch_size_t is not None:
@@ -180,7 +164,7 @@ class CogVideoXPipeline(Pipeline):
     @classmethod
     def batch_key(cls, req: GenerationRequest) -> tuple:
         return (req.height, req.width, req.num_frames, req.num_inference_steps, req.guidance_scale > 1,
-                req.max_sequence_length, req.sampler, req.flow_shift, bool(req.images))
+                req.max_sequence_length, req.sampler, req.flow_shift, bool(req.images), req.use_dynamic_cfg)
 
     def uses_negative_prompt(self, req: GenerationRequest) -> bool:
         return req.guidance_scale > 1
@@ -231,7 +215,7 @@ class CogVideoXPipeline(Pipeline):
         guidance = NoGuidance()
         if req.guidance_scale > 1:
             scales = [r.guidance_scale for r in requests]
-            if self.use_dynamic_cfg:
+            if req.use_dynamic_cfg:
                 steps = req.num_inference_steps
                 table = torch.tensor([[dynamic_cfg_scale(s, float(t), steps) for s in scales]
                                       for t in sched.timesteps.tolist()], dtype=torch.float64)

@@ -94,6 +94,7 @@ class Generator:
         skip_layer_guidance_stop: float | None = None,
         cache: bool = True,
         layers: int | None = None,
+        use_dynamic_cfg: bool | None = None,
         progress_bar: bool = False,
     ) -> GenerationOutput:
         """Images (PIL) — or, for a video model, `videos` (uint8 [frames, H, W, 3]) — with the stage
@@ -104,7 +105,8 @@ class Generator:
         scheduler. `cache=False` computes every step in full when the generator runs a step cache.
         `skip_guidance_layers` (SD3, with guidance) turns on skip-layer guidance as diffusers has it.
         `layers` (Qwen-Image-Layered): how many RGBA layers the input image is split into; the output's
-        `images` are those layers, layer after layer, for each of the `num_images`.
+        `images` are those layers, layer after layer, for each of the `num_images`. `use_dynamic_cfg`
+        (CogVideoX): guidance that grows over the run, as diffusers' argument of that name.
         """
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
@@ -116,7 +118,7 @@ class Generator:
             cache=cache,
             skip_guidance_layers=None if skip_guidance_layers is None else tuple(skip_guidance_layers),
             skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_start=skip_layer_guidance_start,
-            skip_layer_guidance_stop=skip_layer_guidance_stop, layers=layers,
+            skip_layer_guidance_stop=skip_layer_guidance_stop, layers=layers, use_dynamic_cfg=use_dynamic_cfg,
         )
         request = self.engine.resolve(request)
         if demo.is_demo(self.engine.source.path):

@@ -120,6 +120,10 @@ def read_model_defaults(path: Path, base: RequestDefaults) -> RequestDefaults:
     if unknown:
         raise InvalidRequest(f"{file}: unknown defaults {unknown} (known: {sorted(types)})", "model")
     for name, value in given.items():
+        if types[name] is bool:
+            if not isinstance(value, bool):
+                raise InvalidRequest(f"{file}: default {name} must be true or false, got {value!r}", "model")
+            continue
         integral = types[name] is int
         ok = isinstance(value, int) if integral else isinstance(value, (int, float)) and math.isfinite(value)
         if isinstance(value, bool) or not ok:

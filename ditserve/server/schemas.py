@@ -206,3 +206,5 @@ class VideoCreateBody(BaseModel):
     sampler: Literal["euler", "unipc", "dpm++"] | None = None
     flow_shift: float | None = Field(None, gt=0, allow_inf_nan=False)
     cache: bool | None = Field(None, description="false: no step caching for this job (default true)")
+    use_dynamic_cfg: bool | None = Field(None, description="CogVideoX: guidance that grows over the run "
+                                                            "(default: the model's, off)")

@@ -116,7 +116,8 @@ def _resolved(state: ServerState, body: VideoCreateBody, image: bytes | None) ->
         prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
         guidance_scale_2=body.guidance_scale_2, seed=body.seed, num_frames=num_frames, fps=fps,
-        sampler=body.sampler, flow_shift=body.flow_shift, images=images, cache=body.cache is not False)
+        sampler=body.sampler, flow_shift=body.flow_shift, images=images, cache=body.cache is not False,
+        use_dynamic_cfg=body.use_dynamic_cfg)
     return req.resolve(state.defaults, state.limits)
 
 

@@ -129,3 +129,18 @@ def test_cli_writes_the_video_and_refuses_bad_frames(tiny_cogvideox, tmp_path, c
     assert main([*args, "--num-frames", "13", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ditserve: error: num_frames must be 8k+1") and "\n" not in err
+
+
+def test_dynamic_cfg_per_request_is_the_folder_default_of_another(tiny_cogvideox):
+    """`use_dynamic_cfg=True` on the plain 5B folder draws what the folder whose ditserve.json turns it
+    on draws by default (same weights); on a model without dynamic CFG the field is refused at the edge."""
+    per_request = ours(tiny_cogvideox("5b"), prompt=PROMPT, use_dynamic_cfg=True, **BASE)
+    assert np.array_equal(per_request, ours(tiny_cogvideox("5b_dynamic"), prompt=PROMPT, **BASE))
+    turned_off = ours(tiny_cogvideox("5b_dynamic"), prompt=PROMPT, use_dynamic_cfg=False, **BASE)
+    assert np.array_equal(turned_off, ours(tiny_cogvideox("5b"), prompt=PROMPT, **BASE))
+
+
+def test_dynamic_cfg_is_refused_where_the_model_has_none(tiny_wan):
+    source = inspect_model(tiny_wan("t2v"))
+    with pytest.raises(InvalidRequest, match="use_dynamic_cfg is CogVideoX's"):
+        GenerationRequest(prompt=PROMPT, use_dynamic_cfg=True).resolve(source.defaults, source.limits)

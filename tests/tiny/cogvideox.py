@@ -6,7 +6,7 @@ CogVideoX VAE: 8x spatial, 4x temporal):
 
 * "2b"        CogVideoX-2B: sin-cos positions, DDIM (snr_shift_scale 3.0);
 * "5b"        CogVideoX-5B: 3D rotary positions cropped to the trained grid, DPM (snr_shift_scale 1.0);
-* "5b_dynamic" as "5b" with `ditserve.json` turning on dynamic CFG (`use_dynamic_cfg`);
+* "5b_dynamic" as "5b" with `ditserve.json` turning on dynamic CFG by default (`use_dynamic_cfg`);
 * "1.5"       CogVideoX1.5-5B: patches two latent frames deep, sliced rotary grid, DDIM;
 * "i2v"       CogVideoX-5B-I2V: image latents concatenated on channels (in = 2z), learned + rotary
               positions (so the trained size only), DDIM.
@@ -109,7 +109,7 @@ def build_tiny_cogvideox(path: str | Path, variant: str = "2b") -> Path:
         path / "scheduler")
     _transformer(variant.replace("_dynamic", "")).save_pretrained(path / "transformer")
     if variant == "5b_dynamic":
-        (path / "ditserve.json").write_text(json.dumps({"use_dynamic_cfg": True}))
+        (path / "ditserve.json").write_text(json.dumps({"defaults": {"use_dynamic_cfg": True}}))
     index = {
         "_class_name": "CogVideoXImageToVideoPipeline" if variant.endswith("i2v") else "CogVideoXPipeline",
         "_diffusers_version": "0.42.1", "scheduler": ["diffusers", scheduler_cls.__name__],
