@@ -18,7 +18,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from ditserve.models.common.dit import Hidden, StepContext, run_block
+from ditserve.models.common.dit import DiTWrapper, Hidden, StepContext, run_block
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class SegmentGraph:
         return graph, static_in, static_out
 
 
-class SegmentedDiT(nn.Module):
+class SegmentedDiT(DiTWrapper):
     """`dit` run segment by segment: embed, blocks in groups, head. Groups are `group_size` blocks
     each (all in one group by default) or, with `bounds`, split before each listed block index
     (e.g. (1, n - 1): first block, middle, last block).
@@ -137,24 +137,6 @@ class SegmentedDiT(nn.Module):
                 h = run_block(block, h)
             return h
         return run
-
-    @property
-    def cfg(self):
-        return self.dit.cfg
-
-    @property
-    def plan(self):
-        return self.dit.plan
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return self.dit.blocks
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.dit, name)
 
     def _segment(self, k: int, graphs: bool, ctx: StepContext | None) -> Callable[[Hidden], Hidden]:
         run = self.group_fns[k] if graphs else self._group_fn(self.groups[k])

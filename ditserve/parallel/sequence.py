@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ditserve.api import InvalidRequest
-from ditserve.models.common.dit import Hidden, StepContext, run_block
+from ditserve.models.common.dit import DiTWrapper, Hidden, StepContext, run_block
 from ditserve.models.common.rope import Rotary
 from ditserve.parallel.attention import RingAttention, SeqState, UlyssesAttention, all_gather_cat
 from ditserve.parallel.groups import ParallelGroups
@@ -97,7 +97,7 @@ def _get_path(module: nn.Module, path: str):
     return getattr(module.get_submodule(owner) if owner else module, attr)
 
 
-class SequenceParallelDiT(nn.Module):
+class SequenceParallelDiT(DiTWrapper):
     """`dit` with its hidden state sharded over `groups.sp` (see the module docstring)."""
 
     def __init__(self, dit: nn.Module, groups: ParallelGroups):
@@ -118,24 +118,6 @@ class SequenceParallelDiT(nn.Module):
                 _set_path(block, site, ops[id(inner)])
         log.info("sequence parallel over %d ranks (ring %d x ulysses %d): %s", groups.sp.size, groups.ring.size,
                  groups.ulysses.size, ", ".join(sorted({op.__name__ for op in ops.values()})))
-
-    @property
-    def cfg(self):
-        return self.dit.cfg
-
-    @property
-    def plan(self):
-        return self.dit.plan
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return self.dit.blocks
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.dit, name)
 
     def embed(self, inp) -> Hidden:
         """The model's embed, then this rank's shard of each stream and per-token const."""

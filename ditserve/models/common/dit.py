@@ -73,3 +73,27 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = run_block(block, h)
         return self.head(h)
+
+
+class DiTWrapper(nn.Module):
+    """Base of the wrappers that accel/ and parallel/ put around a DiT (segment graphs, sequence
+    sharding): the wrapped model is `self.dit`, and its config, plan, blocks and other attributes
+    read through."""
+
+    @property
+    def cfg(self):
+        return self.dit.cfg
+
+    @property
+    def plan(self):
+        return self.dit.plan
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return self.dit.blocks
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.dit, name)
