@@ -86,6 +86,13 @@ def learn_clip_merges(words: Iterable[str]) -> list[tuple[str, str]]:
         if not word or not (word.isascii() and word.isalpha() and word.islower()):
             raise ValueError(f"CLIP merge words must be lower-case ASCII letters, got {word!r}")
         seqs[word] = list(word[:-1]) + [word[-1] + "</w>"]
+    return learn_merges(seqs)
+
+
+def learn_merges(seqs: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """BPE training over pre-split words (`word -> its symbols`): merge the most frequent adjacent
+    pair, ties broken by the pair, until every word is one symbol; the merges in rank order."""
+    seqs = dict(seqs)
     merges: list[tuple[str, str]] = []
     while True:
         counts = Counter(pair for seq in seqs.values() for pair in zip(seq, seq[1:]))

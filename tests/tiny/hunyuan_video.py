@@ -21,16 +21,36 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
-                       HunyuanVideoTransformer3DModel)
-from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizer
+from diffusers import (
+    AutoencoderKLHunyuanVideo,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+)
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
+    DEFAULT_PROMPT_TEMPLATE,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    LlamaConfig,
+    LlamaModel,
+    LlamaTokenizer,
+)
 
-from .tokenizers import CLIP_BOS, CLIP_EOS, CLIP_MAX_LENGTH, clip_vocab, save_clip_tokenizer
+from ditserve.bench.tokenizers import learn_merges
+
+from .tokenizers import (
+    CLIP_BOS,
+    CLIP_EOS,
+    CLIP_MAX_LENGTH,
+    clip_vocab,
+    save_clip_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,29 +69,9 @@ VAE = dict(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_bloc
            scaling_factor=0.476986)
 
 
-def _merge(seq: list[str], pair: tuple[str, str]) -> list[str]:
-    out, i = [], 0
-    while i < len(seq):
-        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
-            out.append(seq[i] + seq[i + 1])
-            i += 2
-        else:
-            out.append(seq[i])
-            i += 1
-    return out
-
-
 def _bpe_merges(words: list[str]) -> list[tuple[str, str]]:
     """Plain BPE training (most frequent pair first, ties by the pair) until every word is one token."""
-    seqs = {w: list(w) for w in sorted(set(words))}
-    merges = []
-    while True:
-        counts = Counter(p for s in seqs.values() for p in zip(s, s[1:]))
-        if not counts:
-            return merges
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        seqs = {w: _merge(s, best) for w, s in seqs.items()}
+    return learn_merges({w: list(w) for w in sorted(set(words))})
 
 
 def _llama_tokenizer(merges: list[tuple[str, str]], chars: list[str]) -> LlamaTokenizer:
