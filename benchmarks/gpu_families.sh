@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The DiT-step benchmarks of the SD3.5 (issue 18), CogVideoX (20) and HunyuanVideo (19) families, on one
+# GPU, in device calls under 10 minutes: ditserve eager / compiled / compiled fp8 against diffusers eager
+# and compiled (compile_repeated_blocks) on the same random weights, with the quality guards.
+# Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_families.sh PART...
+#   PART: sd3 (Large and Medium, ≈ 2 min), cogvideox (5B 720x480x49, ≈ 2 min),
+#         hunyuan544 (544x960x129, 67k tokens, ≈ 4 min), hunyuan720 (720x1280x129, 119k tokens, one timed
+#         call of each variant: a step is ≈ 20 s, ≈ 8 min on its own)
+# Results: $OUT/<family>_step_h200.json (+ .log); commit them under benchmarks/results/.
+set -u
+source benchmarks/gpu_setup.sh
+export DITSERVE_COMMIT="${DITSERVE_COMMIT:?set DITSERVE_COMMIT to the commit under test}"
+out="${OUT:-benchmarks/results}"
+show() { grep -E "speedup|_step_s|guard_ok|Error|error:|Traceback" | tail -40; }
+bench() {  # seconds, json name, then `ditserve bench` arguments
+    local limit=$1 name=$2; shift 2
+    timeout "$limit" python3 -m ditserve.cli.main bench "$@" --json "$out/$name.json" \
+        >"$out/$name.log" 2>&1; echo "== $name rc=$?"; show <"$out/$name.log"
+}
+hunyuan() {  # seconds, json name, height, width, timed calls
+    timeout "$1" python3 - "$out/$2.json" "$3" "$4" "$5" >"$out/$2.log" 2>&1 <<'EOF'
+import json, logging, sys
+from pathlib import Path
+from ditserve.bench.hunyuan_video import bench_step
+logging.basicConfig(level=logging.INFO)
+path, h, w, reps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+row = bench_step(height=h, width=w, num_frames=129, quantization="fp8", reps=reps)
+path.write_text(json.dumps([row], indent=2))
+print(json.dumps(row, indent=2))
+EOF
+    echo "== $2 rc=$?"; show <"$out/$2.log"
+}
+nvidia-smi --query-gpu=name,clocks.sm,power.draw --format=csv,noheader
+for part in "$@"; do
+    case "$part" in
+        sd3) bench 150 sd35_large_step_h200 --model sd3.5-large --quantization fp8
+             bench 120 sd35_medium_step_h200 --model sd3.5-medium --quantization fp8 ;;
+        cogvideox) bench 170 cogvideox_5b_step_h200 --model cogvideox-5b --quantization fp8 ;;
+        hunyuan544) hunyuan 280 hunyuanvideo_544p_step_h200 544 960 2 ;;
+        hunyuan720) hunyuan 570 hunyuanvideo_720p_step_h200 720 1280 1 ;;
+        *) echo "unknown part $part"; exit 2 ;;
+    esac
+done
