@@ -42,3 +42,18 @@ def test_harmless_scheduler_keys_still_load(tiny_qwen_image, tmp_path):
     """Keys that cannot change the math as the pipeline drives the scheduler are accepted."""
     folder = with_scheduler(tiny_qwen_image, tmp_path / "m", _diffusers_version="0.99.0", some_future_key=1)
     assert inspect_model(folder).class_name == "QwenImagePipeline"
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"use_karras_sigmas": True}, "use_karras_sigmas=true"),
+    ({"stochastic_sampling": True}, "stochastic_sampling=true"),
+    ({"use_beta_sigmas": True}, "use_beta_sigmas=true"),
+    ({"invert_sigmas": True}, "invert_sigmas=true"),
+    ({"_class_name": "FlowMatchHeunDiscreteScheduler"}, "FlowMatchHeunDiscreteScheduler"),
+])
+def test_qwen_image_folder_asking_for_other_math_is_refused_in_one_line(tiny_qwen_image, tmp_path, changes, named):
+    """Qwen-Image's scheduler config writes these keys out, all off; turned on, each is refused before loading."""
+    folder = with_scheduler(tiny_qwen_image, tmp_path / "m", **changes)
+    with pytest.raises(InvalidRequest, match=named) as info:
+        inspect_model(folder)
+    assert "\n" not in str(info.value)

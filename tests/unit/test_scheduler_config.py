@@ -164,6 +164,39 @@ def test_real_configs_are_read_and_reproduce_diffusers(tmp_path, config):
         assert torch.equal(sched.sigmas, ref.sigmas) and torch.equal(sched.timesteps, ref.timesteps.float())
 
 
+
+EULER_CHANGES = {"num_train_timesteps": 500, "shift": 2.0, "use_dynamic_shifting": "toggle", "base_shift": 0.3,
+                 "max_shift": 1.5, "base_image_seq_len": 128, "max_image_seq_len": 2048, "shift_terminal": 0.1,
+                 "time_shift_type": "linear"}
+
+
+def test_every_honoured_euler_key_has_a_changed_value_below():
+    assert set(EULER_CHANGES) == {k for k, rule in KEYS["FlowMatchEulerDiscreteScheduler"].items() if rule == HONOURED}
+
+
+def flux_pipeline_reference(config: dict, steps: int, seq: int):
+    """diffusers' scheduler as the FLUX and Qwen-Image pipelines drive it: their sigmas and mu."""
+    ref = FlowMatchEulerDiscreteScheduler(**init_kwargs(config))
+    mu = calculate_shift(seq, ref.config.base_image_seq_len, ref.config.max_image_seq_len, ref.config.base_shift,
+                         ref.config.max_shift)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return ref
+
+
+@pytest.mark.parametrize("base", [FLUX_DEV, QWEN_IMAGE], ids=["flux-dev", "qwen-image"])
+@pytest.mark.parametrize("key", EULER_CHANGES)
+def test_flux_and_qwen_folders_with_an_honoured_key_changed_step_as_diffusers(tmp_path, base, key):
+    """A FLUX or Qwen-Image folder whose config changes a key ditserve honours: diffusers' sigmas,
+    timesteps and Euler steps exactly, and a different schedule exactly where diffusers' differs."""
+    value = EULER_CHANGES[key]
+    config = {**base, key: (not base[key]) if value == "toggle" else value}
+    steps, seq = 9, 1024
+    ref, ref_base = flux_pipeline_reference(config, steps, seq), flux_pipeline_reference(base, steps, seq)
+    ours, ours_base = read(tmp_path, config).solver(), read(tmp_path, base).solver()
+    same_run(ours, ref, steps, seq)
+    changed = not torch.equal(ours.schedule(steps, seq).timesteps, ours_base.schedule(steps, seq).timesteps)
+    assert changed == (not torch.equal(ref.timesteps, ref_base.timesteps))
+
 HARMLESS_VALUES = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "squaredcos_cap_v2",
                    "trained_betas": [0.001] * 1000, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
                    "steps_offset": 1, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 2.0, "sigma_min": 0.1,
