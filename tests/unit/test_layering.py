@@ -128,5 +128,5 @@ def test_issue_12_clean_ups_stay_done():
     text = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     assert "batch_key_for" not in text and "apply_cuda_graphs" not in text
     # the pipelines' flow-match config is `scheduler_spec`; `scheduler` is runtime.Scheduler alone
-    for path, tree in sources("pipelines"):
+    for path, _ in sources("pipelines"):
         assert not re.search(r"\bself\.scheduler\b", path.read_text()), path.name
