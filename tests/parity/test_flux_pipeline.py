@@ -89,3 +89,28 @@ def test_timings_cover_every_stage(loaded):
     out = gen.generate("timed", height=32, width=32, num_inference_steps=3, seed=0, max_sequence_length=16)
     assert set(out.timings.stages) == {"encode_prompt", "prepare_latents", "timesteps", "denoise", "decode"}
     assert len(out.timings.steps) == 3 and all(s > 0 for s in out.timings.steps)
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "dpm++"])
+def test_sampler_override_matches_diffusers_with_that_scheduler(loaded, sampler):
+    """`sampler=` on a FLUX-dev folder equals FluxPipeline with that scheduler swapped in as a diffusers
+    user does it (flow sigmas; the pipeline then drops its own sigmas and passes the folder's mu)."""
+    import diffusers
+
+    pipe, gen = loaded("tiny_flux_dev")
+    euler = pipe.scheduler
+    if sampler == "unipc":
+        pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(
+            euler.config, use_flow_sigmas=True, prediction_type="flow_prediction")
+    else:
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, use_dynamic_shifting=True)
+    try:
+        expected = reference_image(pipe, "a red fox in the snow", None, 48, 64, 5, 3.5, 1.0, 3)
+    finally:
+        pipe.scheduler = euler
+    kwargs = dict(height=48, width=64, num_inference_steps=5, guidance_scale=3.5, seed=3, max_sequence_length=32)
+    got = np.asarray(gen.generate("a red fox in the snow", sampler=sampler, **kwargs).images[0])
+    assert np.abs(got.astype(int) - expected[0].astype(int)).max() <= 1
+    plain = np.asarray(gen.generate("a red fox in the snow", **kwargs).images[0])
+    assert np.abs(got.astype(int) - plain.astype(int)).mean() > 1  # not Euler's image
