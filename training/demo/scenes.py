@@ -10,6 +10,7 @@ Everything random takes a ``numpy.random.Generator``, so a seed fixes the data.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
@@ -93,14 +94,16 @@ def all_combos() -> list[Combo]:
             if c != b]
 
 
-def split_combos(seed: int, num_held_out: int) -> tuple[list[Combo], list[Combo]]:
+def split_combos(seed: int, num_held_out: int, combos: list | None = None) -> tuple[list, list]:
     """(train, held_out): ``num_held_out`` combos never shown in training, drawn from ``seed``.
 
     A held-out combo is accepted only while every pair of its facts (color+shape,
     color+background, shape+position, ...) still occurs in the remaining training
     combos, so each held-out prompt composes things the model has seen together.
+    ``combos`` (default: this demo's ``all_combos()``) may be any list of frozen dataclasses
+    whose fields are the facts (the video demo passes its own).
     """
-    combos = all_combos()
+    combos = all_combos() if combos is None else list(combos)
     order = np.random.default_rng(seed).permutation(len(combos))
     held: list[Combo] = []
     pair_counts = _pair_counts(combos)
@@ -118,12 +121,12 @@ def split_combos(seed: int, num_held_out: int) -> tuple[list[Combo], list[Combo]
     return [c for c in combos if c not in held_set], sorted(held, key=combos.index)
 
 
-def _pairs(c: Combo) -> list[tuple]:
-    facts = (("color", c.color), ("shape", c.shape), ("position", c.position), ("background", c.background))
+def _pairs(c) -> list[tuple]:
+    facts = tuple((f.name, getattr(c, f.name)) for f in dataclasses.fields(c))
     return list(itertools.combinations(facts, 2))
 
 
-def _pair_counts(combos: list[Combo]) -> dict[tuple, int]:
+def _pair_counts(combos: list) -> dict[tuple, int]:
     counts: dict[tuple, int] = {}
     for c in combos:
         for p in _pairs(c):

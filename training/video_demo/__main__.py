@@ -1,0 +1,136 @@
+"""``python -m training.video_demo {train,export,evaluate}``: train the video demo model, ship it, measure it.
+
+    python -m training.video_demo train --recipe gpu --device cuda --work-dir /tmp/vd --max-minutes 8
+    python -m training.video_demo evaluate --model-path ditserve/demo/video_model --seeds 0 1
+
+``train`` resumes from the checkpoints in ``--work-dir`` (run it again after an interruption);
+``export`` writes the pipeline from whatever the checkpoints hold, e.g. mid-way through a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import config
+
+log = logging.getLogger("training.video_demo")
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "ditserve" / "demo" / "video_model"
+EXPORT_MARGIN_S = 20
+VAE_SHARE = 0.42  # of --max-minutes, at most; encoding the clip set comes out of the DiT's share
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.video_demo", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("train", "export"):
+        s = sub.add_parser(name)
+        s.add_argument("--work-dir", type=Path, required=True, help="checkpoints, tokenizer, encoded latents")
+        s.add_argument("--out", type=Path, default=None, help="pipeline folder to write (default: WORK_DIR/model)")
+        s.add_argument("--recipe", default="gpu", choices=sorted(config.RECIPES))
+        s.add_argument("--vae-steps", type=int, default=None)
+        s.add_argument("--dit-steps", type=int, default=None)
+        s.add_argument("--dataset-size", type=int, default=None, help="clips encoded for the DiT (default: the recipe's)")
+        s.add_argument("--vae-stop-after", type=int, default=None, metavar="STEP",
+                       help="stop the VAE after this step of its schedule (checkpointed, resumable)")
+        s.add_argument("--dit-stop-after", type=int, default=None, metavar="STEP",
+                       help="stop the DiT after this step of its schedule (checkpointed, resumable)")
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+        s.add_argument("--max-minutes", type=float, default=None,
+                       help="stop (checkpointed, resumable) and export after about this long: the VAE gets at "
+                            f"most {VAE_SHARE:.0%} of it")
+    e = sub.add_parser("evaluate")
+    e.add_argument("--model-path", type=Path, default=SHIPPED_MODEL)
+    e.add_argument("--count", type=int, default=None, help="held-out combos to try (default: all 48)")
+    e.add_argument("--seeds", type=int, nargs="+", default=[0])
+    e.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
+    e.add_argument("--guidance-scale", type=float, default=None, help="(default: the model's)")
+    e.add_argument("--flow-shift", type=float, default=None, help="(default: the model's scheduler)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", type=Path, default=None, help="write the report (accuracies, wrong clips) here")
+    e.add_argument("--grid", type=Path, default=None, help="save every 4th frame of each clip as one PNG here")
+    e.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def _train(args: argparse.Namespace, export_only: bool) -> Path:
+    from .dit import build_denoiser, train_dit
+    from .export import export_pipeline
+    from .scenes import split_combos
+    from .vae import build_vae, encode_dataset, train_vae
+
+    r = config.recipe(args.recipe, args.vae_steps, args.dit_steps, args.dataset_size)
+    device = torch.device(args.device)
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    train_combos, held_out = split_combos(r.seed, config.NUM_HELD_OUT)
+    log.info("%d training combos, %d held out", len(train_combos), len(held_out))
+    start = time.perf_counter()
+    if export_only:
+        vae = build_vae(r.seed)
+        vae.load_state_dict(torch.load(work / "vae.ckpt", map_location="cpu")["model"])
+        data = torch.load(work / "latents.pt", map_location="cpu")
+        denoiser = build_denoiser(r.seed, work)
+        state = torch.load(work / "dit.ckpt", map_location="cpu")
+        denoiser.load_state_dict(state["ema"])
+        log.info("exporting the EMA weights of DiT step %d", state["step"])
+    else:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        vae_deadline = dit_deadline = None
+        if args.max_minutes:
+            now = time.monotonic()
+            vae_deadline = now + VAE_SHARE * 60 * args.max_minutes
+            dit_deadline = now + 60 * args.max_minutes - EXPORT_MARGIN_S
+        vae, vae_steps = train_vae(work, r, train_combos, device, vae_deadline, args.vae_stop_after)
+        data = encode_dataset(work, r, vae, vae_steps, train_combos, device)
+        denoiser = train_dit(work, r, data, train_combos, device, dit_deadline, args.dit_stop_after)
+        log.info("training done in %.1f min (this sitting)", (time.perf_counter() - start) / 60)
+    return export_pipeline(args.out or work / "model", vae.eval(), data, denoiser.eval())
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from ditserve import Generator
+
+    from .evaluate import evaluate, held_out_combos, save_grid
+
+    logging.getLogger("ditserve").setLevel(logging.WARNING)  # not a line per stage per clip
+    gen = Generator.from_pretrained(args.model_path, device=args.device, dtype=torch.float32)
+    request = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance_scale),
+                                 ("flow_shift", args.flow_shift)) if v is not None}
+    start = time.perf_counter()
+    report = evaluate(gen, held_out_combos(args.count), tuple(args.seeds), **request)
+    elapsed = time.perf_counter() - start
+    print(report.summary())  # noqa: T201 - this is the command's output
+    print(f"{elapsed / len(report.results):.3f} s per clip on {args.device}")  # noqa: T201
+    for item in report.to_dict()["wrong"]:
+        print(f"  {item}")  # noqa: T201
+    if args.json:
+        result = {"model": str(args.model_path), "seeds": args.seeds, "request": request, "device": args.device,
+                  "s_per_clip": elapsed / len(report.results), **report.to_dict()}
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.grid:
+        save_grid(report, args.grid)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.command == "evaluate":
+        _evaluate(args)
+    else:
+        _train(args, export_only=args.command == "export")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Architecture and training settings of the video demo model. Presets are data; change them here only.
+
+The model is Wan 2.1 text-to-video shaped and small (float32, about 21 MB in all):
+
+* VAE: ``AutoencoderKLWan`` (base width 16, 4 levels, causal 3D convolutions), 8x spatial and
+  4x temporal compression, 16 latent channels, as Wan 2.1: a 17x64x64 clip is a 5x8x8x16 latent;
+* DiT: ``WanTransformer3DModel``, 6 blocks, 6 heads x 32 = 192 wide, patch 1x2x2 -> 80 tokens;
+* text: a 2-layer ``UMT5EncoderModel`` (128 wide) with a Unigram vocabulary holding the caption
+  words as whole pieces plus every single character; trained together with the DiT.
+
+Recipes: "gpu" (one H200, about 9 minutes with ``run_gpu.sh``) and "smoke" (the whole chain at toy
+size on a CPU in well under a minute; draws nothing useful). There is no CPU recipe: the video VAE
+is too slow to train on two cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .scenes import CAPTION_WORDS, FPS, IMAGE_SIZE, NUM_FRAMES
+
+SEED = 0
+NUM_HELD_OUT = 48  # (color, shape, direction, background) combos never shown in training
+MAX_SEQUENCE_LENGTH = 16  # UMT5 tokens; the longest caption needs 10 (with </s>)
+TEXT_DIM = 128
+LATENT_CHANNELS = 16
+
+VAE = dict(base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+           temperal_downsample=[False, True, True], dropout=0.0, scale_factor_temporal=4, scale_factor_spatial=8)
+
+TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=32, in_channels=LATENT_CHANNELS,
+                   out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=768, num_layers=6,
+                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+UMT5 = dict(d_model=TEXT_DIM, d_kv=32, d_ff=256, num_layers=2, num_heads=4, relative_attention_num_buckets=16,
+            relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0,
+            eos_token_id=1, decoder_start_token_id=0)
+
+# diffusers' Wan 2.1 scheduler (UniPC on flow sigmas) as the Wan folders ship it, with the shift of a
+# small latent: Wan's 3.0 is for 480p (~32k tokens); 80 tokens need none (SD3's resolution rule), as
+# the image demo's 16 tokens were trained and sampled with shift 1.
+FLOW_SHIFT = 1.0
+SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT,
+                 num_train_timesteps=1000, solver_order=2)
+
+# What ditserve uses for this model unless the request says otherwise (ditserve.json). CFG is off by
+# default (guidance 1); the DiT is trained with 10% empty prompts, so --guidance-scale > 1 works too.
+REQUEST_DEFAULTS = dict(height=IMAGE_SIZE, width=IMAGE_SIZE, num_frames=NUM_FRAMES, fps=FPS, num_inference_steps=20,
+                        guidance_scale=1.0, max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+TOKENIZER_WORDS = CAPTION_WORDS + ("an",)  # "an orange circle" is trained as well
+
+
+@dataclass(frozen=True)
+class VaeTraining:
+    steps: int = 6000
+    batch_size: int = 32
+    frames: int = 9  # clip length the VAE trains on (4k + 1; the causal VAE then runs any length)
+    lr: float = 1e-3
+    warmup: int = 200
+    kl_weight: float = 1e-6  # times the KL summed over a latent, per clip
+    log_every: int = 250
+    ckpt_every: int = 1000
+
+
+@dataclass(frozen=True)
+class DitTraining:
+    steps: int = 12_000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 500
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    uncond_prob: float = 0.1  # empty prompt, so that classifier-free guidance can be used
+    log_every: int = 500
+    ckpt_every: int = 2000
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = SEED
+    dataset_size: int = 60_000  # clips encoded once after the VAE; the DiT learns their latents
+    vae: VaeTraining = VaeTraining()
+    dit: DitTraining = DitTraining()
+    autocast: bool = True  # bfloat16 autocast on CUDA (weights and optimiser stay float32)
+
+
+RECIPES = {
+    # One H200: run_gpu.sh stops each stage by the clock (--max-minutes) and exports what it has.
+    "gpu": Recipe(),
+    # Seconds on a CPU: the whole chain at toy size, for tests and for trying changes.
+    "smoke": Recipe(dataset_size=6, autocast=False,
+                    vae=VaeTraining(steps=2, batch_size=1, frames=5, warmup=1, log_every=1, ckpt_every=2),
+                    dit=DitTraining(steps=4, batch_size=4, warmup=2, log_every=2, ckpt_every=2)),
+}
+
+
+def recipe(name: str, vae_steps: int | None = None, dit_steps: int | None = None,
+           dataset_size: int | None = None) -> Recipe:
+    """A named recipe, with its stages' step counts or its clip count overridden where given."""
+    r = RECIPES[name]
+    if vae_steps is not None:
+        r = replace(r, vae=replace(r.vae, steps=vae_steps))
+    if dit_steps is not None:
+        r = replace(r, dit=replace(r.dit, steps=dit_steps))
+    if dataset_size is not None:
+        r = replace(r, dataset_size=dataset_size)
+    return r
