@@ -1,4 +1,4 @@
-"""Admission before any work on a request: room in the queue, and a per-client share of it."""
+"""Admission before any work on a request or video job: room in the queue, and a per-client share of it."""
 
 from __future__ import annotations
 
@@ -25,17 +25,25 @@ class ClientLimiter:
     @contextmanager
     def hold(self, client: str, retry_after: float) -> Iterator[None]:
         """One in-flight request of `client` for the duration of the block; ClientLimited past the limit."""
+        self.take(client, retry_after)
+        try:
+            yield
+        finally:
+            self.release(client)
+
+    def take(self, client: str, retry_after: float) -> None:
+        """Count one more in-flight request (or video job) of `client`; ClientLimited past the limit.
+        Each `take` is paired with one `release` when the work ends (a job: completed, failed or deleted)."""
         if self._in_flight[client] >= self.limit:
             raise ClientLimited(f"this client already has {self._in_flight[client]} requests queued or running "
                                 f"(the limit per client is {self.limit}); retry when one finishes",
                                 retry_after=retry_after)
         self._in_flight[client] += 1
-        try:
-            yield
-        finally:
-            self._in_flight[client] -= 1
-            if not self._in_flight[client]:
-                del self._in_flight[client]
+
+    def release(self, client: str) -> None:
+        self._in_flight[client] -= 1
+        if self._in_flight[client] <= 0:
+            del self._in_flight[client]
 
     def __len__(self) -> int:
         return len(self._in_flight)

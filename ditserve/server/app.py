@@ -59,8 +59,9 @@ def create_app(source: ModelSource, model_id: str, engine: EngineConfig, config:
     app.include_router(images.router)
     app.include_router(videos.router)
     app.add_middleware(Guard, metrics=metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       max_upload_bytes=config.max_upload_bytes, upload_paths=images.UPLOAD_PATHS | videos.UPLOAD_PATHS,
-                       json_paths=images.JSON_PATHS, allowed_hosts=config.host_allow_list())
+                       max_upload_bytes=config.max_upload_bytes, upload_paths=images.UPLOAD_PATHS,
+                       json_paths=images.JSON_PATHS, json_or_form_paths=videos.JSON_OR_FORM_PATHS,
+                       allowed_hosts=config.host_allow_list())
     return app
 
 

@@ -29,10 +29,13 @@ class Guard:
 
     def __init__(self, app, *, metrics: Metrics, api_key: str | None, max_body_bytes: int,
                  max_upload_bytes: int, upload_paths: frozenset[str], json_paths: frozenset[str],
-                 allowed_hosts: frozenset[str] | None):
+                 allowed_hosts: frozenset[str] | None, json_or_form_paths: frozenset[str] = frozenset()):
+        """`json_paths` take JSON (the body limit), `upload_paths` a form (the upload limit), and
+        `json_or_form_paths` either (POST /v1/videos: the limit of whichever type is sent)."""
         self.app, self.metrics, self.api_key = app, metrics, api_key
         self.max_body_bytes, self.max_upload_bytes = max_body_bytes, max_upload_bytes
-        self.upload_paths, self.json_paths = upload_paths, json_paths
+        self.upload_paths, self.json_paths = upload_paths | json_or_form_paths, json_paths
+        self.json_or_form_paths = json_or_form_paths
         self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope, receive, send):
@@ -59,7 +62,8 @@ class Guard:
         refusal = self._host_refusal(scope) or self._key_refusal(scope, path) or self._type_refusal(scope, path)
         if refusal is not None:
             return await refusal(scope, receive, send)
-        limit = self.max_upload_bytes if path in self.upload_paths else self.max_body_bytes
+        limit = self.max_upload_bytes if path in self.upload_paths and not (
+            path in self.json_or_form_paths and _is_json(_content_type(scope))) else self.max_body_bytes
         length = _content_length(scope)
         if length is not None and length > limit:
             return await _too_large(length, limit)(scope, receive, send)
@@ -89,11 +93,16 @@ class Guard:
     def _type_refusal(self, scope, path: str):
         if scope["method"] != "POST":
             return None
-        expected = JSON_TYPES if path in self.json_paths else FORM_TYPES if path in self.upload_paths else None
-        if expected is None:
+        if path in self.json_paths:
+            expected = JSON_TYPES
+        elif path in self.json_or_form_paths:
+            expected = JSON_TYPES + FORM_TYPES
+        elif path in self.upload_paths:
+            expected = FORM_TYPES
+        else:
             return None
-        given = (_header(scope, b"content-type") or "").partition(";")[0].strip().lower()
-        if given in expected or (expected is JSON_TYPES and given.endswith("+json")):
+        given = _content_type(scope)
+        if given in expected or (JSON_TYPES[0] in expected and _is_json(given)):
             return None
         return error_response(415, f"Content-Type must be {' or '.join(expected)}, got "
                                    f"{given[:100] or 'none'!r}", "invalid_request_error", None,
@@ -110,6 +119,14 @@ def _header(scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+def _content_type(scope) -> str:
+    return (_header(scope, b"content-type") or "").partition(";")[0].strip().lower()
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type in JSON_TYPES or content_type.endswith("+json")
 
 
 def host_allowed(host: str, allowed: frozenset[str]) -> bool:

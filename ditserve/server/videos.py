@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from ditserve.api import Cancelled, DitserveError, GenerationRequest, InvalidRequest
+from ditserve.api import Cancelled, DitserveError, GenerationRequest, InvalidRequest, Overloaded
 from ditserve.api.images import read_image
 from ditserve.server.errors import ModelNotFound, documented, error_response
 from ditserve.server.jobs import VARIANTS, Job
@@ -37,7 +37,7 @@ from ditserve.server.state import ServerState, state_of
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-UPLOAD_PATHS = frozenset({"/v1/videos"})  # JSON or multipart: the middleware checks size, not type
+JSON_OR_FORM_PATHS = frozenset({"/v1/videos"})  # JSON (--max-body-bytes) or multipart (--max-upload-bytes)
 _MEDIA = {"video": "video/mp4", "thumbnail": "image/webp", "spritesheet": "image/jpeg"}
 _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)} - {"images"}
 
@@ -54,13 +54,21 @@ async def create(request: Request):
     if not state.limits.frame_multiple:
         raise InvalidRequest(f"the loaded model makes images ({state.source.class_name}); use "
                              "/v1/images/generations, or serve a video model for /v1/videos", "model")
-    state.scheduler.check_room()  # a full queue costs nothing: before the upload is read
+    runner = state.job_runner
+    runner.check_room()  # a full queue costs nothing: before the upload is read
     body, image = await _body(request, state)
     resolved = _resolved(state, body, image)
     seconds = body.seconds or f"{resolved.num_frames / resolved.fps:g}"
-    job = state.jobs.create(state.model_id, f"{resolved.width}x{resolved.height}", seconds,
-                            _request_fields(resolved), image)
-    state.job_runner.start(job)
+    runner.check_room()  # again: other jobs may have come in while this upload was read
+    client = request.client.host if request.client else "unknown"
+    state.clients.take(client, state.scheduler.retry_after())  # released when the job ends
+    try:
+        job = state.jobs.create(state.model_id, f"{resolved.width}x{resolved.height}", seconds,
+                                _request_fields(resolved), image)
+    except BaseException:
+        state.clients.release(client)
+        raise
+    runner.start(job, client)
     return JSONResponse(video_object(state.jobs.get(job.id), prompt=resolved.prompt))
 
 
@@ -69,7 +77,7 @@ async def _body(request: Request, state: ServerState) -> tuple[VideoCreateBody, 
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     image = None
     try:
-        if kind == "application/json":
+        if kind == "application/json" or kind.endswith("+json"):
             return VideoCreateBody.model_validate_json(await request.body()), None
         if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
             return _unsupported(kind)
@@ -211,15 +219,43 @@ async def remix(video_id: str, request: Request):
 
 class JobRunner:
     """Runs each job as a background task: submit to the scheduler, follow its progress, store the
-    content. Tasks are independent of HTTP connections; `cancel` stops one within a step."""
+    content. Tasks are independent of HTTP connections; `cancel` stops one within a step.
+
+    Jobs count against `--max-queue` from their creation (a job not yet handed to the scheduler is
+    counted as queued) and against their client's share (`--max-client-requests`) until they end."""
 
     def __init__(self, state: ServerState, poll_s: float = 0.2):
         self.state, self.poll_s = state, poll_s
         self.tasks: dict[str, asyncio.Task] = {}
         self.tickets: dict = {}
+        self.unsubmitted: set[str] = set()  # started, not yet in the scheduler's queue
+        self._clients: dict[str, str] = {}  # job id -> the client whose share it holds
 
-    def start(self, job: Job) -> None:
-        self.tasks[job.id] = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+    def check_room(self) -> None:
+        """Overloaded (429) when the queue, counting jobs not yet handed to the scheduler, is full;
+        Unavailable (503) while draining."""
+        scheduler = self.state.scheduler
+        scheduler.check_room()
+        waiting = scheduler.queue_length + len(self.unsubmitted)
+        if waiting >= scheduler.max_queue:
+            raise Overloaded(f"the queue is full ({waiting} requests and video jobs waiting); retry later",
+                             retry_after=scheduler.retry_after())
+
+    def start(self, job: Job, client: str | None = None) -> None:
+        """Run `job` in the background; `client` (whose share the job holds) is released when it ends."""
+        self.unsubmitted.add(job.id)
+        if client is not None:
+            self._clients[job.id] = client
+        task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+        self.tasks[job.id] = task
+        # a callback, not the task's finally: a task cancelled before it first runs never enters its body
+        task.add_done_callback(lambda _: self._ended(job.id))
+
+    def _ended(self, job_id: str) -> None:
+        self.unsubmitted.discard(job_id)
+        client = self._clients.pop(job_id, None)
+        if client is not None:
+            self.state.clients.release(client)
 
     def recover(self) -> int:
         """Re-queue the jobs an earlier server left unfinished (see jobs.py)."""
@@ -241,6 +277,7 @@ class JobRunner:
         try:
             request = self._request(job)
             ticket = await self._submit(request)
+            self.unsubmitted.discard(job.id)
             self.tickets[job.id] = ticket
             output = await self._follow(job, ticket)
             await asyncio.to_thread(self._store, job, output)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 
+import httpx
 import numpy as np
 import pytest
 from live_server import API_KEY, assert_envelope, start
@@ -14,7 +15,9 @@ from PIL import Image
 
 from ditserve.runtime.video_io import read_video
 
-FLAGS = ("--max-queue", "8", "--max-steps", "2000", "--max-client-requests", "8")
+FLAGS = ("--max-queue", "8", "--max-steps", "2000", "--max-client-requests", "8", "--max-upload-bytes", "1000000")
+FIELDS = {"id", "object", "model", "status", "progress", "created_at", "completed_at", "expires_at", "size",
+          "seconds", "prompt", "error", "remixed_from_video_id", "seed", "timings"}
 SMALL = {"size": "48x32", "num_inference_steps": "2", "num_frames": "5", "seed": "3"}
 
 
@@ -37,6 +40,14 @@ def test_create_and_poll_then_download(video_server, tiny_wan):
                                      extra_body={**SMALL, "fps": "4"})
     assert video.status == "completed" and video.progress == 100 and video.object == "video"
     assert video.size == "48x32" and video.seconds == "1" and video.error is None
+    raw = video_server.http.get(f"/v1/videos/{video.id}").json()  # OpenAI's Video object, plus seed and timings
+    assert set(raw) == FIELDS and raw["remixed_from_video_id"] is None and raw["seed"] == 3
+    assert raw["created_at"] <= raw["completed_at"] < raw["expires_at"] and raw["model"] == video.model
+    assert raw["timings"]["steps"] and "decode" in raw["timings"]["stages"]
+    metrics = video_server.metrics()  # jobs by status, queue depth, job and step durations
+    assert metrics["ditserve_video_jobs{status=completed}"] >= 1 and "ditserve_queue_length" in metrics
+    assert metrics["ditserve_video_job_seconds_count{status=completed}"] >= 1
+    assert metrics["ditserve_step_seconds_count"] >= 1
     data = c.videos.download_content(video.id).read()
     frames, rate = read_video(data)
     assert frames.shape == (5, 32, 48, 3) and rate == 4  # 1 s at 4 fps -> 4k+1 = 5 frames
@@ -62,10 +73,11 @@ def test_progress_moves_and_delete_cancels_within_a_step(video_server):
     while time.monotonic() < deadline:
         job = c.videos.retrieve(long.id)
         seen.add((job.status, job.progress))
-        if job.status == "in_progress" and job.progress >= 1:
+        if len({p for s, p in seen if s == "in_progress"}) >= 2:
             break
         time.sleep(0.1)
-    assert any(s == "in_progress" for s, _ in seen), seen
+    moving = sorted(p for s, p in seen if s == "in_progress")
+    assert len(moving) >= 2 and 0 < moving[-1] < 100, seen  # progress moves while it runs
     steps = video_server.metrics()["ditserve_denoise_steps_total"]
     deleted = c.videos.delete(long.id)
     assert deleted.deleted and deleted.id == long.id
@@ -76,6 +88,65 @@ def test_progress_moves_and_delete_cancels_within_a_step(video_server):
     with pytest.raises(Exception) as info:
         c.videos.retrieve(long.id)
     assert getattr(info.value, "status_code", None) == 404
+
+
+def test_json_body_and_a_job_outlives_its_client(video_server):
+    """A JSON body (numbers as numbers) works as the form does; `seconds` at `fps` becomes 4k+1 frames;
+    the job belongs to no connection: its client goes away and it still completes."""
+    with httpx.Client(base_url=video_server.url, headers=video_server.headers, timeout=60) as gone:
+        created = gone.post("/v1/videos", json={"prompt": "a cat", "seconds": "1.5", "fps": 2, "size": "48x32",
+                                                "num_inference_steps": 2, "seed": 5})
+    assert created.status_code == 200, created.text
+    job = created.json()
+    assert job["status"] == "queued" and job["seconds"] == "1.5" and job["seed"] == 5
+    deadline = time.monotonic() + 120
+    while job["status"] not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = video_server.http.get(f"/v1/videos/{job['id']}").json()
+    assert job["status"] == "completed", job
+    frames, rate = read_video(video_server.http.get(f"/v1/videos/{job['id']}/content").content)
+    assert frames.shape[0] == 5 and rate == 2  # 1.5 s x 2 fps = 3 intervals -> 4 (4k) -> 5 frames
+
+
+def wait_until_idle(server) -> None:
+    for status in ("queued", "in_progress"):
+        server.wait_metric(f"ditserve_video_jobs{{status={status}}}", lambda v: v == 0)
+
+
+def test_full_queue_and_one_clients_share_are_429(video_server):
+    """--max-queue counts video jobs (429 queue_full with Retry-After), and one client address cannot
+    take the whole queue (429 client_limit, issue 24.6); a deleted job gives its client's share back."""
+    wait_until_idle(video_server)
+
+    def create(address: str, i: int) -> httpx.Response:
+        return video_server.http.post("/v1/videos", data={"prompt": f"wait {i}", **SMALL},
+                                      headers={"X-Forwarded-For": address})
+
+    worker, created = video_server.worker(), []
+    worker.suspend()  # jobs stay queued (one sent to the stopped worker) until it resumes
+    try:
+        for i in range(8):  # the client's share: --max-client-requests 8
+            r = create("10.0.0.1", i)
+            assert r.status_code == 200, r.text
+            created.append(r.json()["id"])
+        video_server.wait_metric("ditserve_running_requests", lambda v: v == 1)
+        share = create("10.0.0.1", 8)
+        r = create("10.0.0.2", 9)  # 7 queued + this one: the queue (--max-queue 8) is full
+        assert r.status_code == 200, r.text
+        created.append(r.json()["id"])
+        full = create("10.0.0.3", 10)
+    finally:
+        for video_id in created:
+            video_server.http.delete(f"/v1/videos/{video_id}")
+        worker.resume()
+    video_server.wait_metric("ditserve_running_requests", lambda v: v == 0)
+    for response, code in ((share, "client_limit"), (full, "queue_full")):
+        assert assert_envelope(response, 429)["code"] == code
+        assert int(response.headers["retry-after"]) >= 1
+    again = create("10.0.0.1", 11)  # the deleted jobs released the client's share
+    assert again.status_code == 200, again.text
+    video_server.http.delete(f"/v1/videos/{again.json()['id']}")
+    wait_until_idle(video_server)
 
 
 def test_list_pages(video_server):
@@ -116,6 +187,11 @@ def test_an_image_for_a_text_to_video_model_and_unknown_ids(video_server):
     assert_envelope(video_server.http.get("/v1/videos/video_" + "0" * 32), 404)
     assert_envelope(video_server.http.get("/v1/videos/../../etc/passwd"), 404)
     assert_envelope(video_server.http.post("/v1/videos/video_x/remix", json={"prompt": "y"}), 400)
+    big = video_server.http.post("/v1/videos", data={"prompt": "x"},  # past --max-upload-bytes 1000000
+                                 files={"input_reference": ("a.png", b"\0" * 1_100_000, "image/png")})
+    assert assert_envelope(big, 413)["code"] == "request_too_large"
+    text = video_server.http.post("/v1/videos", content=b"prompt=x", headers={"content-type": "text/plain"})
+    assert "application/json or multipart/form-data" in assert_envelope(text, 415)["message"]
     # and the image endpoints say this model makes videos
     assert "video" in assert_envelope(video_server.http.post("/v1/images/generations", json={"prompt": "x"}),
                                       400)["message"]
