@@ -36,6 +36,16 @@ def test_create_get_update_and_reopen(tmp_path):
     assert again.input_path(job.id).read_bytes() == b"png-bytes"
     mode = stat.S_IMODE(again.content_path(job.id, "video").stat().st_mode)
     assert mode == 0o600 and not [p for p in again.root.iterdir() if p.name.endswith(".tmp")]
+    assert stat.S_IMODE(again.root.stat().st_mode) == 0o700
+    assert again._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_data_dir_defaults_to_the_per_user_cache(tmp_path, monkeypatch):
+    from ditserve.config.server import ServerConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert ServerConfig().jobs_dir() == str(tmp_path / "cache" / "ditserve" / "jobs")
+    assert ServerConfig(data_dir=str(tmp_path / "d")).jobs_dir() == str(tmp_path / "d")
 
 
 def test_unknown_and_malformed_ids_are_not_found(tmp_path):

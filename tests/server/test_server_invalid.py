@@ -163,3 +163,12 @@ def test_docs_page_works_offline(server):
     assert "<script" not in page and "http://" not in page and "https://" not in page
     assert "POST /v1/images/generations" in page and "num_inference_steps" in page
     assert server.http.get("/redoc").status_code == 404
+
+
+def test_video_routes_on_an_image_model_are_400(server):
+    """Issue 14: an image model answers /v1/videos with a 400 that says it makes images."""
+    for response in (server.http.post("/v1/videos", data={"prompt": "a cat walks"}),
+                     server.http.post("/v1/videos", json={"prompt": "a cat walks"}),
+                     server.http.get("/v1/videos"), server.http.get("/v1/videos/video_" + "0" * 32)):
+        error = assert_envelope(response, 400)
+        assert error["param"] == "model" and "makes images" in error["message"], error
