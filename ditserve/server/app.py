@@ -81,8 +81,10 @@ async def _lifespan(app: FastAPI):
         for task in tasks:
             task.cancel()
         if state.job_runner is not None:
-            for job_id in list(state.job_runner.tasks):  # stays in the store as queued/in_progress: re-run later
-                state.job_runner.tasks.pop(job_id).cancel()
+            # a job stays in the store as queued/in_progress and runs again after a restart; the worker
+            # stops the running one within a step instead of finishing a video nobody will store
+            for job_id in list(state.job_runner.tasks):
+                state.job_runner.cancel(job_id)
         await state.worker.stop()
         state.store.close()
         if state.jobs is not None:

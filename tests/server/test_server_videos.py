@@ -198,18 +198,37 @@ def test_an_image_for_a_text_to_video_model_and_unknown_ids(video_server):
 
 
 def test_completed_jobs_survive_a_restart(tiny_wan, tmp_path):
+    """A restart serves completed jobs and their content; jobs the stopped server left running or queued
+    are back in the queue (documented in server/jobs.py and the README) and run again, oldest first."""
     data = tmp_path / "jobs"
-    first = start(tiny_wan("t2v"), tmp_path / "a.log", *FLAGS, "--data-dir", str(data), api_key=API_KEY)
+    first = start(tiny_wan("t2v"), tmp_path / "a.log", *FLAGS, "--data-dir", str(data), "--drain-timeout", "1",
+                  api_key=API_KEY)
     try:
-        done = client(first).videos.create_and_poll(prompt="keep me", poll_interval_ms=100, extra_body=SMALL)
-        content = client(first).videos.download_content(done.id).read()
+        c = client(first)
+        done = c.videos.create_and_poll(prompt="keep me", poll_interval_ms=100, extra_body=SMALL)
+        content = c.videos.download_content(done.id).read()
+        running = c.videos.create(prompt="interrupted", extra_body={**SMALL, "num_inference_steps": "1000",
+                                                                    "size": "96x64", "num_frames": "17"})
+        waiting = c.videos.create(prompt="waiting", extra_body=SMALL)
+        deadline = time.monotonic() + 60
+        while c.videos.retrieve(running.id).status != "in_progress" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.videos.retrieve(waiting.id).status == "queued"
     finally:
-        first.stop()
+        first.stop()  # SIGINT: a 1 s drain, then it stops with the long job still running
+    assert "denoise: 1000 steps" not in first.log_path.read_text()  # the worker stopped it at shutdown
     second = start(tiny_wan("t2v"), tmp_path / "b.log", *FLAGS, "--data-dir", str(data), api_key=API_KEY)
     try:
-        again = client(second).videos.retrieve(done.id)
+        c = client(second)
+        again = c.videos.retrieve(done.id)
         assert again.status == "completed" and (again.model_extra or {}).get("seed") == 3
-        assert client(second).videos.download_content(done.id).read() == content
+        assert c.videos.download_content(done.id).read() == content
+        assert "2 unfinished video job(s)" in second.log_path.read_text()
+        assert c.videos.retrieve(waiting.id).status == "queued"
+        second.wait_metric("ditserve_denoise_steps_total", lambda v: v > 0)  # the interrupted one runs again
+        assert c.videos.retrieve(running.id).status == "in_progress"
+        c.videos.delete(running.id)
+        assert c.videos.poll(waiting.id, poll_interval_ms=100).status == "completed"
     finally:
         second.stop()
 
