@@ -15,7 +15,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by generate and serve."""
     p.add_argument("--model-path", metavar="DIR_OR_HF_ID", default=None,
                    help="diffusers model directory or Hugging Face id (default: $DITSERVE_DEFAULT_MODEL, "
-                        "else the bundled demo model)")
+                        "else the bundled demo model; ditserve-demo-video: the bundled video demo)")
     p.add_argument("--device", metavar="DEVICE", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")

@@ -52,7 +52,8 @@ def add_parser(sub) -> None:
                    help="input image (PNG, JPEG, WebP): to edit, or to animate with an image-to-video model; "
                         "repeatable for models that take several (default: none)")
     p.add_argument("--num-frames", metavar="N", type=int, default=None,
-                   help="video models: frames, 4k+1 (default: Wan 81)")
+                   help="video models: frames, 4k+1 (default: Wan 81, video demo 17); without --model-path, "
+                        "asks for the bundled video demo")
     p.add_argument("--fps", metavar="FPS", type=int, default=None,
                    help="video models: frame rate of the file (default: Wan 16, TI2V-5B 24)")
     p.add_argument("--guidance-scale-2", metavar="G", type=float, default=None,
@@ -92,13 +93,17 @@ def _layer_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected block indices like 7,8,9, got {text!r}") from None
 
 
-def default_model_path(given: str | None) -> str:
-    """`--model-path` if given, else $DITSERVE_DEFAULT_MODEL, else the bundled demo model."""
+def default_model_path(given: str | None, video: bool = False) -> str:
+    """`--model-path` if given, else $DITSERVE_DEFAULT_MODEL, else the bundled demo model (the video
+    demo when `video`: the request gives --num-frames)."""
     from ditserve import demo
 
-    path = demo.default_model(given)
+    path = demo.default_model(given, video=video)
     if not given and demo.is_demo(path):
         log.info("no --model-path: using the bundled demo model (64x64 shapes; try %r)", demo.EXAMPLE_PROMPT)
+    elif not given and demo.is_video_demo(path):
+        log.info("no --model-path: using the bundled video demo model (64x64, 17 frames of a moving shape; try %r)",
+                 demo.VIDEO_EXAMPLE_PROMPT)
     return path
 
 
@@ -145,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before any weights load.
     from ditserve.runtime.loader import inspect_model
 
-    source = inspect_model(default_model_path(args.model_path))
+    source = inspect_model(default_model_path(args.model_path, video=args.num_frames is not None))
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
@@ -206,10 +211,9 @@ def quiet_libraries() -> None:
 def _warn_if_demo_cannot_draw(model: Path, request: GenerationRequest) -> None:
     from ditserve import demo
 
-    if demo.is_demo(model):
-        warning = demo.request_warning(request.prompt, request.height, request.width)
-        if warning:
-            log.warning(warning)
+    warning = demo.warning_for(model, request.prompt, request.height, request.width, request.num_frames)
+    if warning:
+        log.warning(warning)
 
 
 def _write_outputs(out, paths: list[Path]) -> list[tuple[Path, str]]:

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key-file", default=None, help="read the API key from this file (keeps it out of ps)")
     p.add_argument("--served-model-name", default=None,
                    help="the id in /v1/models and `model` (default: the model folder's name or the HF id; "
-                        f"{DEMO_MODEL_ID} for the bundled demo model)")
+                        f"{DEMO_MODEL_ID} for the bundled demo model, ditserve-demo-video for the video demo)")
     _add_network_args(p)
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get 429 (default 64)")
     p.add_argument("--max-client-requests", type=int, default=None,
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ditserve.config import env, parse_device, parse_dtype
     from ditserve.runtime.loader import inspect_model
 
-    model, demo = _model_path(args.model_path)
+    model, demo_id = _model_path(args.model_path)
     source = inspect_model(model)
     device = parse_device(args.device)
     parse_dtype(args.dtype, device)
@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"--max-batch-size must be at least 1, got {args.max_batch_size}", "max_batch_size")
     config = _server_config(args)
     engine = engine_config(args, str(source.path), max_batch_size=args.max_batch_size)
-    model_id = args.served_model_name or (DEMO_MODEL_ID if demo else
-                                          Path(model).name if Path(model).expanduser().is_dir() else model)
+    model_id = args.served_model_name or demo_id or (Path(model).name if Path(model).expanduser().is_dir() else model)
 
     from ditserve.server.app import create_app
     from ditserve.server.runner import bind, serve
@@ -115,19 +114,23 @@ def _server_config(args: argparse.Namespace):
     )
 
 
-def _model_path(given: str | None) -> tuple[str, bool]:
-    """`--model-path`, else $DITSERVE_DEFAULT_MODEL, else the bundled demo model; and whether it is the demo."""
+def _model_path(given: str | None) -> tuple[str, str | None]:
+    """`--model-path` (a bundled demo's name: its folder), else $DITSERVE_DEFAULT_MODEL, else the bundled
+    (image) demo model; and the demo's served id when it is a bundled demo."""
     from ditserve import demo
     from ditserve.config import env
 
-    if given or env.demo_model_path():
-        return given or env.demo_model_path(), False
+    if given:
+        path = str(demo.resolve_name(given))
+        return path, (demo.IMAGE_NAME if demo.is_demo(path) else demo.VIDEO_NAME if demo.is_video_demo(path) else None)
+    if env.demo_model_path():
+        return env.demo_model_path(), None
     bundled = demo.model_path()
     if bundled is None:
         raise InvalidRequest("--model-path is required (the bundled demo model is not installed)", "model")
-    log.info("no --model-path: serving the bundled demo model as %r (64x64 shapes; try %r)", DEMO_MODEL_ID,
-             demo.EXAMPLE_PROMPT)
-    return str(bundled), True
+    log.info("no --model-path: serving the bundled demo model as %r (64x64 shapes; try %r); for the video demo "
+             "on /v1/videos run `ditserve serve --model-path %s`", DEMO_MODEL_ID, demo.EXAMPLE_PROMPT, demo.VIDEO_NAME)
+    return str(bundled), DEMO_MODEL_ID
 
 
 def _log_policy(state) -> None:

@@ -22,6 +22,7 @@ class Generator:
     """Python entry point.
 
     >>> gen = Generator.from_pretrained()  # the bundled 64x64 demo model, as `ditserve generate` uses
+    >>> video = Generator.from_pretrained("ditserve-demo-video")  # the bundled video demo (17 frames)
     >>> gen = Generator.from_pretrained("path/to/FLUX.1-dev", device="cuda", dtype="bfloat16")
     >>> out = gen.generate(prompt="a red fox in snow", seed=0)
     >>> out.images[0].save("fox.png"); out.timings.stages
@@ -36,7 +37,9 @@ class Generator:
                         cache: dict | str | None = None, parallel: dict | ParallelConfig | None = None,
                         cpu_offload: str = "none", memory: dict | MemoryConfig | None = None) -> "Generator":
         """`model` is a diffusers directory or a Hugging Face id (default: $DITSERVE_DEFAULT_MODEL, else
-        the bundled demo model, `ditserve.demo.MODEL_DIR`); `dtype` a name or torch dtype.
+        the bundled demo model, `ditserve.demo.MODEL_DIR`), or a bundled demo's name: "ditserve-demo"
+        (images) or "ditserve-demo-video" (the video demo, `ditserve.demo.VIDEO_MODEL_DIR`); `dtype` a
+        name or torch dtype.
 
         `cache`: step caching, keys as the `--cache-*` flags (e.g. `dict(method="first-block",
         threshold=0.08, taylorseer_order=1)`); `parallel`: the parallel engine, keys as ParallelConfig's
@@ -121,8 +124,8 @@ class Generator:
             skip_layer_guidance_stop=skip_layer_guidance_stop, layers=layers, use_dynamic_cfg=use_dynamic_cfg,
         )
         request = self.engine.resolve(request)
-        if demo.is_demo(self.engine.source.path):
-            warning = demo.request_warning(request.prompt, request.height, request.width)
-            if warning:
-                log.warning(warning)
+        warning = demo.warning_for(self.engine.source.path, request.prompt, request.height, request.width,
+                                   request.num_frames)
+        if warning:
+            log.warning(warning)
         return self.engine.run_batch([request], RunControl(progress_bar=progress_bar))[0]

@@ -23,7 +23,8 @@ log = logging.getLogger("training.video_demo")
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "ditserve" / "demo" / "video_model"
 EXPORT_MARGIN_S = 20
-VAE_SHARE = 0.42  # of --max-minutes, at most; encoding the clip set comes out of the DiT's share
+VAE_SHARE = 0.42  # of --max-minutes, at most
+ENCODE_SHARE = 0.08  # of --max-minutes, at most, for encoding the clip set after the VAE
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -86,13 +87,15 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-        vae_deadline = dit_deadline = None
+        vae_deadline = dit_deadline = encode_deadline = None
         if args.max_minutes:
             now = time.monotonic()
             vae_deadline = now + VAE_SHARE * 60 * args.max_minutes
             dit_deadline = now + 60 * args.max_minutes - EXPORT_MARGIN_S
         vae, vae_steps = train_vae(work, r, train_combos, device, vae_deadline, args.vae_stop_after)
-        data = encode_dataset(work, r, vae, vae_steps, train_combos, device)
+        if args.max_minutes:
+            encode_deadline = time.monotonic() + ENCODE_SHARE * 60 * args.max_minutes
+        data = encode_dataset(work, r, vae, vae_steps, train_combos, device, encode_deadline)
         denoiser = train_dit(work, r, data, train_combos, device, dit_deadline, args.dit_stop_after)
         log.info("training done in %.1f min (this sitting)", (time.perf_counter() - start) / 60)
     return export_pipeline(args.out or work / "model", vae.eval(), data, denoiser.eval())

@@ -31,11 +31,12 @@ left() {  # minutes left, less a reserve
 { nvidia-smi -L || true; python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } >"$out/train.log" 2>&1
 python3 -m training.video_demo train --recipe "$recipe" --device "$device" --threads 8 --work-dir "$work" \
-    --out "$work/video_model" --max-minutes "$(left "$eval_reserve")" >>"$out/train.log" 2>&1
+    --out "$work/video_model" --max-minutes "$(left "$eval_reserve")" ${VIDEO_DEMO_TRAIN_ARGS:-} >>"$out/train.log" 2>&1
 # pack first: scoring is nice to have, the weights are not
 (cd "$work" && tar cf - video_model | split -b 14000000 - "$out/video_model.tar.")
 echo "packed after $(( $(date +%s) - start )) s" >>"$out/train.log"
 timeout "${VIDEO_DEMO_EVAL_TIMEOUT:-150}" python3 -m training.video_demo evaluate --model-path "$work/video_model" \
-    --device "$device" --seeds 0 1 --json "$out/eval.json" --grid "$out/grid.png" >"$out/eval.log" 2>&1 \
+    --device "$device" --seeds 0 1 --json "$out/eval.json" --grid "$out/grid.png" ${VIDEO_DEMO_EVAL_ARGS:-} \
+    >"$out/eval.log" 2>&1 \
     || echo "evaluation failed or timed out (rc $?)" >>"$out/eval.log"
 echo "done in $(( $(date +%s) - start )) s" | tee -a "$out/train.log"

@@ -97,9 +97,10 @@ def train_vae(work: Path, recipe: config.Recipe, combos: list[Combo], device: to
 
 @torch.no_grad()
 def encode_dataset(work: Path, recipe: config.Recipe, vae: AutoencoderKLWan, vae_steps: int, combos: list[Combo],
-                   device: torch.device) -> dict:
+                   device: torch.device, deadline: float | None = None) -> dict:
     """Draw the recipe's ``dataset_size`` clips of 17 frames and encode them once (posterior means);
-    cached at ``work/latents.pt`` for this VAE step.
+    cached at ``work/latents.pt`` for this VAE step. Past ``deadline`` (``time.monotonic()``) it
+    stops early and keeps the clips encoded so far (at least one chunk).
 
     Returns {"latents": float16 [N, C, 5, 8, 8] raw latents, "combo": int64 [N] indices into
     ``combos``, "mean", "std": per-channel lists, "key"}: (z - mean) / std is what the DiT learns.
@@ -119,6 +120,10 @@ def encode_dataset(work: Path, recipe: config.Recipe, vae: AutoencoderKLWan, vae
         x = clips_to_tensor(render_clips(clips[first:first + size], NUM_FRAMES, device))
         with autocast(recipe, device):
             chunks.append(vae.encode(x).latent_dist.mean.float().cpu())
+        if deadline is not None and time.monotonic() > deadline and first + size < len(clips):
+            log.warning("encoding: out of time after %d of %d clips; the DiT learns those", first + size, len(clips))
+            clips = clips[:first + size]
+            break
     latents = torch.cat(chunks)
     per_channel = latents.transpose(0, 1).flatten(1)
     data = {"latents": latents.half(), "combo": torch.tensor([index[c.combo] for c in clips]),
