@@ -235,9 +235,9 @@ def test_completed_jobs_survive_a_restart(tiny_wan, tmp_path):
 
 def test_image_to_video_and_the_job_time_limit(tiny_wan, tmp_path):
     """An input_reference animates with an image-to-video model; a job past --job-timeout fails with
-    code `timeout` and the worker moves on."""
+    code `timeout` and the worker moves on; a job past --output-ttl is swept with its files."""
     live = start(tiny_wan("i2v"), tmp_path / "i2v.log", *FLAGS, "--data-dir", str(tmp_path / "jobs"),
-                 "--job-timeout", "3", api_key=API_KEY)
+                 "--job-timeout", "3", "--output-ttl", "6", api_key=API_KEY)
     try:
         c = client(live)
         png = io.BytesIO()
@@ -253,5 +253,12 @@ def test_image_to_video_and_the_job_time_limit(tiny_wan, tmp_path):
         after = c.videos.create_and_poll(prompt="next", input_reference=("in.png", png.getvalue(), "image/png"),
                                          poll_interval_ms=100, extra_body=SMALL)
         assert after.status == "completed"
+        files = list((tmp_path / "jobs").glob(f"{video.id}.*"))
+        assert {f.suffix for f in files} == {".input", ".mp4", ".webp", ".jpg"}
+        deadline = time.monotonic() + 30  # the sweep runs every ttl/2 s
+        while any(f.exists() for f in files) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(f.exists() for f in files)
+        assert_envelope(live.http.get(f"/v1/videos/{video.id}"), 404)
     finally:
         live.stop()
