@@ -106,6 +106,8 @@ def test_json_body_and_a_job_outlives_its_client(video_server):
     assert job["status"] == "completed", job
     frames, rate = read_video(video_server.http.get(f"/v1/videos/{job['id']}/content").content)
     assert frames.shape[0] == 5 and rate == 2  # 1.5 s x 2 fps = 3 intervals -> 4 (4k) -> 5 frames
+    number = video_server.http.post("/v1/videos", json={"prompt": "a cat", "seconds": 2})  # OpenAI's is a string
+    assert assert_envelope(number, 400)["param"] == "seconds"
 
 
 def wait_until_idle(server) -> None:
@@ -166,13 +168,16 @@ def test_list_pages(video_server):
     ({"size": "50x32"}, "size"), ({"num_frames": "6"}, "num_frames"), ({"seconds": "-1"}, "seconds"),
     ({"seconds": "9999"}, "num_frames"), ({"num_inference_steps": "zero"}, "num_inference_steps"),
     ({"sampler": "ddim"}, "sampler"), ({"model": "sora-2"}, "model"), ({"unknown": "1"}, "unknown"),
+    ({"fps": "1.5"}, "fps"), ({"guidance_scale": "nan"}, "guidance_scale"),
 ])
-def test_bad_input_is_400_before_any_job(video_server, body, param):
+@pytest.mark.parametrize("as_json", [False, True], ids=["form", "json"])
+def test_bad_input_is_400_before_any_job(video_server, body, param, as_json):
     def jobs() -> float:  # every job in the store, whatever its status (earlier jobs may still move on)
         return sum(v for k, v in video_server.metrics().items() if k.startswith("ditserve_video_jobs{"))
 
     before = jobs()
-    r = video_server.http.post("/v1/videos", data={"prompt": "x", **body})
+    fields = {"json": {"prompt": "x", **body}} if as_json else {"data": {"prompt": "x", **body}}
+    r = video_server.http.post("/v1/videos", **fields)
     error = assert_envelope(r, 404 if param == "model" else 400)
     assert param in (error["param"] or "") or param in error["message"]
     assert jobs() == before
