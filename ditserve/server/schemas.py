@@ -208,3 +208,53 @@ class VideoCreateBody(BaseModel):
     cache: bool | None = Field(None, description="false: no step caching for this job (default true)")
     use_dynamic_cfg: bool | None = Field(None, description="CogVideoX: guidance that grows over the run "
                                                             "(default: the model's, off)")
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoObject(BaseModel):
+    """A video job as OpenAI's Video object, plus ditserve's `seed` and `timings` (for the OpenAPI
+    document; the routes build it from the job store)."""
+
+    id: str = Field(description="video_<32 hex>")
+    object: Literal["video"] = "video"
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int = Field(ge=0, le=100, description="percent of the denoising steps run")
+    created_at: int
+    completed_at: int | None
+    expires_at: int = Field(description="when the job and its files are deleted (--output-ttl)")
+    size: str
+    seconds: str
+    prompt: str | None
+    error: VideoError | None
+    remixed_from_video_id: None = None
+    seed: int | None
+    timings: dict | None = Field(description="queue, stage and step times once completed")
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool
+
+
+def videos_openapi() -> dict:
+    """The body of POST /v1/videos for the OpenAPI document: JSON, or the same fields as a form with
+    an optional `input_reference` image (the handler reads either itself)."""
+    schema = VideoCreateBody.model_json_schema()
+    form = {**schema, "properties": {**schema["properties"],
+                                     "input_reference": {"type": "string", "format": "binary"}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                          "multipart/form-data": {"schema": form}}}}

@@ -31,7 +31,7 @@ from ditserve.api import Cancelled, DitserveError, GenerationRequest, InvalidReq
 from ditserve.api.images import read_image
 from ditserve.server.errors import ModelNotFound, documented, error_response
 from ditserve.server.jobs import VARIANTS, Job
-from ditserve.server.schemas import VideoCreateBody, parse_size
+from ditserve.server.schemas import VideoCreateBody, VideoDeleted, VideoList, VideoObject, parse_size, videos_openapi
 from ditserve.server.state import ServerState, state_of
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def frames_for(seconds: float, fps: int, multiple: int) -> int:
     return multiple * max(0, round(seconds * fps / multiple)) + 1
 
 
-@router.post("/v1/videos", responses=documented(400, 401, 404, 413, 415, 429))
+@router.post("/v1/videos", responses={200: {"model": VideoObject}, **documented(400, 401, 404, 413, 415, 429)},
+             openapi_extra=videos_openapi())
 async def create(request: Request):
     """Create a video job (OpenAI's `videos.create`)."""
     state = state_of(request)
@@ -161,7 +162,7 @@ def _not_found(video_id: str) -> JSONResponse:
                           "invalid_request_error", "video_id", "not_found")
 
 
-@router.get("/v1/videos", responses=documented(400, 401))
+@router.get("/v1/videos", responses={200: {"model": VideoList}, **documented(400, 401)})
 async def list_videos(request: Request, after: str | None = None, limit: int = 20, order: str = "desc"):
     """Jobs, newest first by default (`after`, `limit` 1-100, `order` asc|desc)."""
     if not 1 <= limit <= 100:
@@ -177,7 +178,7 @@ async def list_videos(request: Request, after: str | None = None, limit: int = 2
             "last_id": data[-1]["id"] if data else None, "has_more": more}
 
 
-@router.get("/v1/videos/{video_id}", responses=documented(400, 401, 404))
+@router.get("/v1/videos/{video_id}", responses={200: {"model": VideoObject}, **documented(400, 401, 404)})
 async def retrieve(video_id: str, request: Request):
     job = _jobs(request).get(video_id)
     return _not_found(video_id) if job is None else video_object(job)
@@ -199,7 +200,7 @@ async def content(video_id: str, request: Request, variant: str = "video"):
     return Response(jobs.content_path(job.id, variant).read_bytes(), media_type=_MEDIA[variant])
 
 
-@router.delete("/v1/videos/{video_id}", responses=documented(400, 401, 404))
+@router.delete("/v1/videos/{video_id}", responses={200: {"model": VideoDeleted}, **documented(400, 401, 404)})
 async def delete(video_id: str, request: Request):
     """Delete a job and its files; a queued or running job is cancelled first."""
     state = state_of(request)

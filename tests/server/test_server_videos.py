@@ -151,6 +151,21 @@ def test_full_queue_and_one_clients_share_are_429(video_server):
     wait_until_idle(video_server)
 
 
+def test_openapi_declares_the_video_routes(video_server):
+    """/openapi.json (and /docs) describe POST /v1/videos' body as JSON or a form with the image, and
+    the Video object the routes answer with."""
+    schema = video_server.http.get("/openapi.json").json()
+    post = schema["paths"]["/v1/videos"]["post"]
+    content = post["requestBody"]["content"]
+    assert set(content) == {"application/json", "multipart/form-data"} and post["security"] == [{"bearerAuth": []}]
+    assert content["multipart/form-data"]["schema"]["properties"]["input_reference"]["format"] == "binary"
+    assert content["application/json"]["schema"]["properties"]["size"]["anyOf"][0]["pattern"]
+    assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/VideoObject")
+    assert set(schema["components"]["schemas"]["VideoObject"]["properties"]) == FIELDS
+    docs = video_server.http.get("/docs").text
+    assert "POST /v1/videos" in docs and "input_reference" in docs and "num_frames" in docs
+
+
 def test_list_pages(video_server):
     c = client(video_server)
     ids = [c.videos.create(prompt=f"clip {i}", extra_body=SMALL).id for i in range(3)]
