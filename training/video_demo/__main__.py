@@ -23,7 +23,7 @@ log = logging.getLogger("training.video_demo")
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "ditserve" / "demo" / "video_model"
 EXPORT_MARGIN_S = 20
-VAE_SHARE = 0.42  # of --max-minutes, at most
+VAE_SHARE = 0.4  # of --max-minutes, at most
 ENCODE_SHARE = 0.08  # of --max-minutes, at most, for encoding the clip set after the VAE
 
 

@@ -51,9 +51,11 @@ REQUEST_DEFAULTS = dict(height=IMAGE_SIZE, width=IMAGE_SIZE, num_frames=NUM_FRAM
 TOKENIZER_WORDS = CAPTION_WORDS + ("an",)  # "an orange circle" is trained as well
 
 
+# The "gpu" recipe's step counts are upper bounds: run_gpu.sh gives each stage a deadline, and the
+# learning rate's cosine then follows the clock (common.lr_now), ending where the stage stops.
 @dataclass(frozen=True)
 class VaeTraining:
-    steps: int = 6000
+    steps: int = 5000
     batch_size: int = 32
     frames: int = 9  # clip length the VAE trains on (4k + 1; the causal VAE then runs any length)
     lr: float = 1e-3
@@ -65,8 +67,8 @@ class VaeTraining:
 
 @dataclass(frozen=True)
 class DitTraining:
-    steps: int = 12_000
-    batch_size: int = 256
+    steps: int = 10_000
+    batch_size: int = 512
     lr: float = 1e-3
     warmup: int = 500
     weight_decay: float = 0.0

@@ -22,12 +22,12 @@ from diffusers import WanTransformer3DModel
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 from ditserve.bench.tokenizers import save_t5_tokenizer
-from training.demo.common import STAGE_DIT, count_parameters, load_checkpoint, lr_at, save_checkpoint, step_generator, step_rng
+from training.demo.common import STAGE_DIT, count_parameters, load_checkpoint, save_checkpoint, step_generator, step_rng
 from training.demo.dit import caption_variants, sample_times
 
 from . import config
+from .common import autocast, lr_now
 from .scenes import Combo
-from .vae import autocast
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,11 @@ def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo]
     combo_of = data["combo"].to(device)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     model.train()
-    clock, seen, running = time.perf_counter(), 0, None
+    clock, started, seen, running = time.perf_counter(), time.monotonic(), 0, None
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     for step in range(start, end):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+            group["lr"] = lr_now(step, cfg.lr, cfg.warmup, cfg.steps, started, deadline)
         rng = step_rng(recipe.seed, STAGE_DIT, step)
         idx = torch.from_numpy(rng.integers(len(latents), size=cfg.batch_size)).to(device)
         variant = torch.from_numpy(rng.integers(ids_table.shape[1], size=cfg.batch_size)).to(device)

@@ -35,7 +35,7 @@ python3 -m training.video_demo train --recipe "$recipe" --device "$device" --thr
 # pack first: scoring is nice to have, the weights are not
 (cd "$work" && tar cf - video_model | split -b 14000000 - "$out/video_model.tar.")
 echo "packed after $(( $(date +%s) - start )) s" >>"$out/train.log"
-timeout "${VIDEO_DEMO_EVAL_TIMEOUT:-150}" python3 -m training.video_demo evaluate --model-path "$work/video_model" \
+timeout "${VIDEO_DEMO_EVAL_TIMEOUT:-100}" python3 -m training.video_demo evaluate --model-path "$work/video_model" \
     --device "$device" --seeds 0 1 --json "$out/eval.json" --grid "$out/grid.png" ${VIDEO_DEMO_EVAL_ARGS:-} \
     >"$out/eval.log" 2>&1 \
     || echo "evaluation failed or timed out (rc $?)" >>"$out/eval.log"

@@ -9,7 +9,6 @@ encoded once for stage 2, and the latents' per-channel mean and spread become th
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -18,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
-from training.demo.common import (STAGE_DATA, STAGE_VAE, count_parameters, load_checkpoint, lr_at, save_checkpoint,
+from training.demo.common import (STAGE_DATA, STAGE_VAE, count_parameters, load_checkpoint, save_checkpoint,
                                   step_generator, step_rng)
 
 from . import config
+from .common import autocast, lr_now
 from .scenes import NUM_FRAMES, Combo, render_clips, sample_clip
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,6 @@ def build_vae(seed: int) -> AutoencoderKLWan:
 def clips_to_tensor(clips: torch.Tensor) -> torch.Tensor:
     """uint8 [N, T, H, W, 3] -> float [N, 3, T, H, W] in [-1, 1], as diffusers' video VAEs expect."""
     return clips.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
-
-
-def autocast(recipe: config.Recipe, device: torch.device):
-    """bfloat16 autocast on CUDA when the recipe asks for it; nothing otherwise."""
-    if recipe.autocast and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def train_vae(work: Path, recipe: config.Recipe, combos: list[Combo], device: torch.device,
@@ -62,10 +55,10 @@ def train_vae(work: Path, recipe: config.Recipe, combos: list[Combo], device: to
              start, cfg.steps, device, cfg.batch_size, cfg.frames)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     model.train()
-    clock, seen, step = time.perf_counter(), 0, start - 1
+    clock, started, seen, step = time.perf_counter(), time.monotonic(), 0, start - 1
     for step in range(start, end):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+            group["lr"] = lr_now(step, cfg.lr, cfg.warmup, cfg.steps, started, deadline)
         rng = step_rng(recipe.seed, STAGE_VAE, step)
         clips = [sample_clip(rng, combos, cfg.frames) for _ in range(cfg.batch_size)]
         x = clips_to_tensor(render_clips(clips, cfg.frames, device))
