@@ -289,7 +289,8 @@ class JobRunner:
         except (asyncio.CancelledError, Cancelled):
             raise
         except asyncio.TimeoutError:
-            self._fail(job, "timeout", f"the job did not finish within {self.state.config.job_timeout_s:g} s")
+            self._fail(job, "timeout", f"the job did not finish within {self.state.config.job_timeout_s:g} s "
+                                       "of starting (--job-timeout)")
         except DitserveError as exc:
             self._fail(job, "generation_failed", str(exc))
         except Exception as exc:  # noqa: BLE001 - a job fails alone; the server keeps serving
@@ -314,11 +315,12 @@ class JobRunner:
                 await asyncio.sleep(1.0)
 
     async def _follow(self, job: Job, ticket):
-        """Wait for the ticket, writing progress (0-99 while running) every poll; the job's time limit."""
-        deadline = time.monotonic() + self.state.config.job_timeout_s
-        last = None
+        """Wait for the ticket, writing progress (0-99 while running) every poll; the job's time limit
+        counts from when the worker takes it (time queued behind other jobs does not count)."""
+        timeout, last = self.state.config.job_timeout_s, None
         while not ticket.future.done():
-            if time.monotonic() > deadline:
+            started = ticket.started_at  # monotonic; None again if its batch went back to the queue
+            if started is not None and time.monotonic() > started + timeout:
                 self.state.scheduler.cancel(ticket)
                 raise asyncio.TimeoutError
             status = "in_progress" if ticket.started_at is not None else "queued"

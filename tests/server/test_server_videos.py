@@ -255,7 +255,8 @@ def test_completed_jobs_survive_a_restart(tiny_wan, tmp_path):
 
 def test_image_to_video_and_the_job_time_limit(tiny_wan, tmp_path):
     """An input_reference animates with an image-to-video model; a job past --job-timeout fails with
-    code `timeout` and the worker moves on; a job past --output-ttl is swept with its files."""
+    code `timeout` (queue time not counted) and the worker moves on; a job past --output-ttl is swept with
+    its files."""
     live = start(tiny_wan("i2v"), tmp_path / "i2v.log", *FLAGS, "--data-dir", str(tmp_path / "jobs"),
                  "--job-timeout", "3", "--output-ttl", "6", api_key=API_KEY)
     try:
@@ -266,13 +267,14 @@ def test_image_to_video_and_the_job_time_limit(tiny_wan, tmp_path):
                                          poll_interval_ms=100, extra_body=SMALL)
         assert video.status == "completed"
         assert read_video(c.videos.download_content(video.id).read())[0].shape == (5, 32, 48, 3)
-        slow = c.videos.create_and_poll(prompt="too slow", input_reference=("in.png", png.getvalue(), "image/png"),
-                                        poll_interval_ms=200, extra_body={**SMALL, "num_inference_steps": "990",
-                                                                                "size": "96x64", "num_frames": "17"})
-        assert slow.status == "failed" and slow.error.code == "timeout"
-        after = c.videos.create_and_poll(prompt="next", input_reference=("in.png", png.getvalue(), "image/png"),
-                                         poll_interval_ms=100, extra_body=SMALL)
-        assert after.status == "completed"
+        slow = c.videos.create(prompt="too slow", input_reference=("in.png", png.getvalue(), "image/png"),
+                               extra_body={**SMALL, "num_inference_steps": "990", "size": "96x64", "num_frames": "17"})
+        # queued behind the slow one until it times out: its own time limit counts from its start
+        after = c.videos.create(prompt="next", input_reference=("in.png", png.getvalue(), "image/png"), extra_body=SMALL)
+        after = c.videos.poll(after.id, poll_interval_ms=100)
+        assert after.status == "completed", after.error
+        slow = c.videos.retrieve(slow.id)
+        assert slow.status == "failed" and slow.error.code == "timeout" and "of starting" in slow.error.message
         files = list((tmp_path / "jobs").glob(f"{video.id}.*"))
         assert {f.suffix for f in files} == {".input", ".mp4", ".webp", ".jpg"}
         deadline = time.monotonic() + 30  # the sweep runs every ttl/2 s
