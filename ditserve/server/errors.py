@@ -94,7 +94,9 @@ _STATUS_TEXT = {
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
     """One line naming the first bad field, as OpenAI words it."""
     first = exc.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path"):  # where FastAPI found it, not the parameter's name
+        loc = loc[1:]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "extra_forbidden":

@@ -78,6 +78,8 @@ def test_progress_moves_and_delete_cancels_within_a_step(video_server):
         time.sleep(0.1)
     moving = sorted(p for s, p in seen if s == "in_progress")
     assert len(moving) >= 2 and 0 < moving[-1] < 100, seen  # progress moves while it runs
+    not_yet = video_server.http.get(f"/v1/videos/{long.id}/content")
+    assert assert_envelope(not_yet, 400)["code"] == "video_not_ready"
     steps = video_server.metrics()["ditserve_denoise_steps_total"]
     deleted = c.videos.delete(long.id)
     assert deleted.deleted and deleted.id == long.id
@@ -177,6 +179,13 @@ def test_list_pages(video_server):
     assert set(ids) <= set(everything)
     newest = c.videos.list(limit=1).data[0]
     assert newest.id == everything[-1]
+    raw = video_server.http.get("/v1/videos", params={"limit": 2, "order": "asc"}).json()
+    assert raw["object"] == "list" and [raw["first_id"], raw["last_id"]] == everything[:2] and raw["has_more"]
+    for bad, param in (({"limit": 0}, "limit"), ({"order": "up"}, "order"), ({"after": "video_" + "f" * 32}, "after"),
+                       ({"limit": "x"}, "limit")):
+        assert assert_envelope(video_server.http.get("/v1/videos", params=bad), 400)["param"] == param
+    bad_variant = video_server.http.get(f"/v1/videos/{everything[0]}/content", params={"variant": "gif"})
+    assert assert_envelope(bad_variant, 400)["param"] == "variant"
 
 
 @pytest.mark.parametrize("body, param", [
