@@ -91,10 +91,6 @@ class Recipe:
 RECIPES = {
     # One H200: run_gpu.sh stops each stage by the clock (--max-minutes) and exports what it has.
     "gpu": Recipe(),
-    # About 15 minutes on two CPU cores: enough to see the chain learn (not to ship), e.g. before a GPU run.
-    "cpu-check": Recipe(dataset_size=2000, autocast=False,
-                        vae=VaeTraining(steps=400, batch_size=4, frames=5, warmup=50, log_every=50, ckpt_every=200),
-                        dit=DitTraining(steps=1500, batch_size=64, warmup=100, log_every=100, ckpt_every=500)),
     # Seconds on a CPU: the whole chain at toy size, for tests and for trying changes.
     "smoke": Recipe(dataset_size=6, autocast=False,
                     vae=VaeTraining(steps=2, batch_size=1, frames=5, warmup=1, log_every=1, ckpt_every=2),
