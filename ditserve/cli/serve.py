@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default=None,
                    help="video models: where /v1/videos jobs and their files live (default ~/.cache/ditserve/jobs)")
     p.add_argument("--job-timeout", type=float, default=3600.0, help="seconds one video job may run (default 3600)")
+    p.add_argument("--data-max-bytes", type=int, default=10 << 30,
+                   help="disk the video jobs' files may use; the oldest finished jobs are deleted first "
+                        "(default 10 GiB)")
     p.set_defaults(run=run)
 
 
@@ -110,7 +113,7 @@ def _server_config(args: argparse.Namespace):
         max_client_requests=args.max_client_requests, max_connections=args.max_connections,
         header_timeout_s=args.header_timeout, allowed_hosts=hosts, public_url=args.public_url,
         forwarded_allow_ips=args.forwarded_allow_ips, worker_threads=args.worker_threads,
-        data_dir=args.data_dir, job_timeout_s=args.job_timeout,
+        data_dir=args.data_dir, job_timeout_s=args.job_timeout, data_max_bytes=args.data_max_bytes,
     )
 
 

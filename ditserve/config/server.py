@@ -58,9 +58,11 @@ class ServerConfig:
     # torch intra-op threads in the worker (None: torch's default).
     worker_threads: int | None = None
     # Video jobs (/v1/videos): where their SQLite store and files live (None: a per-user cache folder),
-    # and how long one job may run before it fails.
+    # and how long one job may run (from when the worker takes it) before it fails.
     data_dir: str | None = None
     job_timeout_s: float = 3600.0
+    # Disk the video jobs' files may use; finished jobs are deleted oldest first to stay within it.
+    data_max_bytes: int = 10 * 1024 * MIB
 
     def __post_init__(self):
         positive = {
@@ -71,7 +73,7 @@ class ServerConfig:
             "max_steps": self.max_steps, "max_num_images": self.max_num_images,
             "max_client_requests": self.max_client_requests, "max_connections": self.max_connections,
             "header_timeout_s": self.header_timeout_s, "worker_threads": self.worker_threads,
-            "job_timeout_s": self.job_timeout_s,
+            "job_timeout_s": self.job_timeout_s, "data_max_bytes": self.data_max_bytes,
         }
         for name, value in positive.items():
             if value is not None and not value > 0:

@@ -48,7 +48,8 @@ def create_app(source: ModelSource, model_id: str, engine: EngineConfig, config:
                         scheduler=scheduler, clients=ClientLimiter(config.client_limit), store=store,
                         metrics=metrics, created=int(time.time()))
     if limits.frame_multiple:  # a video model: durable jobs for /v1/videos
-        state.jobs = metrics.jobs = JobStore(config.jobs_dir(), config.output_ttl_s)
+        state.jobs = metrics.jobs = JobStore(config.jobs_dir(), config.output_ttl_s,
+                                             max_bytes=config.data_max_bytes)
         state.job_runner = videos.JobRunner(state)
     app = FastAPI(title="ditserve", version=ditserve.__version__, lifespan=_lifespan, docs_url=None,
                   redoc_url=None, description="OpenAI-compatible image generation with diffusion transformers.")

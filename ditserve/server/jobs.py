@@ -5,6 +5,8 @@ it again (the request's fields as JSON, the input image's bytes as a file), so j
 connections and server restarts. At start-up, jobs a previous server left queued or in progress are
 put back in the queue (status `queued`, progress 0): they run again from the start. Content files
 are written to a temporary name and renamed, so a crash never leaves half a video under a job's name.
+The files stay within `max_bytes` (`--data-max-bytes`): when a job's content is stored, the oldest
+finished jobs are deleted first, as expired ones are.
 No client-chosen name reaches the file system: ids are `video_<32 hex>` and checked before any lookup.
 """
 
@@ -21,6 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ditserve.api import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +78,11 @@ def new_id() -> str:
 class JobStore:
     """Jobs in `root/jobs.sqlite3`, content in `root/<id>.<ext>`; thread-safe (one connection, a lock)."""
 
-    def __init__(self, root: str | Path, ttl_s: float, clock: Callable[[], float] = time.time):
+    def __init__(self, root: str | Path, ttl_s: float, clock: Callable[[], float] = time.time,
+                 max_bytes: int | None = None):
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.ttl_s, self.clock = ttl_s, clock
+        self.ttl_s, self.clock, self.max_bytes = ttl_s, clock, max_bytes
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -161,6 +166,31 @@ class JobStore:
             self.delete(job_id)
         return len(expired)
 
+    def make_room(self, job_id: str) -> list[str]:
+        """Delete the oldest finished jobs (not `job_id`) until all files fit `max_bytes`; returns their
+        ids. JobTooLarge when `job_id`'s own files exceed it (they are left for the caller to drop)."""
+        if self.max_bytes is None:
+            return []
+        own = sum(_size(p) for p in self._files(job_id))
+        if own > self.max_bytes:
+            raise JobTooLarge(f"the video's files are {own} bytes, more than the server keeps for all jobs "
+                              f"({self.max_bytes} bytes, --data-max-bytes)")
+        used = sum(_size(p) for p in self.root.iterdir() if _JOB_FILE.fullmatch(p.name))
+        with self._lock:
+            finished = [r[0] for r in self._db.execute(
+                "SELECT id FROM jobs WHERE status IN ('completed', 'failed') AND id != ? "
+                "ORDER BY created_at, rowid", (job_id,)).fetchall()]
+        evicted = []
+        for old in finished:
+            if used <= self.max_bytes:
+                break
+            used -= sum(_size(p) for p in self._files(old))
+            self.delete(old)
+            evicted.append(old)
+        if evicted:
+            log.info("deleted %d oldest finished video job(s) to stay within %d bytes", len(evicted), self.max_bytes)
+        return evicted
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
@@ -191,6 +221,20 @@ class JobStore:
 
     def _columns(self) -> list[str]:
         return [d[1] for d in self._db.execute("PRAGMA table_info(jobs)").fetchall()]
+
+
+class JobTooLarge(EngineError):
+    """One job's files exceed the store's whole byte budget."""
+
+
+_JOB_FILE = re.compile(r"video_[0-9a-f]{32}\.(input|" + "|".join(VARIANTS.values()) + ")")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _job(row: tuple, columns: list[str]) -> Job:

@@ -30,7 +30,7 @@ from starlette.datastructures import UploadFile
 from ditserve.api import Cancelled, DitserveError, GenerationRequest, InvalidRequest, Overloaded
 from ditserve.api.images import read_image
 from ditserve.server.errors import ModelNotFound, documented, error_response
-from ditserve.server.jobs import VARIANTS, Job
+from ditserve.server.jobs import VARIANTS, Job, JobTooLarge
 from ditserve.server.schemas import VideoCreateBody, VideoDeleted, VideoList, VideoObject, parse_size, videos_openapi
 from ditserve.server.state import ServerState, state_of
 
@@ -291,6 +291,8 @@ class JobRunner:
         except asyncio.TimeoutError:
             self._fail(job, "timeout", f"the job did not finish within {self.state.config.job_timeout_s:g} s "
                                        "of starting (--job-timeout)")
+        except JobTooLarge as exc:
+            self._fail(job, "output_too_large", str(exc))
         except DitserveError as exc:
             self._fail(job, "generation_failed", str(exc))
         except Exception as exc:  # noqa: BLE001 - a job fails alone; the server keeps serving
@@ -332,12 +334,20 @@ class JobRunner:
         return ticket.future.result()
 
     def _store(self, job: Job, output) -> None:
+        """Write the job's content, then delete the oldest finished jobs past --data-max-bytes (this
+        job's content alone past it: removed again, and the job fails)."""
         from ditserve.runtime.video_io import encode_video, spritesheet, thumbnail
 
-        frames = output.videos[0]
-        self.state.jobs.put_content(job.id, "video", encode_video(frames, output.fps, "mp4"))
-        self.state.jobs.put_content(job.id, "thumbnail", thumbnail(frames))
-        self.state.jobs.put_content(job.id, "spritesheet", spritesheet(frames))
+        jobs, frames = self.state.jobs, output.videos[0]
+        jobs.put_content(job.id, "video", encode_video(frames, output.fps, "mp4"))
+        jobs.put_content(job.id, "thumbnail", thumbnail(frames))
+        jobs.put_content(job.id, "spritesheet", spritesheet(frames))
+        try:
+            jobs.make_room(job.id)
+        except JobTooLarge:
+            for variant in VARIANTS:
+                jobs.content_path(job.id, variant).unlink(missing_ok=True)
+            raise
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         log.warning("video job %s failed: %s", job.id, message)

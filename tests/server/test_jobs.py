@@ -103,3 +103,30 @@ def test_delete_removes_row_and_files(tmp_path):
     store.put_content(job.id, "thumbnail", b"t")
     assert store.delete(job.id) and store.get(job.id) is None
     assert not store.content_path(job.id, "thumbnail").exists() and not store.delete(job.id)
+
+
+def test_byte_cap_deletes_the_oldest_finished_jobs(tmp_path):
+    """--data-max-bytes: storing a job's content deletes the oldest finished jobs (files and rows) until
+    everything fits; queued and running jobs keep their inputs; one job alone past the cap is refused."""
+    from ditserve.server.jobs import JobTooLarge
+
+    clock = Clock()
+    store = JobStore(tmp_path / "data", ttl_s=100, clock=clock, max_bytes=300)
+    ids = []
+    for status in ("completed", "failed", "queued", "completed"):
+        clock.now += 1
+        job = store.create("m", "64x64", "1", {}, image=b"i" * 20)
+        store.put_content(job.id, "video", b"v" * 80)
+        store.update(job.id, status=status)
+        ids.append(job.id)
+    assert store.make_room(ids[-1]) == [ids[0]]  # 400 bytes: the oldest finished job goes
+    assert store.get(ids[0]) is None and not store.content_path(ids[0], "video").exists()
+    current = store.create("m", "64x64", "1", {})
+    store.put_content(current.id, "video", b"v" * 150)  # 450 bytes: the failed one goes, never the queued one
+    assert store.make_room(current.id) == [ids[1], ids[3]]
+    assert store.get(ids[2]).status == "queued" and store.input_path(ids[2]).exists()
+    huge = store.create("m", "64x64", "1", {})
+    store.put_content(huge.id, "video", b"v" * 301)
+    with pytest.raises(JobTooLarge, match="--data-max-bytes"):
+        store.make_room(huge.id)
+    assert store.get(current.id) is not None  # nothing was deleted for it

@@ -68,6 +68,7 @@ BAD_FLAGS = [
     (["--header-timeout", "0"], "header_timeout_s must be positive"),
     (["--max-client-requests", "0"], "max_client_requests must be positive"),
     (["--output-max-bytes", "0"], "output_max_bytes must be positive"),
+    (["--data-max-bytes", "0"], "data_max_bytes must be positive"),
     (["--public-url", "ftp://example.com"], "public_url must be an http(s) URL"),
     (["--allowed-hosts", ","], "allowed_hosts is empty"),
 ]

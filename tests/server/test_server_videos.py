@@ -228,7 +228,8 @@ def test_an_image_for_a_text_to_video_model_and_unknown_ids(video_server):
 
 def test_completed_jobs_survive_a_restart(tiny_wan, tmp_path):
     """A restart serves completed jobs and their content; jobs the stopped server left running or queued
-    are back in the queue (documented in server/jobs.py and the README) and run again, oldest first."""
+    are back in the queue (documented in server/jobs.py and the README) and run again, oldest first;
+    past --data-max-bytes the oldest finished job is deleted to make room."""
     data = tmp_path / "jobs"
     first = start(tiny_wan("t2v"), tmp_path / "a.log", *FLAGS, "--data-dir", str(data), "--drain-timeout", "1",
                   api_key=API_KEY)
@@ -246,7 +247,9 @@ def test_completed_jobs_survive_a_restart(tiny_wan, tmp_path):
     finally:
         first.stop()  # SIGINT: a 1 s drain, then it stops with the long job still running
     assert "denoise: 1000 steps" not in first.log_path.read_text()  # the worker stopped it at shutdown
-    second = start(tiny_wan("t2v"), tmp_path / "b.log", *FLAGS, "--data-dir", str(data), api_key=API_KEY)
+    done_bytes = sum(f.stat().st_size for f in data.glob(f"{done.id}.*"))
+    second = start(tiny_wan("t2v"), tmp_path / "b.log", *FLAGS, "--data-dir", str(data),
+                   "--data-max-bytes", str(done_bytes * 3 // 2), api_key=API_KEY)  # room for about one more
     try:
         c = client(second)
         again = c.videos.retrieve(done.id)
@@ -258,6 +261,9 @@ def test_completed_jobs_survive_a_restart(tiny_wan, tmp_path):
         assert c.videos.retrieve(running.id).status == "in_progress"
         c.videos.delete(running.id)
         assert c.videos.poll(waiting.id, poll_interval_ms=100).status == "completed"
+        assert c.videos.download_content(waiting.id).read()
+        assert_envelope(second.http.get(f"/v1/videos/{done.id}"), 404)  # the oldest, deleted for room
+        assert not list(data.glob(f"{done.id}.*"))
     finally:
         second.stop()
 
