@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from training.video_demo import config, scenes
-from training.video_demo.checker import (FACTS, MIN_TRAVEL, check_clip, direction_accuracy, direction_of,
-                                         fact_accuracy, measure_clip)
+from training.video_demo.checker import (
+    FACTS,
+    MIN_TRAVEL,
+    check_clip,
+    direction_accuracy,
+    direction_of,
+    fact_accuracy,
+    measure_clip,
+)
 from training.video_demo.dit import caption_variants
 from training.video_demo.scenes import COLORS, DIRECTIONS, SHAPES, Clip, Combo
 
@@ -28,7 +35,7 @@ def test_combos_and_held_out_split():
     assert len(combos) == len(COLORS) * len(SHAPES) * len(DIRECTIONS) * (len(COLORS) - 1) == 672
     train, held = scenes.split_combos(config.SEED, config.NUM_HELD_OUT)
     assert len(held) == config.NUM_HELD_OUT and not set(held) & set(train) and len(train) + len(held) == 672
-    facts = lambda c: [(f, getattr(c, f)) for f in ("color", "shape", "direction", "background")]  # noqa: E731
+    facts = lambda c: [(f, getattr(c, f)) for f in ("color", "shape", "direction", "background")]
     seen = {pair for c in train for pair in itertools.combinations(facts(c), 2)}
     assert all(pair in seen for c in held for pair in itertools.combinations(facts(c), 2))
 

@@ -113,10 +113,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     report = evaluate(gen, held_out_combos(args.count), tuple(args.seeds), **request)
     elapsed = time.perf_counter() - start
-    print(report.summary())  # noqa: T201 - this is the command's output
-    print(f"{elapsed / len(report.results):.3f} s per clip on {args.device}")  # noqa: T201
+    print(report.summary())
+    print(f"{elapsed / len(report.results):.3f} s per clip on {args.device}")
     for item in report.to_dict()["wrong"]:
-        print(f"  {item}")  # noqa: T201
+        print(f"  {item}")
     if args.json:
         result = {"model": str(args.model_path), "seeds": args.seeds, "request": request, "device": args.device,
                   "s_per_clip": elapsed / len(report.results), **report.to_dict()}

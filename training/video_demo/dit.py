@@ -22,7 +22,14 @@ from diffusers import WanTransformer3DModel
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 from ditserve.bench.tokenizers import save_t5_tokenizer
-from training.demo.common import STAGE_DIT, count_parameters, load_checkpoint, save_checkpoint, step_generator, step_rng
+from training.demo.common import (
+    STAGE_DIT,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+    step_generator,
+    step_rng,
+)
 from training.demo.dit import caption_variants, sample_times
 
 from . import config

@@ -17,8 +17,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
-from training.demo.common import (STAGE_DATA, STAGE_VAE, count_parameters, load_checkpoint, save_checkpoint,
-                                  step_generator, step_rng)
+from training.demo.common import (
+    STAGE_DATA,
+    STAGE_VAE,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+    step_generator,
+    step_rng,
+)
 
 from . import config
 from .common import autocast, lr_now
