@@ -14,6 +14,7 @@
   streaming itself is never traced.
 - the text encoders on the CPU (`text_encoder_device="cpu"`): their outputs move to the device.
 - the VAE's tiling and slicing (vae/memory.py).
+- forward chunking of each DiT's per-token parts (`forward_chunk_size`, accel/activations.py).
 
 Offloading moves weights by swapping each parameter's `.data` (and each buffer) between its host
 copy and a device copy, so modules keep their identity and anything holding them (step caches,
@@ -246,13 +247,15 @@ class BlockStreamer:
 
 
 def plan_streaming(blocks: list[nn.Module], group_size: int, budget_bytes: int | None,
-                   fixed_bytes: int) -> tuple[list[nn.Module], list[list[nn.Module]]]:
+                   fixed_bytes: int, reserve_bytes: int | None = None) -> tuple[list[nn.Module], list[list[nn.Module]]]:
     """(resident blocks, streamed groups): without a budget every block streams; with one, the first
-    blocks stay resident while they fit `budget - fixed - reserve - two streamed groups`."""
+    blocks stay resident while they fit `budget - fixed - reserve - two streamed groups` (`reserve`:
+    the activations' peak, e.g. from accel/activations.py's estimate; default ACTIVATION_RESERVE_GIB)."""
     sizes = [nbytes([b]) for b in blocks]
     keep = 0
     if budget_bytes is not None:
-        room = budget_bytes - fixed_bytes - ACTIVATION_RESERVE_GIB * GIB
+        reserve = ACTIVATION_RESERVE_GIB * GIB if reserve_bytes is None else reserve_bytes
+        room = budget_bytes - fixed_bytes - reserve
         for k in range(len(blocks) + 1):
             rest = sizes[k:]
             window = 2 * max((sum(rest[i:i + group_size]) for i in range(0, len(rest), group_size)), default=0)
@@ -263,13 +266,15 @@ def plan_streaming(blocks: list[nn.Module], group_size: int, budget_bytes: int |
 
 
 def stream_blocks(dit: nn.Module, device: torch.device, group_size: int = 1, budget_gib: float | None = None,
-                  name: str = "dit") -> BlockStreamer | None:
+                  name: str = "dit", activation_gib: float | None = None) -> BlockStreamer | None:
     """Stream `dit`'s blocks (on the host) in groups of `group_size`, keeping the first ones resident
-    as far as `budget_gib` allows; None when every block fits. The rest of the DiT is the caller's
-    to place (an Offloader's HostCopy, or `.to(device)`)."""
+    as far as `budget_gib` allows with `activation_gib` kept for activations (default
+    ACTIVATION_RESERVE_GIB); None when every block fits. The rest of the DiT is the caller's to place
+    (an Offloader's HostCopy, or `.to(device)`)."""
     blocks = list(dit.blocks)
     budget = None if budget_gib is None else int(budget_gib * GIB)
-    resident, groups = plan_streaming(blocks, group_size, budget, nbytes([dit]) - nbytes(blocks))
+    reserve = None if activation_gib is None else int(activation_gib * GIB)
+    resident, groups = plan_streaming(blocks, group_size, budget, nbytes([dit]) - nbytes(blocks), reserve)
     streamer = BlockStreamer(groups, device, device.type == "cuda") if groups else None
     log.info("%s: %d blocks resident, %d streamed in %d groups (%.2f GiB streamed per call)", name,
              len(resident), len(blocks) - len(resident), len(groups), streamer.nbytes / GIB if streamer else 0.0)
@@ -338,12 +343,21 @@ def _wrap_stage(pipeline, stage: str, before: Callable[..., None], after: Callab
     setattr(pipeline, stage, run)
 
 
-def apply_memory(pipeline, memory: MemoryConfig, device: torch.device) -> Offloader | None:
+def apply_memory(pipeline, memory: MemoryConfig, device: torch.device,
+                 activation_gib: float | None = None) -> Offloader | None:
     """Place the loaded `pipeline`'s components as `memory` says (loaded where `load_device` put
-    them), for running on `device`; returns the Offloader when offloading (None otherwise)."""
+    them), for running on `device`; returns the Offloader when offloading (None otherwise).
+    `activation_gib`: the DiT call's activation peak to keep free under a budget (default
+    ACTIVATION_RESERVE_GIB; benchmarks pass accel/activations.py's estimate for their size)."""
+    from ditserve.accel.activations import apply_forward_chunking, forward_chunk_size
     from ditserve.vae.memory import apply_vae_memory
 
     pipeline.device = device
+    chunk = forward_chunk_size(memory.forward_chunk_size, memory.cpu_offload)
+    if chunk:
+        for attr in pipeline.dit_names:
+            if getattr(pipeline, attr, None) is not None:
+                apply_forward_chunking(getattr(pipeline, attr), chunk)
     parts = {}
     for name, module in pipeline.components().items():
         if module is not None and all(module is not m for m in parts.values()):
@@ -366,11 +380,12 @@ def apply_memory(pipeline, memory: MemoryConfig, device: torch.device) -> Offloa
         for module in managed.values():
             module.to(device)
         return None
-    pipeline.offloader = _offload(pipeline, managed, memory, device)
+    pipeline.offloader = _offload(pipeline, managed, memory, device, activation_gib)
     return pipeline.offloader
 
 
-def _offload(pipeline, parts: dict[str, nn.Module], memory: MemoryConfig, device: torch.device) -> Offloader:
+def _offload(pipeline, parts: dict[str, nn.Module], memory: MemoryConfig, device: torch.device,
+             activation_gib: float | None = None) -> Offloader:
     pin = device.type == "cuda"
     dits = {}
     for attr in pipeline.dit_names:
@@ -381,7 +396,8 @@ def _offload(pipeline, parts: dict[str, nn.Module], memory: MemoryConfig, device
     streamers = {}
     if memory.cpu_offload == "layerwise":
         for name, dit in dits.items():
-            streamer = stream_blocks(dit, device, memory.offload_group_size, memory.gpu_memory_budget_gib, name)
+            streamer = stream_blocks(dit, device, memory.offload_group_size, memory.gpu_memory_budget_gib, name,
+                                     activation_gib)
             if streamer is not None:
                 streamers[name] = streamer
     offloader = Offloader(parts, device, pin, streamers)

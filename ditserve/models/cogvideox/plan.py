@@ -12,6 +12,7 @@ COGVIDEOX_PLAN = DiTPlan(
     attention_sites=("attn.attn_op",),
     qk_rope_site=None,  # QK LayerNorm (with a bias), not the RMSNorm the fused kernel implements
     teacache=None,  # no fit published for CogVideoX in ditserve's sources
+    token_sites=("ff",),  # per-token feed-forwards: may run over the sequence in chunks
     # streams (x, txt), joined text first; consts (temb, rope, grid): the rotary table runs over the
     # joint sequence (identity rows for the text; None for 2B, whose sin-cos positions are added in embed)
     sequence=SequenceLayout(joint_order=(1, 0), consts=("same", "rope", "same"),

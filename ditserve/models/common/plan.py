@@ -94,6 +94,11 @@ class DiTPlan:
     - `teacache`: the model config -> its published TeaCache fit, or None where none is published
       for that checkpoint (None for the whole family: none published). Step caches measure and
       reuse the first stream of `Hidden` (the image or video tokens).
+    - `token_sites`: block-relative paths of the pieces that map every token on its own along dim 1
+      — feed-forward modules ([B, L, D] -> [B, L, D]), or block methods and op attributes whose
+      positional tensors are per token (or broadcast over the tokens, [B, 1, D]; a `Rotary` by its
+      rows) and whose keyword arguments are not (a cross-attention's context) — which may run over
+      the sequence in chunks (accel/activations.py). A block without one (or holding None) is skipped.
     - `sequence`, `tensor`: the sequence- and tensor-parallel layouts (None: not supported).
     """
 
@@ -104,5 +109,6 @@ class DiTPlan:
     attention_sites: tuple[str, ...] = ("attn_op",)
     qk_rope_site: str | None = None
     teacache: Callable[[Any], TeaCacheFit | None] | None = None
+    token_sites: tuple[str, ...] = ()
     sequence: SequenceLayout | None = None
     tensor: TensorLayout | None = None

@@ -29,6 +29,7 @@ FLUX_PLAN = DiTPlan(
     attention_sites=("attn_op",),
     qk_rope_site="qkv_op",
     teacache=lambda cfg: FLUX_TEACACHE if cfg.num_layers > 0 else None,
+    token_sites=("img_mlp", "txt_mlp"),  # per-token feed-forwards: may run over the sequence in chunks
     # streams (img, txt), joined as (txt, img) for attention; consts (vec, rope)
     sequence=SequenceLayout(joint_order=(1, 0), consts=("same", "rope"), self_attention_sites=("attn_op",),
                             head_streams=(0,)),

@@ -29,6 +29,7 @@ HUNYUAN_VIDEO_PLAN = DiTPlan(
     attention_sites=("attn_op",),
     qk_rope_site="qkv_op",
     teacache=lambda cfg: HUNYUAN_VIDEO_TEACACHE if cfg.num_layers > 0 else None,
+    token_sites=("img_mlp", "txt_mlp"),  # per-token feed-forwards: may run over the sequence in chunks
     # streams (img, txt), joined as (txt, img) for attention; consts (vec, rope over (txt, img), key mask
     # over (txt, img) or None): the text padding stays masked on every rank
     sequence=SequenceLayout(joint_order=(1, 0), consts=("same", "rope", "key_mask"), self_attention_sites=("attn_op",),

@@ -9,6 +9,7 @@ QWEN_IMAGE_PLAN = DiTPlan(
     fp8_keep=("*mod.lin",),
     attention_sites=("attn_op",),
     qk_rope_site="qkv_op",
+    token_sites=("img_mlp", "txt_mlp"),  # per-token feed-forwards: may run over the sequence in chunks
     # streams (img, txt), joined as (txt, img); consts (vec, rope, key mask over (txt, img) or None,
     # per-token modulation index [B, L] over the image tokens or None)
     sequence=SequenceLayout(joint_order=(1, 0), consts=("same", "rope", "key_mask", "per_token"),

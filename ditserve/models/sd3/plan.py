@@ -12,6 +12,7 @@ SD3_PLAN = DiTPlan(
     attention_sites=("attn_op", "attn2_op"),
     qk_rope_site=None,  # no rotary embedding: QK RMSNorm alone, which compile fuses into the projections
     teacache=None,  # no published fit for SD3
+    token_sites=("img_mlp", "txt_mlp"),  # per-token feed-forwards: may run over the sequence in chunks
     # heads split across ranks: q/k/v and the MLP input by output, the projections back by input; the
     # blocks count heads from the projection width and the QK norm is per head, so nothing else changes
     tensor=TensorLayout(column=("*attn.qkv", "attn2.qkv", "*_mlp.0"), row=("*attn.proj", "attn2.proj", "*_mlp.2")),

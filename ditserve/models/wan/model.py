@@ -62,6 +62,7 @@ class Attention(nn.Module):
             self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
             self.norm_added_k = nn.RMSNorm(dim, eps=eps)
         self.attn_op = sdpa_attention
+        self.rope_op = apply_rope  # per token: may run over the sequence in chunks (plan.token_sites)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, -1))
@@ -76,12 +77,15 @@ class Attention(nn.Module):
         q = self._heads(self.norm_q(self.to_q(x)))
         k = self._heads(self.norm_k(self.to_k(context)))
         v = self._heads(self.to_v(context))
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if rope is not None:  # one at a time: the unrotated query is freed before the key's turn
+            q = self.rope_op(q, rope)
+            k = self.rope_op(k, rope)
         out = self.attn_op(q, k, v).flatten(2).type_as(q)
+        del k, v
         if image is not None:
             k_img = self._heads(self.norm_added_k(self.add_k_proj(image)))
             out = out + self.attn_op(q, k_img, self._heads(self.add_v_proj(image))).flatten(2).type_as(q)
+        del q
         return self.to_out(out)
 
 
@@ -100,12 +104,26 @@ class WanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mod: torch.Tensor, rope: Rotary,
                 *_head_consts) -> torch.Tensor:
+        # Only the self-attention mixes tokens; the pieces around it map each token on its own (their
+        # tensors in float32 are the largest of a long video: the plan lets them run in chunks)
         shift, scale, gate, c_shift, c_scale, c_gate = modulation(self.scale_shift_table.float(), mod)
-        attn = self.attn1((layer_norm32(x, self.eps) * (1 + scale) + shift).type_as(x), rope=rope)
-        x = (x.float() + attn * gate).type_as(x)
+        x = self.attn_residual(x, self.attn1(self.modulate(x, scale, shift), rope=rope), gate)
+        x = self.cross_attention(x, context=context)
+        return self.ffn_residual(x, c_scale, c_shift, c_gate)
+
+    def modulate(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return (layer_norm32(x, self.eps) * (1 + scale) + shift).type_as(x)
+
+    def attn_residual(self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return (x.float() + attn * gate).type_as(x)
+
+    def cross_attention(self, x: torch.Tensor, *, context: torch.Tensor) -> torch.Tensor:
         normed = x if self.norm2 is None else layer_norm32(x, self.eps, self.norm2).type_as(x)
-        x = x + self.attn2(normed, context)  # ungated, in the model dtype, as the reference
-        ff = self.ffn((layer_norm32(x, self.eps) * (1 + c_scale) + c_shift).type_as(x))
+        return x + self.attn2(normed, context)  # ungated, in the model dtype, as the reference
+
+    def ffn_residual(self, x: torch.Tensor, c_scale: torch.Tensor, c_shift: torch.Tensor,
+                     c_gate: torch.Tensor) -> torch.Tensor:
+        ff = self.ffn(self.modulate(x, c_scale, c_shift))
         return (x.float() + ff.float() * c_gate).type_as(x)
 
 

@@ -50,6 +50,9 @@ WAN_PLAN = DiTPlan(
     attention_sites=("attn1.attn_op", "attn2.attn_op"),
     qk_rope_site=None,  # QK RMSNorm spans all heads: the fused per-head kernel does not apply
     teacache=wan_teacache,
+    # everything but the self-attention maps each token on its own: the modulated norms, the rotary
+    # embedding, the gated residuals, the cross-attention (queries per token) and the FFN
+    token_sites=("modulate", "attn_residual", "cross_attention", "ffn_residual", "attn1.rope_op"),
     # stream (x,); consts (context, mod, rope, temb, grid): mod is per token with TI2V's per-token timesteps
     sequence=SequenceLayout(joint_order=(0,), consts=("same", "per_token", "rope", "same", "same"),
                             self_attention_sites=("attn1.attn_op",), head_streams=(0,)),

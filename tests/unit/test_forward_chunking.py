@@ -1,0 +1,207 @@
+"""Forward chunking over the sequence and the activation-peak estimate (accel/activations.py): the
+chunked DiT equals the unchunked one bit for bit on the CPU in float32 (tiny Wan — with per-sample
+and per-token timesteps and image cross-attention —, FLUX, Qwen-Image), every declared site really
+runs in chunks, and the estimate counts tensors' lifetimes exactly and drops with chunking."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ditserve.accel import activations as A
+from ditserve.accel.activations import (
+    LiveBytes, apply_forward_chunking, chunk_ranges, disable_forward_chunking, estimate_activation_peak,
+    forward_chunk_size,
+)
+from ditserve.accel.offload import GIB, plan_streaming
+from ditserve.api import InvalidRequest
+from ditserve.bench.common import arch_kwargs
+from ditserve.config.memory import MemoryConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from bench_offload import TINY_ARCH  # noqa: E402
+
+QWEN_ARCH = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=24, axes_dims_rope=[4, 6, 6])
+
+
+def _init(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def _wan(image: bool = False):
+    from ditserve.models.wan.config import WanConfig
+    from ditserve.models.wan.model import WanDiT
+
+    arch = dict(TINY_ARCH["wan2.1-t2v-1.3b"], num_layers=2)
+    if image:
+        arch.update(image_dim=12, added_kv_proj_dim=32)
+    cfg = WanConfig.from_dict(arch_kwargs(arch))
+    return cfg, _init(WanDiT(cfg))
+
+
+def _wan_inputs(cfg, per_token: bool = False, image: bool = False):
+    from ditserve.bench import wan
+    from ditserve.models.wan.model import WanInputs
+
+    inp = wan.inputs(cfg, 112, 160, 9, "cpu", torch.float32)  # 3 x 7 x 10 = 210 tokens: chunks 64, 64, 82
+    gen = torch.Generator().manual_seed(2)
+    text = 512 if image else 8  # I2V: the text is the last 512 context tokens
+    timesteps = torch.rand(1, 210, generator=gen) * 1000 if per_token else inp.timesteps
+    return WanInputs(latents=inp.latents, timesteps=timesteps, context=inp.context[:, :8].repeat(1, text // 8, 1),
+                     image=torch.randn(1, 6, 12, generator=gen) if image else None)
+
+
+def _check_chunked(dit: nn.Module, inp, chunk: int = 64) -> int:
+    """dit(inp) chunked equals unchunked bit for bit; returns how many site calls ran on a chunk."""
+    with torch.no_grad():
+        expected = dit(inp)
+        assert apply_forward_chunking(dit, chunk) > 0
+        calls = []
+        original = A.chunked_call
+
+        def counting(fn, size, dim, x, *args, **kwargs):
+            calls.append(len(chunk_ranges(x.shape[dim], size)))
+            return original(fn, size, dim, x, *args, **kwargs)
+
+        A.chunked_call = counting
+        try:
+            apply_forward_chunking(dit, chunk)  # again: the sites now call the counting wrapper
+            got = dit(inp)
+        finally:
+            A.chunked_call = original
+        disable_forward_chunking(dit)
+        again = dit(inp)
+    assert expected.std() > 0.1
+    assert torch.equal(got, expected)
+    assert torch.equal(again, expected)
+    return sum(n > 1 for n in calls)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_wan_chunked_is_bit_identical(per_token):
+    cfg, dit = _wan()
+    chunked = _check_chunked(dit, _wan_inputs(cfg, per_token))
+    # every site of every block ran in chunks (modulate twice: before attention and inside the FFN part,
+    # where it sees one chunk only): 2 blocks x (modulate, attn_residual, cross_attention, ffn_residual, 2 ropes)
+    assert chunked == 2 * 6
+    assert not any("_ditserve_unchunked" in m.__dict__ for m in dit.modules())  # undone
+
+
+def test_wan_image_cross_attention_chunked_is_bit_identical():
+    cfg, dit = _wan(image=True)
+    assert _check_chunked(dit, _wan_inputs(cfg, image=True)) == 2 * 6
+
+
+def test_flux_and_qwen_image_chunked_are_bit_identical():
+    from ditserve.bench import flux, qwen_image
+    from ditserve.models.flux.config import FluxConfig
+    from ditserve.models.flux.model import FluxDiT
+    from ditserve.models.qwen_image.config import QwenImageConfig
+    from ditserve.models.qwen_image.model import QwenImageDiT
+
+    cfg = FluxConfig.from_dict(arch_kwargs(TINY_ARCH["flux.1-dev"]))
+    dit = _init(FluxDiT(cfg))
+    inp = flux.inputs(cfg, 16 * 19, 16 * 13, 8, "cpu", torch.float32)  # 247 image tokens
+    from dataclasses import replace
+
+    inp = replace(inp, rope=dit.positional_tables(inp.img_ids, inp.txt_ids))
+    assert _check_chunked(dit, inp) == cfg.num_layers  # the image MLPs (the 8 text tokens: one chunk)
+    qcfg = QwenImageConfig.from_dict(QWEN_ARCH)
+    qdit = _init(QwenImageDiT(qcfg))
+    assert _check_chunked(qdit, qwen_image.inputs(qcfg, 16 * 15, 16 * 11, 8, "cpu", torch.float32)) == 2
+
+
+def test_chunk_ranges_and_flags():
+    assert chunk_ranges(210, 64) == [(0, 64), (64, 128), (128, 210)]
+    assert chunk_ranges(128, 64) == [(0, 64), (64, 128)]
+    assert chunk_ranges(127, 64) == [(0, 127)]  # the remainder joins the last chunk: never a sliver
+    assert A.align_chunk(1) == 64 and A.align_chunk(4000) == 4032
+    assert forward_chunk_size(None, "layerwise") == A.AUTO_CHUNK_TOKENS
+    assert forward_chunk_size(None, "model") is None and forward_chunk_size(0, "layerwise") is None
+    assert forward_chunk_size(512, "none") == 512
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidRequest, match="forward-chunk-size"):
+            MemoryConfig(forward_chunk_size=bad)
+    from ditserve.cli.memory_args import add_memory_arguments, memory_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_memory_arguments(p)
+    assert memory_config_from_args(p.parse_args(["--forward-chunk-size", "2048"])).forward_chunk_size == 2048
+    assert memory_config_from_args(p.parse_args([])).forward_chunk_size is None
+
+
+def test_live_bytes_counts_lifetimes_exactly():
+    ff = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).to("meta")
+    x = torch.empty(1, 1000, 8, device="meta")
+    meter = LiveBytes()
+    with torch.no_grad(), meter:
+        out = ff(x)
+    # the hidden layer and its GELU (4 bytes x 32 wide each), then GELU's output with the result (8 wide)
+    assert meter.peak == 1000 * 4 * 64
+    assert meter.now == out.numel() * 4  # only the result is still alive
+    ff.forward = lambda t: A.chunked_call(nn.Sequential.forward.__get__(ff), 128, 1, t)
+    meter = LiveBytes()
+    with torch.no_grad(), meter:
+        ff(x)
+    # the output, and the last chunk's (tokens 768..1000) hidden layer and GELU
+    assert meter.peak == 1000 * 4 * 8 + 2 * (232 * 4 * 32)
+
+
+def test_activation_estimate_drops_with_chunking_at_size():
+    """A 14B-wide Wan block on the meta device at 8,000 tokens: the estimate runs without computing, and
+    chunking lowers it (the float32 residuals and the FFN hidden layer are no longer whole)."""
+    from ditserve.models.wan.config import WanConfig
+    from ditserve.models.wan.model import WanDiT, WanInputs
+
+    arch = dict(TINY_ARCH["wan2.1-t2v-1.3b"], num_layers=1, attention_head_dim=128, num_attention_heads=40,
+                ffn_dim=13824, text_dim=4096, rope_max_seq_len=1024)
+    cfg = WanConfig.from_dict(arch_kwargs(arch))
+    dit = A.meta_copy(WanDiT, cfg, torch.bfloat16)
+    meta = dict(device="meta")
+    inp = WanInputs(latents=torch.empty(1, 16, 5, 80, 160, dtype=torch.bfloat16, **meta),
+                    timesteps=torch.empty(1, **meta), context=torch.empty(1, 512, 4096, dtype=torch.bfloat16, **meta))
+    whole = estimate_activation_peak(dit, inp)
+    apply_forward_chunking(dit, 1024)
+    chunked = estimate_activation_peak(dit, inp)
+    assert whole.tokens == chunked.tokens == 5 * 40 * 80
+    token_bytes = 5120 * 2  # one bf16 token of the model width
+    # whole: the rotary embedding's float32 copies beside x, q, k, v; chunked: about x, q, k, v and outputs
+    assert 8 * token_bytes < whole.per_token < 12 * token_bytes
+    assert chunked.peak_bytes < 0.75 * whole.peak_bytes
+    assert not any(p.device.type != "meta" for p in dit.parameters())
+
+
+def test_budget_keeps_room_for_the_estimated_activations():
+    blocks = [nn.Linear(256, 256) for _ in range(8)]  # 257 KiB each
+    size = sum(p.numel() * 4 for p in blocks[0].parameters())
+    budget = int(2 * GIB + 6 * size)
+    resident, _ = plan_streaming(blocks, 1, budget, 0)  # the default 2 GiB reserve: 4 resident + 2 in flight
+    assert len(resident) == 4
+    resident, _ = plan_streaming(blocks, 1, budget, 0, reserve_bytes=int(2 * GIB + 2 * size))
+    assert len(resident) == 2
+
+
+@pytest.mark.slow  # 5 s: two loads and runs of the tiny Wan folder (the DiT-level tests above are the fast proof)
+def test_generator_forward_chunking_is_bit_identical(tiny_wan):
+    from ditserve import Generator
+
+    request = dict(prompt="a cat", height=128, width=128, num_frames=5, num_inference_steps=2, seed=5,
+                   max_sequence_length=16)
+    outs = []
+    for memory in ({}, {"forward_chunk_size": 64}):
+        gen = Generator.from_pretrained(tiny_wan(), device="cpu", dtype=torch.float32, memory=memory)
+        outs.append(np.stack(gen.generate(**request).videos))
+    dit = gen.engine.pipeline.dit
+    assert "_ditserve_unchunked" in dit.blocks[0].__dict__  # the flag reached the DiT
+    assert outs[0].std() > 1 and np.array_equal(outs[0], outs[1])
