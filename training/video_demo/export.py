@@ -58,6 +58,8 @@ def export_pipeline(out: Path, vae: AutoencoderKLWan, latent_stats: dict, denois
     (out / "ditserve.json").write_text(json.dumps({"defaults": config.REQUEST_DEFAULTS}, indent=2) + "\n",
                                        encoding="utf-8")
     (out / "README.md").write_text(README, encoding="utf-8")
+    for path in out.rglob("*"):  # safetensors are written 0600; a package's files are for every user
+        path.chmod(0o755 if path.is_dir() else 0o644)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log.info("exported WanPipeline to %s (%.1f MB)", out, size / 1e6)
     return out
