@@ -143,6 +143,9 @@ def _log_policy(state) -> None:
              "%d connections", limits.max_pixels, defaults.width, defaults.height, limits.max_steps,
              defaults.num_inference_steps, limits.max_num_images, cfg.client_limit, cfg.max_queue,
              cfg.max_connections)
+    if state.jobs is not None:
+        log.info("video jobs: in %s, kept %g s, at most %d bytes (oldest finished deleted first), %g s each "
+                 "once running", state.jobs.root, cfg.output_ttl_s, cfg.data_max_bytes, cfg.job_timeout_s)
     hosts = cfg.host_allow_list()
     log.info("Host header: %s", "any (--allowed-hosts *)" if hosts is None else
              ", ".join(sorted(hosts)) + " or an IP address")

@@ -255,7 +255,9 @@ def test_completed_jobs_survive_a_restart(tiny_wan, tmp_path):
         again = c.videos.retrieve(done.id)
         assert again.status == "completed" and (again.model_extra or {}).get("seed") == 3
         assert c.videos.download_content(done.id).read() == content
-        assert "2 unfinished video job(s)" in second.log_path.read_text()
+        started = second.log_path.read_text()
+        assert "2 unfinished video job(s)" in started
+        assert f"video jobs: in {data}, kept 3600 s, at most {done_bytes * 3 // 2} bytes" in started
         assert c.videos.retrieve(waiting.id).status == "queued"
         second.wait_metric("ditserve_denoise_steps_total", lambda v: v > 0)  # the interrupted one runs again
         assert c.videos.retrieve(running.id).status == "in_progress"
