@@ -13,8 +13,14 @@ output is checked against the resident one (`max_abs_diff_vs_resident`: streamin
     python benchmarks/bench_offload.py --model wan2.1-t2v-14b --budget 12 --out FILE
     python benchmarks/bench_offload.py --model flux.1-dev --tiny      # CPU smoke run at toy size
 
+Under layerwise offload the DiT's per-token parts run in chunks of `--forward-chunk-size` tokens (default
+4096, as the engine's automatic setting; 0 off), and the budget keeps the estimated activation peak free
+(accel/activations.py's estimate on a meta copy at the same size: `activation_est_gib`, beside the
+resident `activation_est_resident_gib`; the measured peak minus the resident weights shows how close it is).
+
 Rows (one per ditserve mode): model, gpu, offload, gpu_memory_budget_gib, step_s, resident_step_s,
-diffusers_offload_step_s, diffusers_offload_peak_mem_gib, peak_mem_gib, commit. With `--end-to-end`
+diffusers_offload_step_s, diffusers_offload_peak_mem_gib, peak_mem_gib, forward_chunk_size,
+activation_est_gib, commit. With `--end-to-end`
 (Wan), "end_to_end": the WanPipeline on random weights — UMT5 for the prompt and "" , `--e2e-steps`
 CFG steps, VAE decode — resident and under `--cpu-offload layerwise --gpu-memory-budget`: e2e_s,
 resident_e2e_s, e2e_peak_mem_gib (the largest stage peak), the frames' difference (0 expected).
@@ -37,7 +43,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ditserve.accel.offload import GIB, HostCopy, nbytes, stream_blocks  # noqa: E402
+from ditserve.accel.activations import (  # noqa: E402
+    apply_forward_chunking, disable_forward_chunking, estimate_activation_peak, meta_copy,
+)
+from ditserve.accel.offload import GIB, HostCopy, nbytes, stream_blocks, to_device  # noqa: E402
 from ditserve.bench.common import arch_kwargs, architectures, base_row  # noqa: E402
 
 log = logging.getLogger("bench_offload")
@@ -108,6 +117,35 @@ def build_case(model: str, tiny: bool, device: str, dtype: torch.dtype) -> Case:
     return Case(ref, ours, inp, kwargs, f"{width}x{height}x{frames}, {grid[0] * grid[1] * grid[2]} tokens")
 
 
+def activation_estimate(model: str, tiny: bool, dtype: torch.dtype, chunk: int | None) -> float:
+    """GiB: the activation peak of one DiT step at the bench's size (accel/activations.py), on a meta
+    copy of the DiT, with its per-token parts in chunks of `chunk` tokens (None: whole)."""
+    arch = arch_kwargs(TINY_ARCH[model] if tiny else architectures()[model]["transformer"])
+    (height, width, frames), txt_len = (TINY_SIZES if tiny else SIZES)[model]
+    if model.startswith("flux"):
+        from ditserve.bench import flux
+        from ditserve.models.flux.config import FluxConfig
+        from ditserve.models.flux.model import FluxDiT
+
+        cfg = FluxConfig.from_dict(arch)
+        dit = meta_copy(FluxDiT, cfg, dtype)
+        inp = to_device(flux.inputs(cfg, height, width, txt_len, "cpu", dtype), torch.device("meta"))
+    else:
+        from ditserve.bench import wan
+        from ditserve.models.wan.config import WanConfig
+        from ditserve.models.wan.model import WanDiT
+
+        cfg = WanConfig.from_dict(arch)
+        dit = meta_copy(WanDiT, cfg, dtype)
+        inp = to_device(wan.inputs(cfg, height, width, frames, "cpu", dtype), torch.device("meta"))
+    if chunk:
+        apply_forward_chunking(dit, chunk)
+    peak = estimate_activation_peak(dit, inp)
+    log.info("%s: estimated activation peak %.2f GiB over %d tokens (%.0f bytes a token), chunk %s", model,
+             peak.peak_gib, peak.tokens, peak.per_token, chunk)
+    return peak.peak_gib
+
+
 def timed(fn, device: torch.device, warmup: int, reps: int) -> tuple[float, float | None, torch.Tensor]:
     """(median seconds, peak GiB over the calls (CUDA; None on CPU), last output)."""
     def sync():
@@ -149,6 +187,9 @@ def bench(args) -> dict:
     with torch.no_grad():
         resident_s, resident_peak, expected = timed(run, device, args.warmup, args.reps)
     expected = expected.clone()
+    chunk = args.forward_chunk_size or None
+    resident_est = activation_estimate(args.model, args.tiny, dtype, None)
+    chunked_est = activation_estimate(args.model, args.tiny, dtype, chunk) if chunk else resident_est
     budget = args.budget
     if args.tiny:  # the toy model is KiBs: a budget that keeps some blocks resident
         from ditserve.accel.offload import ACTIVATION_RESERVE_GIB
@@ -160,7 +201,9 @@ def bench(args) -> dict:
     for offload, gib in modes:
         ours.to("cpu")
         gc.collect()
-        streamer = stream_blocks(ours, device, args.group_size, gib)
+        streamer = stream_blocks(ours, device, args.group_size, gib, activation_gib=None if args.tiny else chunked_est)
+        if chunk:
+            apply_forward_chunking(ours, chunk)
         streamed = {id(t) for c in (streamer.copies if streamer else []) for t, _ in c.params}
         rest = HostCopy([ours], device.type == "cuda",
                         frozenset(i for c in (streamer.copies if streamer else []) for i in c.tensor_ids()))
@@ -171,6 +214,7 @@ def bench(args) -> dict:
                         len(streamer.copies) if streamer else 0, len(streamed)))
         if streamer is not None:
             streamer.remove()
+        disable_forward_chunking(ours)
         rest.to_host()
     ours.to("cpu")
     gc.collect()
@@ -187,15 +231,18 @@ def bench(args) -> dict:
     rows = [{**base, "offload": "none", "gpu_memory_budget_gib": None, "step_s": resident_s,
              "resident_step_s": resident_s, "diffusers_offload_step_s": diffusers_s,
              "diffusers_offload_peak_mem_gib": diffusers_peak, "peak_mem_gib": resident_peak,
-             "max_abs_diff_vs_resident": 0.0, "streamed_groups": 0}]
+             "max_abs_diff_vs_resident": 0.0, "streamed_groups": 0, "forward_chunk_size": None,
+             "activation_est_gib": resident_est}]
     for offload, gib, step_s, peak, diff, groups, _ in results:
         rows.append({**base, "offload": offload, "gpu_memory_budget_gib": gib, "step_s": step_s,
                      "resident_step_s": resident_s, "diffusers_offload_step_s": diffusers_s,
                      "diffusers_offload_peak_mem_gib": diffusers_peak, "peak_mem_gib": peak,
-                     "max_abs_diff_vs_resident": diff, "streamed_groups": groups,
+                     "max_abs_diff_vs_resident": diff, "streamed_groups": groups, "forward_chunk_size": chunk,
+                     "activation_est_gib": chunked_est,
                      "over_diffusers": None if not diffusers_s else step_s / diffusers_s})
     return {"model": args.model, "gpu": base["gpu"], "commit": base["commit"], "shape": case.shape,
-            "weights_gib": weights_gib, "group_size": args.group_size, "rows": rows}
+            "weights_gib": weights_gib, "group_size": args.group_size, "activation_est_resident_gib": resident_est,
+            "activation_est_gib": chunked_est, "rows": rows}
 
 
 TINY_E2E = {  # toy UMT5 and VAE matching _TINY_WAN's widths (text_dim 16, 16 latent channels)
@@ -276,13 +323,20 @@ def bench_end_to_end(args) -> list[dict]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     budget = args.budget if not args.tiny else None
+    chunk = args.forward_chunk_size or None
+    resident_est = activation_estimate(args.model, args.tiny, dtype, None)
+    chunked_est = activation_estimate(args.model, args.tiny, dtype, chunk) if chunk else resident_est
+    # CFG runs both branches as one batch of 2: twice the step's activations
+    batch = 2
     apply_memory(pipe, MemoryConfig(cpu_offload="layerwise", offload_group_size=args.group_size,
-                                    gpu_memory_budget_gib=budget), device)
+                                    gpu_memory_budget_gib=budget, forward_chunk_size=args.forward_chunk_size),
+                 device, activation_gib=batch * chunked_est)
     e2e_s, peak, videos = measure()
     base = base_row(args.model, str(dtype).removeprefix("torch."), f"{width}x{height}x{frames}")
     return [{**base, "offload": "layerwise", "gpu_memory_budget_gib": budget, "e2e_steps": args.e2e_steps,
              "e2e_s": e2e_s, "resident_e2e_s": resident_s, "e2e_peak_mem_gib": peak,
-             "resident_e2e_peak_mem_gib": resident_peak,
+             "resident_e2e_peak_mem_gib": resident_peak, "forward_chunk_size": chunk,
+             "activation_est_gib": batch * chunked_est, "activation_est_resident_gib": batch * resident_est,
              "max_abs_diff_vs_resident": int(abs(videos.astype(int) - expected.astype(int)).max())}]
 
 
@@ -311,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Wan: also UMT5 + --e2e-steps CFG steps + VAE decode, resident and layerwise at --budget")
     p.add_argument("--e2e-steps", type=int, default=2, help="denoising steps of the end-to-end run (default 2)")
     p.add_argument("--only-end-to-end", action="store_true", help="the end-to-end rows alone (a device call each)")
+    p.add_argument("--forward-chunk-size", type=int, default=4096, metavar="TOKENS",
+                   help="layerwise rows: the DiT's per-token parts in chunks of this many tokens (default 4096, "
+                        "the engine's automatic value under layerwise; 0 off)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run at toy size")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -336,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.get("end_to_end", []):
         sys.stdout.write(f"end to end, {row['e2e_steps']} steps: resident {row['resident_e2e_s']:.2f} s, "
                          f"layerwise at {row['gpu_memory_budget_gib']} GiB {row['e2e_s']:.2f} s, peak "
-                         f"{row['e2e_peak_mem_gib']} GiB (resident {row['resident_e2e_peak_mem_gib']})\n")
+                         f"{row['e2e_peak_mem_gib']} GiB (resident {row['resident_e2e_peak_mem_gib']}); DiT "
+                         f"activations estimated {row['activation_est_gib']:.2f} GiB chunked, "
+                         f"{row['activation_est_resident_gib']:.2f} GiB whole\n")
     return 0
 
 

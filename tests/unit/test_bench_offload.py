@@ -25,6 +25,8 @@ def test_tiny_run_writes_rows(tmp_path):
         assert ROW_KEYS <= set(row) and row["gpu"] == "cpu" and row["peak_mem_gib"] is None
         assert row["max_abs_diff_vs_resident"] == 0.0 and row["diffusers_offload_step_s"] > 0
     assert 0 < rows[2]["streamed_groups"] < rows[1]["streamed_groups"] == 6  # the budget keeps some resident
+    assert rows[0]["forward_chunk_size"] is None and rows[1]["forward_chunk_size"] == 4096
+    assert 0 < result["activation_est_gib"] <= result["activation_est_resident_gib"] < 0.01  # the toy model
 
 
 def test_tiny_wan_end_to_end_row(tmp_path):
@@ -36,3 +38,4 @@ def test_tiny_wan_end_to_end_row(tmp_path):
     (row,) = json.loads(out.read_text())["end_to_end"]
     assert {"e2e_s", "resident_e2e_s", "e2e_peak_mem_gib", "offload", "gpu_memory_budget_gib", "commit"} <= set(row)
     assert row["e2e_s"] > 0 and row["max_abs_diff_vs_resident"] == 0  # same frames under offload
+    assert 0 < row["activation_est_gib"] <= row["activation_est_resident_gib"]
