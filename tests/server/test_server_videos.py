@@ -36,8 +36,9 @@ def client(server) -> OpenAI:
 
 def test_create_and_poll_then_download(video_server, tiny_wan):
     c = client(video_server)
-    video = c.videos.create_and_poll(prompt="a cat walks", seconds="1", poll_interval_ms=100,
-                                     extra_body={**SMALL, "fps": "4"})
+    video = c.videos.create_and_poll(prompt="a cat walks", seconds="1", poll_interval_ms=100,  # extensions as text
+                                     extra_body={**SMALL, "fps": "4", "negative_prompt": "blurry",
+                                                 "guidance_scale": "4.5", "guidance_scale_2": "3"})
     assert video.status == "completed" and video.progress == 100 and video.object == "video"
     assert video.size == "48x32" and video.seconds == "1" and video.error is None
     raw = video_server.http.get(f"/v1/videos/{video.id}").json()  # OpenAI's Video object, plus seed and timings
@@ -59,10 +60,15 @@ def test_create_and_poll_then_download(video_server, tiny_wan):
     from ditserve import Generator
     from ditserve.api import GenerationRequest
 
-    api = Generator.from_pretrained(tiny_wan("t2v"), device="cpu", dtype="float32").engine.generate(
-        GenerationRequest(prompt="a cat walks", seed=3, num_frames=5, fps=4, height=32, width=48,
-                          num_inference_steps=2)).videos[0]
-    assert np.abs(np.asarray(thumb.convert("RGB")).astype(int) - api[0]).mean() < 12  # first frame, WebP-lossy
+    engine = Generator.from_pretrained(tiny_wan("t2v"), device="cpu", dtype="float32").engine
+    same = dict(prompt="a cat walks", seed=3, num_frames=5, fps=4, height=32, width=48, num_inference_steps=2)
+    api = engine.generate(GenerationRequest(**same, negative_prompt="blurry", guidance_scale=4.5,
+                                            guidance_scale_2=3.0)).videos[0]
+    plain = engine.generate(GenerationRequest(**same)).videos[0]  # the extensions left out
+    first = np.asarray(thumb.convert("RGB")).astype(int)
+    assert np.abs(first - api[0]).mean() < 12  # first frame, WebP-lossy
+    error, without = (np.abs(frames.astype(int) - v).mean() for v in (api, plain))  # H.264-lossy
+    assert error < 0.75 * without, (error, without)  # the extension fields, sent as text, were applied
 
 
 def test_progress_moves_and_delete_cancels_within_a_step(video_server):
@@ -97,7 +103,8 @@ def test_json_body_and_a_job_outlives_its_client(video_server):
     the job belongs to no connection: its client goes away and it still completes."""
     with httpx.Client(base_url=video_server.url, headers=video_server.headers, timeout=60) as gone:
         created = gone.post("/v1/videos", json={"prompt": "a cat", "seconds": "1.5", "fps": 2, "size": "48x32",
-                                                "num_inference_steps": 2, "seed": 5})
+                                                "num_inference_steps": 2, "seed": 5, "negative_prompt": "blurry",
+                                                "guidance_scale": 4.5, "guidance_scale_2": 3.0})
     assert created.status_code == 200, created.text
     job = created.json()
     assert job["status"] == "queued" and job["seconds"] == "1.5" and job["seed"] == 5
