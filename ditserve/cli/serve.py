@@ -1,4 +1,4 @@
-"""`ditserve serve`: an OpenAI-compatible image server; the model runs in a worker process."""
+"""`ditserve serve`: an OpenAI-compatible image or video server; the model runs in a worker process."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ DEMO_MODEL_ID = "ditserve-demo"  # the id the bundled demo model is served under
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve OpenAI's image API over HTTP")
+    p = sub.add_parser("serve", help="serve OpenAI's Images API (image models) or Videos API (video models) "
+                                     "over HTTP")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000, help="0 picks a free port (logged at start)")
