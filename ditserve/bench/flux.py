@@ -8,8 +8,9 @@ from dataclasses import replace
 
 import torch
 
-from ditserve.bench.common import (MATMUL_TFLOPS, arch_kwargs, architectures, base_row, median_time, random_pair,
-                                   rel_l2, sustained_matmul_tflops)
+from ditserve.bench.common import (FP8_BLOCK_GUARD, MATMUL_TFLOPS, PROBE_SCALE, ProbedBlock, UpdateProbe,
+                                   arch_kwargs, architectures, base_row, median_time, random_pair, rel_l2,
+                                   sustained_matmul_tflops)
 from ditserve.models.flux.config import FluxConfig
 from ditserve.models.flux.model import FluxDiT, FluxInputs
 from ditserve.models.flux.weights import flux_key_map
@@ -17,9 +18,12 @@ from ditserve.pipelines.flux import image_ids
 
 log = logging.getLogger(__name__)
 GUARD_REL_L2 = 1e-2
-# compiled vs eager bf16 block updates differ by ≈ 7e-3 with correct math (op order and fusion
-# change where bf16 rounds; measured on the CPU); the fast path's block guard allows twice that
-FAST_BLOCK_GUARD = 2e-2
+# compiled vs eager bf16 block updates differ by 1.2-1.9e-2 on the H200 with correct math (op order and
+# fusion change where bf16 rounds), as much as diffusers' own bf16 blocks are off float32: the fast path's
+# blocks are judged against diffusers' float32 blocks, within this or 1.5x diffusers' own bf16 error there
+# (bench/common.py, FLOOR_FACTOR)
+FAST_BLOCK_GUARD = 1e-2
+FP8_GUARD_REL_L2 = 3e-2  # the fp8 step vs diffusers' bf16 step; fp8 blocks: FP8_BLOCK_GUARD
 
 
 def step_flops(cfg: FluxConfig, img_len: int, txt_len: int) -> float:
@@ -62,28 +66,37 @@ def ref_call(ref, inp: FluxInputs):
                return_dict=False)[0]
 
 
-def block_update_rel_l2(ref, ours: FluxDiT, inp: FluxInputs) -> dict[str, float]:
-    """rel L2 of the first double block's and the first single block's update to the image
-    stream, ours (as given: eager, or compiled with fused kernels) vs diffusers' blocks, from the
-    same embedded inputs. With random weights the whole-model output barely depends on the blocks,
-    so this is the guard that catches wrong block math (QK-norm, RoPE, streams, fused kernels).
+def block_probe(ref, ours: FluxDiT, inp: FluxInputs) -> UpdateProbe:
+    """The first double block's and the first single block's update to the image stream, ours (eager, or
+    compiled with fused kernels, or fp8) vs diffusers' blocks, from the same embedded inputs. With random
+    weights the whole-model output barely depends on the blocks, so this is the guard that catches wrong
+    block math (QK-norm, RoPE, streams, fused kernels).
 
-    The streams enter at 1/100 of their size: the blocks LayerNorm them, so the update is the same,
-    but in bf16 an update far smaller than the stream it is added to loses its low bits to the
-    rounding of the sum, and a compiled block (which rounds elsewhere than eager code) would then
-    differ by tens of percent with correct math."""
+    The streams enter at 1/100 of their size (`PROBE_SCALE`): the blocks LayerNorm them, so the update is
+    the same, but in bf16 an update far smaller than the stream it is added to loses its low bits to the
+    rounding of the sum, and a compiled block (which rounds elsewhere than eager code) would then differ
+    by tens of percent with correct math. Even so the update (small adaLN gates) is below the scaled
+    stream, and diffusers' own bf16 block is 1-3e-2 off its float32 self (`UpdateProbe.floor`): the fast
+    paths are judged against the float32 blocks."""
     h = ours.embed(inp)
     (img, txt), (vec, rope) = h.streams, h.consts
-    img, txt = img * 0.01, txt * 0.01
+    img, txt = img * PROBE_SCALE, txt * PROBE_SCALE
     rotary = ref.pos_embed(torch.cat([inp.txt_ids, inp.img_ids]))
-    blocks = ours.blocks
-    _, img_ref = ref.transformer_blocks[0](hidden_states=img, encoder_hidden_states=txt, temb=vec,
-                                           image_rotary_emb=rotary)
-    img_ours, _ = blocks[0](img, txt, vec, rope)
-    _, single_ref = ref.single_transformer_blocks[0](hidden_states=img, encoder_hidden_states=txt, temb=vec,
-                                                     image_rotary_emb=rotary)
-    single_ours, _ = blocks[ours.cfg.num_layers](img, txt, vec, rope)
-    return {"double": rel_l2(img_ours - img, img_ref - img), "single": rel_l2(single_ours - img, single_ref - img)}
+
+    def run_ref(block, img, txt, vec, rotary):
+        return block(hidden_states=img, encoder_hidden_states=txt, temb=vec, image_rotary_emb=rotary)[1]
+
+    def probed(block, k: int) -> ProbedBlock:
+        return ProbedBlock(block, run_ref, lambda dit: dit.blocks[k](img, txt, vec, rope)[0])
+
+    return UpdateProbe(img, (img, txt, vec, rotary), {
+        "double": probed(ref.transformer_blocks[0], 0),
+        "single": probed(ref.single_transformer_blocks[0], ours.cfg.num_layers)})
+
+
+def block_update_rel_l2(ref, ours: FluxDiT, inp: FluxInputs) -> dict[str, float]:
+    """The probe's updates, ours vs diffusers' bf16 blocks (what the eager guard judges)."""
+    return block_probe(ref, ours, inp).compare(ours)[0]
 
 
 @torch.no_grad()
@@ -95,7 +108,10 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
     With fp8, the fp8 path is timed with SDPA and, when `attention` names another backend (FA3 or
     SageAttention, when installed), once more with it (fields prefixed `fp8_attn_`).
 
-    The guard: whole-output rel L2 and the first blocks' update rel L2 (eager and fast path) ≤ 1e-2.
+    The guards: whole-output rel L2 (eager and fast path) and the eager blocks' update rel L2 (vs diffusers'
+    bf16 blocks) ≤ 1e-2; the fast path's block updates vs diffusers' float32 blocks within `fast_block_bound`
+    (`guard_ok`). fp8: the step ≤ 3e-2 vs diffusers' bf16 step and the blocks ≤ FP8_BLOCK_GUARD vs float32
+    (`fp8_guard_ok`, `fp8_attn_guard_ok`).
     """
     from ditserve.accel import accelerate_dit
     from ditserve.config import AccelConfig
@@ -116,7 +132,9 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
     expected = ref_call(ref, inp)
     row["ditserve_eager_step_s"] = median_time(lambda: ours(inp))
     row["rel_l2_eager"] = rel_l2(ours(inp), expected)
-    row["rel_l2_block_update_eager"] = block_update_rel_l2(ref, ours, inp)
+    probe = block_probe(ref, ours, inp)  # diffusers' probed blocks run once (bf16 and float32), for every variant
+    row["block_update_floor"] = probe.floor
+    row["rel_l2_block_update_eager"], row["rel_l2_block_update_eager_fp32"] = probe.compare(ours)
     if compare:
         row["diffusers_eager_step_s"] = median_time(lambda: ref_call(ref, inp))
     log.info("eager: %s", row)
@@ -128,9 +146,10 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
     fast = accelerate_dit(ours, AccelConfig(compile=True, fused_kernels=fused_kernels), torch.device(device))
     row["ditserve_step_s"] = median_time(lambda: fast(inp), warmup=3, reps=20)
     row["rel_l2_vs_diffusers"] = rel_l2(fast(inp), expected)
-    row["rel_l2_block_update"] = block_update_rel_l2(ref, fast, inp)
+    row["rel_l2_block_update"], row["rel_l2_block_update_fp32"] = probe.compare(fast)
+    row["fast_block_bound"] = probe.fast_bound(FAST_BLOCK_GUARD)
     row["guard_ok"] = (max(row["rel_l2_vs_diffusers"], *row["rel_l2_block_update_eager"].values()) <= GUARD_REL_L2
-                       and max(row["rel_l2_block_update"].values()) <= FAST_BLOCK_GUARD)
+                       and all(v <= row["fast_block_bound"][k] for k, v in row["rel_l2_block_update_fp32"].items()))
     row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
     log.info("fast: %.4f s (rel L2 %.2e)", row["ditserve_step_s"], row["rel_l2_vs_diffusers"])
     if compare:
@@ -141,21 +160,26 @@ def bench_step(model: str = "flux.1-dev", height: int = 1024, width: int = 1024,
     if quantization == "fp8":
         del ref, ours, fast
         row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
-        row["sustained_fp8_tflops"] = sustained_matmul_tflops("fp8")
-        row["sustained_fp8_floor_step_s"] = flops / (row["sustained_fp8_tflops"] * 1e12)
+        if on_gpu:
+            row["sustained_fp8_tflops"] = sustained_matmul_tflops("fp8")
+            row["sustained_fp8_floor_step_s"] = flops / (row["sustained_fp8_tflops"] * 1e12)
         variants = [("fp8", "auto")] + ([("fp8_attn", attention)] if attention != "auto" else [])
         for prefix, attn in variants:
             gc.collect()
             torch._dynamo.reset()
-            torch.cuda.empty_cache()
+            if on_gpu:
+                torch.cuda.empty_cache()
             ref_fresh, fresh = build(model, device, dtype)  # same seed: the same weights
+            del ref_fresh  # the probe keeps diffusers' updates
             fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8", attention=attn,
                                                       fused_kernels=fused_kernels), torch.device(device))
             row[f"ditserve_{prefix}_step_s"] = median_time(lambda f=fast8: f(inp), warmup=3, reps=20)
             row[f"{prefix}_attention"] = attn
             row[f"{prefix}_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp), expected)
-            row[f"{prefix}_rel_l2_block_update"] = block_update_rel_l2(ref_fresh, fast8, inp)
+            row[f"{prefix}_rel_l2_block_update"], row[f"{prefix}_rel_l2_block_update_fp32"] = probe.compare(fast8)
+            row[f"{prefix}_guard_ok"] = (row[f"{prefix}_rel_l2_vs_diffusers_bf16"] <= FP8_GUARD_REL_L2 and
+                                         max(row[f"{prefix}_rel_l2_block_update_fp32"].values()) <= FP8_BLOCK_GUARD)
             row[f"{prefix}_speedup_vs_diffusers_compiled"] = row.get(
                 "diffusers_compiled_step_s", float("nan")) / row[f"ditserve_{prefix}_step_s"]
-            del ref_fresh, fresh, fast8
+            del fresh, fast8
     return row

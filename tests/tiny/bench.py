@@ -22,3 +22,36 @@ def shrink(monkeypatch, bench_module, table: dict) -> None:
     monkeypatch.setattr(common, "median_time", cpu_time)
     if hasattr(bench_module, "median_time"):
         monkeypatch.setattr(bench_module, "median_time", cpu_time)
+
+
+def stand_in_accel(monkeypatch, spoil=None) -> None:
+    """`accelerate_dit` as the benches call it, on the CPU and without compiling: fp8 linears (e4m3 through
+    `torch._scaled_mm`, which runs on the CPU, at every size) where fp8 is asked for; `spoil(dit)`, if
+    given, then breaks the accelerated DiT, as a wrong fast path would."""
+    import ditserve.accel
+    from ditserve.accel.fp8 import apply_fp8
+
+    def accelerate(dit, accel, device):
+        if accel.quantization == "fp8":
+            apply_fp8(dit, min_features=0)
+        if spoil is not None:
+            spoil(dit)
+        return dit
+
+    monkeypatch.setattr(ditserve.accel, "accelerate_dit", accelerate)
+
+
+def unnormed_qkv(parts, pe, heads):
+    """A broken `qkv_op` (FLUX, HunyuanVideo): QK-norm left out."""
+    from ditserve.models.common.mmdit import norm_rope_qkv
+
+    return norm_rope_qkv([(qkv, lambda q, k: (q, k)) for qkv, _ in parts], pe, heads)
+
+
+def fp8_biases_lost(dit) -> None:
+    """A broken fp8 path: the fp8 linears drop their biases."""
+    from ditserve.accel.fp8 import FP8Linear
+
+    for module in dit.modules():
+        if isinstance(module, FP8Linear):
+            module.bias = None

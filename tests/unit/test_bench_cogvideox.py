@@ -4,10 +4,11 @@ device, no memory), and a shrunken one goes through `bench_step` end to end."""
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
-from tiny.bench import shrink
+from tiny.bench import fp8_biases_lost, shrink, stand_in_accel
+from torch import nn
 
 from ditserve.bench import cogvideox as bench
-from ditserve.bench.common import arch_kwargs, architectures
+from ditserve.bench.common import FP8_BLOCK_GUARD, arch_kwargs, architectures
 from ditserve.models.cogvideox.config import CogVideoXConfig
 from ditserve.models.cogvideox.model import CogVideoXDiT
 from ditserve.models.cogvideox.weights import cogvideox_key_map
@@ -51,3 +52,25 @@ def test_guard_catches_wrong_block_math(shrunk):
         assert max(bench.block_update_rel_l2(ref, ours, inp, rope).values()) <= bench.GUARD_REL_L2
         ours.layers[0] = ours.layers[1]  # another block's weights (ours shares its tensors with ref)
         assert bench.block_update_rel_l2(ref, ours, inp, rope)["first"] > bench.GUARD_REL_L2
+
+
+def _no_qk_norm(dit):
+    for module in dit.modules():
+        if hasattr(module, "norm_q"):
+            module.norm_q = module.norm_k = nn.Identity()
+
+
+@pytest.mark.parametrize("spoil,bf16_ok,fp8_ok", [(None, True, True), (_no_qk_norm, False, True),
+                                                  (fp8_biases_lost, True, False)])
+def test_fast_and_fp8_blocks_are_judged_against_float32(shrunk, monkeypatch, spoil, bf16_ok, fp8_ok):
+    """The compiled and fp8 blocks are judged against diffusers' blocks in float32 (bench/common.py,
+    UpdateProbe): a right fast path passes, one without QK-norm fails; fp8 blocks pass their own bound and a
+    broken fp8 linear fails it. The fast path here: fp8 linears on the CPU, no compile."""
+    stand_in_accel(monkeypatch, spoil)
+    row = bench.bench_step(height=64, width=96, num_frames=9, device="cpu", quantization="fp8", compare=False)
+    assert row["guard_ok"] is bf16_ok and row["fp8_guard_ok"] is fp8_ok
+    bound = row["fast_block_bound"]
+    if spoil is _no_qk_norm:
+        assert all(row["rel_l2_block_update_fp32"][k] > bound[k] for k in bound)
+    elif spoil is fp8_biases_lost:
+        assert max(row["fp8_rel_l2_block_update_fp32"].values()) > 5 * FP8_BLOCK_GUARD

@@ -3,9 +3,10 @@ block-update guard catches wrong block math that the whole-output rel L2 misses.
 
 import pytest
 import torch
-from tiny.bench import shrink
+from tiny.bench import fp8_biases_lost, shrink, stand_in_accel, unnormed_qkv
 
 from ditserve.bench import flux as bench
+from ditserve.bench.common import FP8_BLOCK_GUARD
 from ditserve.models.common.mmdit import norm_rope_qkv
 
 SHRUNK = {"flux.1-dev": {"transformer": {
@@ -49,3 +50,24 @@ def test_block_guard_catches_wrong_block_math(shrunk):
         for block in ours.blocks:
             block.qkv_op = _unnormed
         assert min(bench.block_update_rel_l2(ref, ours, inp).values()) > bench.GUARD_REL_L2
+
+
+def _no_qk_norm(dit):
+    for block in dit.blocks:
+        block.qkv_op = unnormed_qkv
+
+
+@pytest.mark.parametrize("spoil,bf16_ok,fp8_ok", [(None, True, True), (_no_qk_norm, False, True),
+                                                  (fp8_biases_lost, True, False)])
+def test_fast_and_fp8_blocks_are_judged_against_float32(shrunk, monkeypatch, spoil, bf16_ok, fp8_ok):
+    """As the other families' step benches (bench/common.py, UpdateProbe): the fast path's blocks against
+    diffusers' float32 blocks, within 1e-2 or 1.5x diffusers' own bf16 error there; fp8 blocks within
+    FP8_BLOCK_GUARD. The fast path here: fp8 linears on the CPU, no compile."""
+    stand_in_accel(monkeypatch, spoil)
+    row = bench.bench_step(height=128, width=96, txt_len=16, device="cpu", quantization="fp8", compare=False)
+    assert row["guard_ok"] is bf16_ok and row["fp8_guard_ok"] is fp8_ok
+    bound = row["fast_block_bound"]
+    if spoil is _no_qk_norm:
+        assert all(row["rel_l2_block_update_fp32"][k] > bound[k] for k in bound)
+    elif spoil is fp8_biases_lost:
+        assert max(row["fp8_rel_l2_block_update_fp32"].values()) > 5 * FP8_BLOCK_GUARD

@@ -4,11 +4,11 @@ device, no memory), and shrunken ones go through `bench_step` end to end."""
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
-from tiny.bench import shrink
+from tiny.bench import fp8_biases_lost, shrink, stand_in_accel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ditserve.bench import sd3 as bench
-from ditserve.bench.common import arch_kwargs, architectures
+from ditserve.bench.common import FP8_BLOCK_GUARD, arch_kwargs, architectures
 from ditserve.cli.main import main
 from ditserve.models.common.loading import assign_mapped
 from ditserve.models.sd3.config import SD3Config
@@ -65,6 +65,42 @@ def test_guard_catches_wrong_block_math(shrunk):
         last = ours.blocks[-1]
         last.img_mlp = ours.blocks[0].img_mlp  # another block's MLP
         assert bench.block_update_rel_l2(ref, ours, inp)["last"] > 10 * bench.GUARD_REL_L2
+
+
+def _no_qk_norm(dit):
+    for block in dit.blocks:
+        for attn in (block.img_attn, block.txt_attn, block.attn2):
+            if attn is not None:
+                attn.norm = None
+
+
+@pytest.mark.parametrize("spoil,bf16_ok,fp8_ok", [(None, True, True), (_no_qk_norm, False, True),
+                                                  (fp8_biases_lost, True, False)])
+def test_fast_and_fp8_blocks_are_judged_against_float32(shrunk, monkeypatch, spoil, bf16_ok, fp8_ok):
+    """The compiled and fp8 paths' block updates are judged against diffusers' blocks in float32 (bf16 blocks
+    that round elsewhere differ by ≈ 3 % with right math on the H200): a right fast path passes, one without
+    QK-norm fails the bf16 bound; fp8 blocks (≈ 3-5 % off float32 from e4m3 alone, above the bf16 bound) pass
+    their own bound, and a broken fp8 linear fails it. The fast path here: fp8 linears on the CPU, no compile."""
+    stand_in_accel(monkeypatch, spoil)
+    row = bench.bench_step("sd3.5-medium", height=64, width=96, txt_len=8, device="cpu", quantization="fp8",
+                           compare=False)
+    assert row["guard_ok"] is bf16_ok and row["fp8_guard_ok"] is fp8_ok
+    bound = row["fast_block_bound"]
+    assert all(bench.FAST_BLOCK_GUARD <= b < 2 * bench.FAST_BLOCK_GUARD for b in bound.values())
+    if spoil is None:
+        assert row["rel_l2_block_update_fp32"] == pytest.approx(row["block_update_floor"], rel=1e-2)  # no compile
+        assert max(row["fp8_rel_l2_block_update_fp32"].values()) > max(bound.values())
+    elif spoil is _no_qk_norm:
+        assert all(row["rel_l2_block_update_fp32"][k] > bound[k] for k in bound)
+    else:
+        assert max(row["fp8_rel_l2_block_update_fp32"].values()) > 5 * FP8_BLOCK_GUARD
+
+
+@pytest.mark.slow  # inductor on the CPU: ≈ 60 s
+def test_compiled_blocks_pass_their_bound_on_cpu(shrunk):
+    row = bench.bench_step("sd3.5-large", height=64, width=64, txt_len=8, device="cpu", compare=False)
+    assert row["guard_ok"], row
+    assert all(v <= row["fast_block_bound"][k] for k, v in row["rel_l2_block_update_fp32"].items())
 
 
 @pytest.mark.parametrize("model", ["sd3.5-large", "sd3.5-medium"])
