@@ -2,10 +2,13 @@
 # The DiT-step benchmarks of the SD3.5 (issue 18), CogVideoX (20) and HunyuanVideo (19) families, on one
 # GPU, in device calls under 10 minutes: ditserve eager / compiled / compiled fp8 against diffusers eager
 # and compiled (compile_repeated_blocks) on the same random weights, with the quality guards.
-# Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_families.sh PART...
-#   PART: sd3 (Large and Medium, ≈ 2 min), cogvideox (5B 720x480x49, ≈ 2 min),
-#         hunyuan544 (544x960x129, 67k tokens, ≈ 4 min), hunyuan720 (720x1280x129, 119k tokens, one timed
-#         call of each variant: a step is ≈ 20 s, ≈ 8 min on its own)
+# Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_families.sh PART
+# One PART per device call: each compiled variant (ours, diffusers', ours fp8) spends 40-60 s compiling
+# before it is timed, so no two parts fit one 600 s call (session 6 ran sd3, cogvideox and hunyuan544 in
+# one call with 120-280 s limits per bench: only SD3.5-Large finished).
+#   PART: sd3 (Large and Medium, ≈ 2 × 2.5 min), cogvideox (5B 720x480x49, ≈ 4-5 min),
+#         hunyuan544 (544x960x129, 67k tokens, ≈ 5 min), hunyuan720 (720x1280x129, 119k tokens, one timed
+#         call of each variant: a step is ≈ 20 s, ≈ 8 min; the calls are counted in hunyuan_video.bench_step)
 # Results: $OUT/<family>_step_h200.json (+ .log); commit them under benchmarks/results/.
 set -u
 source benchmarks/gpu_setup.sh
@@ -33,10 +36,10 @@ EOF
 nvidia-smi --query-gpu=name,clocks.sm,power.draw --format=csv,noheader
 for part in "$@"; do
     case "$part" in
-        sd3) bench 150 sd35_large_step_h200 --model sd3.5-large --quantization fp8
-             bench 120 sd35_medium_step_h200 --model sd3.5-medium --quantization fp8 ;;
-        cogvideox) bench 170 cogvideox_5b_step_h200 --model cogvideox-5b --quantization fp8 ;;
-        hunyuan544) hunyuan 280 hunyuanvideo_544p_step_h200 544 960 2 ;;
+        sd3) bench 270 sd35_large_step_h200 --model sd3.5-large --quantization fp8
+             bench 270 sd35_medium_step_h200 --model sd3.5-medium --quantization fp8 ;;
+        cogvideox) bench 560 cogvideox_5b_step_h200 --model cogvideox-5b --quantization fp8 ;;
+        hunyuan544) hunyuan 560 hunyuanvideo_544p_step_h200 544 960 2 ;;
         hunyuan720) hunyuan 570 hunyuanvideo_720p_step_h200 720 1280 1 ;;
         *) echo "unknown part $part"; exit 2 ;;
     esac
