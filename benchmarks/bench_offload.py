@@ -44,7 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ditserve.accel.activations import (  # noqa: E402
-    apply_forward_chunking, disable_forward_chunking, estimate_activation_peak, meta_copy,
+    apply_forward_chunking,
+    disable_forward_chunking,
+    estimate_activation_peak,
+    meta_copy,
 )
 from ditserve.accel.offload import GIB, HostCopy, nbytes, stream_blocks, to_device  # noqa: E402
 from ditserve.bench.common import arch_kwargs, architectures, base_row  # noqa: E402

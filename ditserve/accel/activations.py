@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from ditserve.accel.attention import set_path
 from ditserve.models.common.rope import Rotary

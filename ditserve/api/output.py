@@ -33,12 +33,16 @@ class CacheStats:
 @dataclass
 class Timings:
     """Wall times of one pipeline run: per stage and per denoising step, in seconds; with a step
-    cache, what it skipped; on a GPU, each stage's peak allocated memory in GiB (None elsewhere)."""
+    cache, what it skipped; on a GPU, each stage's peak allocated memory in GiB (None elsewhere).
+    `load`: on the engine's first run after it started, how long the start took, in seconds
+    ("weights": reading the model folder into the pipeline, "setup": speed transforms and memory
+    placement, "warmup": compile warm-up, "total"); not part of `total_s`."""
 
     stages: dict[str, float] = field(default_factory=dict)
     steps: list[float] = field(default_factory=list)
     cache: CacheStats | None = None
     peak_memory_gib: dict[str, float] | None = None
+    load: dict[str, float] | None = None
 
     @property
     def total_s(self) -> float:
@@ -56,6 +60,8 @@ class Timings:
             out["cache"] = self.cache.to_dict()
         if self.peak_memory_gib is not None:
             out["peak_memory_gib"] = dict(self.peak_memory_gib)
+        if self.load is not None:
+            out["load_s"] = dict(self.load)
         return out
 
 

@@ -25,3 +25,9 @@ def cache_dir():
 
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ditserve"
+
+
+def load_workers() -> int | None:
+    """$DITSERVE_LOAD_WORKERS: threads reading checkpoint files (None: the loader's default)."""
+    value = os.environ.get("DITSERVE_LOAD_WORKERS")
+    return int(value) if value and value.isdigit() and int(value) > 0 else None

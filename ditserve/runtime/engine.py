@@ -26,6 +26,8 @@ class Engine:
     def __init__(self, pipeline: Pipeline, source: ModelSource):
         self.pipeline = pipeline
         self.source = source
+        self.load_timings: dict[str, float] | None = None  # how the start went (from_config)
+        self._report_load = False  # the next run's Timings carry load_timings
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, source: ModelSource | None = None,
@@ -44,6 +46,7 @@ class Engine:
         dtype = parse_dtype(cfg.model.dtype, device.type)
         source = source or inspect_model(cfg.model.path)
         accel, where = offload_accel(cfg.accel, cfg.memory), load_device(cfg.memory, device)  # offload: host
+        start = time.perf_counter()
         if groups is None:
             pipeline = load_pipeline(source, where, dtype)
         else:
@@ -51,6 +54,7 @@ class Engine:
 
             with parallel.loading(groups):
                 pipeline = load_pipeline(source, where, dtype)
+        loaded = time.perf_counter()
         for name in pipeline.dit_names:  # every DiT the pipeline holds (both experts of Wan 2.2 A14B)
             if getattr(pipeline, name, None) is not None:
                 setattr(pipeline, name, accelerate_dit(getattr(pipeline, name), accel, device))
@@ -60,9 +64,16 @@ class Engine:
             if getattr(pipeline, name, None) is not None:
                 setattr(pipeline, name, cache_dit(getattr(pipeline, name), accel, device, groups))
         apply_memory(pipeline, cfg.memory, device)  # offload, text-encoder device, VAE tiling
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         engine = cls(pipeline, source)
+        ready = time.perf_counter()
         if cfg.accel.compile:
             engine.warmup(warmup or engine.default_warmups(cfg.max_batch_size))
+        done = time.perf_counter()
+        engine.load_timings = {"weights": loaded - start, "setup": ready - loaded, "warmup": done - ready,
+                               "total": done - start}
+        engine._report_load = True
         return engine
 
     def default_warmups(self, max_batch_size: int) -> list[GenerationRequest]:
@@ -91,6 +102,8 @@ class Engine:
             raise InvalidRequest("requests in one batch must share size, steps and guidance mode")
         try:
             pixels, timings = self.pipeline.run(requests, control or RunControl())
+            if self._report_load:
+                timings.load, self._report_load = dict(self.load_timings), False
         except (Cancelled, InvalidRequest):
             raise
         except torch.cuda.OutOfMemoryError as exc:

@@ -45,7 +45,8 @@ class Generator:
         threshold=0.08, taylorseer_order=1)`); `parallel`: the parallel engine, keys as ParallelConfig's
         (e.g. `dict(num_gpus=2, ulysses_degree=2)`) — then call `close()` (or use `with`) to stop the ranks.
         `cpu_offload`: "none", "model" or "layerwise" (as `--cpu-offload`); `memory`: MemoryConfig's other keys
-        (e.g. `dict(gpu_memory_budget_gib=12, text_encoder_device="cpu", vae_tiling="on", vae_slicing=True)`).
+        (e.g. `dict(gpu_memory_budget_gib=12, text_encoder_device="cpu", vae_tiling="on", vae_slicing=True,
+        forward_chunk_size=4096)`).
         """
         accel = AccelConfig(compile=enable_torch_compile, quantization=quantization,
                             cache=CacheConfig.from_mapping(cache))

@@ -16,7 +16,11 @@ from torch import nn
 
 from ditserve.accel import activations as A
 from ditserve.accel.activations import (
-    LiveBytes, apply_forward_chunking, chunk_ranges, disable_forward_chunking, estimate_activation_peak,
+    LiveBytes,
+    apply_forward_chunking,
+    chunk_ranges,
+    disable_forward_chunking,
+    estimate_activation_peak,
     forward_chunk_size,
 )
 from ditserve.accel.offload import GIB, plan_streaming

@@ -1,8 +1,16 @@
-"""Fill a model built on the meta device from diffusers safetensors, one tensor at a time.
+"""Fill a model built on the meta device from diffusers safetensors.
 
 A key map names, for each of our parameters, the checkpoint tensors that make it (several are
-concatenated along dim 0, e.g. separate q/k/v into one fused projection). Only the tensor being
-placed is ever held twice, so a 24 GB checkpoint never needs 48 GB.
+concatenated along dim 0, e.g. separate q/k/v into one fused projection).
+
+`load_into` reads the files itself (the safetensors header gives each tensor's byte range): each
+parameter's final tensor is allocated once and its checkpoint tensors are read straight into it
+with `os.preadv` (no mmap, no intermediate copy; a fused projection's parts land in their slices),
+in parallel threads (`load_workers`, the reads release the GIL). A parameter whose load dtype
+differs from the file's is read into a buffer of the file's dtype and converted (one tensor held
+twice, never the model); on CUDA, each thread reads into its own pinned staging buffer and copies
+to the GPU from there, converting on the GPU. So a 24 GB checkpoint needs 24 GB, on the host or the
+device, and is read as fast as the disk and the copies allow.
 
 Inside `sharded_loading(hook)` (tensor parallelism, set by parallel/), `hook(model)` may reshape the
 meta model to one rank's shard and name, per parameter, the part of each checkpoint tensor to read
@@ -13,7 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import struct
+import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -80,15 +93,144 @@ def checkpoint_files(folder: Path, stem: str = "diffusion_pytorch_model") -> dic
         return {key: single for key in f.keys()}
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one checkpoint tensor lies: its file, dtype, shape and absolute byte range."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_entries(files: dict[str, Path]) -> dict[str, Entry]:
+    """Each tensor's Entry, from the header of each safetensors file (read once per file)."""
+    entries: dict[str, Entry] = {}
+    for path in sorted(set(files.values())):
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for key, info in header.items():
+            if key == "__metadata__" or files.get(key) != path:
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which is not supported")
+            start, stop = info["data_offsets"]
+            entries[key] = Entry(path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + start,
+                                 stop - start)
+    return entries
+
+
+def load_workers() -> int:
+    """Threads reading checkpoint files: $DITSERVE_LOAD_WORKERS, else up to 8 (one per core)."""
+    from ditserve.config.env import load_workers as configured
+
+    return configured() or max(1, min(8, os.cpu_count() or 1))
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A writable byte view of contiguous CPU tensor `t`'s memory."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class _Files:
+    """Open file descriptors, one per checkpoint file, shared by the reading threads (pread keeps no
+    position, so they need no lock)."""
+
+    def __init__(self):
+        self.fds: dict[Path, int] = {}
+        self.lock = threading.Lock()
+
+    def read(self, entry: Entry, out: memoryview) -> None:
+        fd = self.fds.get(entry.path)
+        if fd is None:
+            with self.lock:
+                fd = self.fds.get(entry.path)
+                if fd is None:
+                    fd = self.fds[entry.path] = os.open(entry.path, os.O_RDONLY)
+        done = 0
+        while done < entry.nbytes:
+            n = os.preadv(fd, [out[done:entry.nbytes]], entry.offset + done)
+            if n <= 0:
+                raise OSError(f"{entry.path.name}: the file ends inside a tensor")
+            done += n
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class _Staging(threading.local):
+    """One pinned host buffer per reading thread (CUDA loads), grown to the largest tensor it reads,
+    and the thread's own CUDA stream for the copies."""
+
+    buffer: torch.Tensor | None = None
+    stream = None
+
+
+def read_parameter(files: _Files, entries: list[Entry], shape: torch.Size, device: torch.device,
+                   dtype: torch.dtype, staging: _Staging | None = None) -> torch.Tensor:
+    """One parameter of `shape` from its checkpoint tensors (concatenated along dim 0), read straight
+    into its final tensor on `device` in `dtype`."""
+    file_dtype = entries[0].dtype
+    rows = sum(e.shape[0] if e.shape else 1 for e in entries)
+    if any(e.dtype != file_dtype for e in entries) or (
+            len(entries) > 1 and (rows != shape[0] or any(tuple(e.shape[1:]) != tuple(shape[1:]) for e in entries))):
+        raise ValueError(f"checkpoint tensors of shapes {[e.shape for e in entries]} do not make {tuple(shape)}")
+    if len(entries) == 1 and tuple(entries[0].shape) != tuple(shape):
+        raise ValueError(f"checkpoint shape {entries[0].shape} != model shape {tuple(shape)}")
+    total = sum(e.nbytes for e in entries)
+    if device.type == "cuda":
+        if staging.buffer is None or staging.buffer.numel() < total:
+            staging.buffer = None
+            staging.buffer = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            staging.stream = staging.stream or torch.cuda.Stream(device)
+        host = staging.buffer[:total]
+    else:
+        host = torch.empty(shape, dtype=file_dtype)
+    view, at = _bytes_of(host), 0
+    for e in entries:
+        files.read(e, view[at:at + e.nbytes])
+        at += e.nbytes
+    if device.type == "cuda":
+        with torch.cuda.stream(staging.stream):
+            out = host.view(file_dtype).view(shape).to(device, non_blocking=True).to(dtype)
+        staging.stream.synchronize()  # the staging buffer is reused by this thread's next read
+        return out
+    return host if file_dtype == dtype else host.to(dtype)
+
+
 def load_into(
     model: nn.Module,
     folder: Path,
     key_map: KeyMap,
     device: torch.device | str,
     dtype: torch.dtype,
+    *,
+    dtype_for: Callable[[str], torch.dtype | None] | None = None,
+    ignore: Callable[[str], bool] | None = None,
 ) -> nn.Module:
-    """Assign each parameter of `model` (on meta) from the checkpoint in `folder`, strictly."""
+    """Assign each parameter of `model` (on meta) from the checkpoint in `folder`, strictly: in
+    parallel, each read straight into its final tensor (module docstring). `dtype_for(key)`: a
+    dtype for the parameters made from checkpoint tensor `key` other than `dtype` (None: `dtype`);
+    `ignore(key)`: checkpoint tensors the model does not use."""
     files = checkpoint_files(folder)
+    if ignore is not None:
+        files = {key: path for key, path in files.items() if not ignore(key)}
+    if _SHARDING.get() is None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return _load_parallel(model, folder, key_map, files, device, dtype, dtype_for)
     handles: dict[Path, object] = {}
 
     def handle(key: str):
@@ -97,9 +239,59 @@ def load_into(
             handles[path] = safe_open(str(path), framework="pt")
         return handles[path]
 
-    assign_mapped(model, key_map, set(files), lambda key: handle(key).get_tensor(key), device, dtype,
-                  where=str(folder), get_slice=lambda key: handle(key).get_slice(key))
+    def get_tensor(key: str) -> torch.Tensor:
+        t = handle(key).get_tensor(key)
+        return t if dtype_for is None or dtype_for(key) is None else t.to(device=device, dtype=dtype_for(key))
+
+    assign_mapped(model, key_map, set(files), get_tensor, device, dtype if dtype_for is None else None,
+                  where=str(folder), get_slice=lambda key: handle(key).get_slice(key),
+                  dtype_of=None if dtype_for is None else lambda key: dtype_for(key) or dtype)
     log.debug("loaded %d tensors from %s", len(key_map), folder)
+    return model
+
+
+def _check_mapping(model: nn.Module, key_map: KeyMap, available: set[str], where: str) -> dict[str, nn.Parameter]:
+    ours = dict(model.named_parameters())
+    wanted = {k for srcs in key_map.values() for k in srcs}
+    missing, unused, absent = sorted(set(ours) - set(key_map)), sorted(available - wanted), sorted(wanted - available)
+    if missing or unused or absent:
+        raise ValueError(
+            f"checkpoint in {where} does not match the model: "
+            f"unmapped parameters {missing[:5]}, unused tensors {unused[:5]}, absent tensors {absent[:5]}"
+        )
+    return ours
+
+
+def _load_parallel(model: nn.Module, folder: Path, key_map: KeyMap, files: dict[str, Path], device: torch.device,
+                   dtype: torch.dtype, dtype_for) -> nn.Module:
+    start = time.perf_counter()
+    ours = _check_mapping(model, key_map, set(files), str(folder))
+    entries = read_entries(files)
+    reader, staging = _Files(), _Staging()
+
+    def one(name: str) -> tuple[str, torch.Tensor]:
+        sources = key_map[name]
+        target = (dtype_for(sources[0]) if dtype_for is not None else None) or dtype
+        try:
+            return name, read_parameter(reader, [entries[k] for k in sources], ours[name].shape, device, target,
+                                        staging)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
+    workers = load_workers()
+    total = 0
+    try:
+        # largest first, so that no thread is left with a big tensor at the end
+        names = sorted(key_map, key=lambda n: -sum(entries[k].nbytes for k in key_map[n]))
+        with ThreadPoolExecutor(workers, thread_name_prefix="ditserve-load") as pool:
+            for name, tensor in pool.map(one, names):
+                _assign(model, name, tensor)
+                total += tensor.numel() * tensor.element_size()
+    finally:
+        reader.close()
+    seconds = time.perf_counter() - start
+    log.info("read %.2f GiB from %s in %.2f s (%.2f GiB/s, %d threads)", total / 2**30, folder, seconds,
+             total / 2**30 / max(seconds, 1e-9), workers)
     return model
 
 
@@ -112,20 +304,14 @@ def assign_mapped(
     dtype: torch.dtype,
     where: str = "state dict",
     get_slice: Callable[[str], object] | None = None,
+    dtype_of: Callable[[str], torch.dtype] | None = None,
 ) -> nn.Module:
     """Fill every parameter of `model` from `get_tensor` through `key_map`; nothing may be left over.
     Under `sharded_loading`, sharded parameters are read through `get_slice(key)` (a safetensors
     slice: `get_shape()`, indexing reads only the part asked for); without it, whole, then cut."""
     hook = _SHARDING.get()
     shard_of = hook(model) if hook is not None else None
-    ours = dict(model.named_parameters())
-    wanted = {k for srcs in key_map.values() for k in srcs}
-    missing, unused, absent = sorted(set(ours) - set(key_map)), sorted(available - wanted), sorted(wanted - available)
-    if missing or unused or absent:
-        raise ValueError(
-            f"checkpoint in {where} does not match the model: "
-            f"unmapped parameters {missing[:5]}, unused tensors {unused[:5]}, absent tensors {absent[:5]}"
-        )
+    ours = _check_mapping(model, key_map, available, where)
     for name, sources in key_map.items():
         shard = shard_of(name) if shard_of is not None else None
         if shard is None:
@@ -135,7 +321,7 @@ def assign_mapped(
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=shard.dim if shard else 0)
         if tensor.shape != ours[name].shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(ours[name].shape)}")
-        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        _assign(model, name, tensor.to(device=device, dtype=dtype if dtype_of is None else dtype_of(sources[0])))
     return model
 
 

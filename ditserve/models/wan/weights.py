@@ -8,9 +8,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from ditserve.models.common.loading import KeyMap, assign_mapped, checkpoint_files
+from ditserve.models.common.loading import KeyMap, load_into
 from ditserve.models.common.loading import linear_keys as _linear
 from ditserve.models.wan.config import WanConfig
 from ditserve.models.wan.model import WanDiT
@@ -90,16 +89,8 @@ def load_wan_dit(folder: str | Path, device: torch.device | str, dtype: torch.dt
     cfg = WanConfig.from_json(folder / "config.json")
     with torch.device("meta"):
         model = WanDiT(cfg)
-    files = {key: path for key, path in checkpoint_files(folder).items() if not IGNORED.search(key)}
-    handles: dict[Path, object] = {}
-
-    def get_tensor(key: str) -> torch.Tensor:
-        path = files[key]
-        if path not in handles:
-            handles[path] = safe_open(str(path), framework="pt")
-        return handles[path].get_tensor(key).to(device=device, dtype=torch.float32 if keeps_float32(key) else dtype)
-
-    # dtype None: every tensor already has its own dtype (float32 or `dtype`)
-    assign_mapped(model, wan_key_map(cfg), set(files), get_tensor, device, None, where=str(folder))
+    load_into(model, folder, wan_key_map(cfg), device, dtype,
+              dtype_for=lambda key: torch.float32 if keeps_float32(key) else None,
+              ignore=lambda key: IGNORED.search(key) is not None)
     log.debug("loaded Wan DiT (%d layers) from %s", cfg.num_layers, folder)
     return model.eval()
