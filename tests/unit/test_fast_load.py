@@ -151,3 +151,19 @@ def test_engine_reports_load_time_in_the_first_run(tiny_flux_dev):
     assert first.to_dict()["load_s"]["total"] >= first.load["weights"]
     second = gen.generate(**request).timings
     assert second.load is None and "load_s" not in second.to_dict()
+
+
+def test_a_failed_parallel_read_falls_back_to_safetensors(tiny_flux_dev_sharded, monkeypatch, caplog):
+    from ditserve.models.flux.weights import load_flux_dit
+
+    folder = tiny_flux_dev_sharded / "transformer"
+    good = load_flux_dit(folder, "cpu", torch.float32)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no pinned memory")
+
+    monkeypatch.setattr(loading, "read_parameter", broken)
+    dit = load_flux_dit(folder, "cpu", torch.float32)
+    assert "reading it through safetensors instead" in caplog.text
+    for (name, p), q in zip(dit.named_parameters(), good.parameters()):
+        assert torch.equal(p, q), name

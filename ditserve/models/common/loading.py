@@ -206,7 +206,7 @@ def read_parameter(files: _Files, entries: list[Entry], shape: torch.Size, devic
             out = host.view(file_dtype).view(shape).to(device, non_blocking=True).to(dtype)
         staging.stream.synchronize()  # the staging buffer is reused by this thread's next read
         return out
-    return host if file_dtype == dtype else host.to(dtype)
+    return (host if file_dtype == dtype else host.to(dtype)).to(device)  # (a no-op on the CPU)
 
 
 def load_into(
@@ -230,7 +230,11 @@ def load_into(
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        return _load_parallel(model, folder, key_map, files, device, dtype, dtype_for)
+        try:
+            return _load_parallel(model, folder, key_map, files, device, dtype, dtype_for)
+        except (RuntimeError, OSError, TypeError, AttributeError) as exc:  # not a mismatch (ValueError)
+            log.warning("parallel read of %s failed (%s: %s); reading it through safetensors instead", folder,
+                        type(exc).__name__, exc)
     handles: dict[Path, object] = {}
 
     def handle(key: str):
@@ -289,6 +293,9 @@ def _load_parallel(model: nn.Module, folder: Path, key_map: KeyMap, files: dict[
                 total += tensor.numel() * tensor.element_size()
     finally:
         reader.close()
+        del staging  # each thread's pinned buffer; then the host allocator's cache lets them go
+        if device.type == "cuda" and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
     seconds = time.perf_counter() - start
     log.info("read %.2f GiB from %s in %.2f s (%.2f GiB/s, %d threads)", total / 2**30, folder, seconds,
              total / 2**30 / max(seconds, 1e-9), workers)
