@@ -209,3 +209,17 @@ def test_generator_forward_chunking_is_bit_identical(tiny_wan):
     dit = gen.engine.pipeline.dit
     assert "_ditserve_unchunked" in dit.blocks[0].__dict__  # the flag reached the DiT
     assert outs[0].std() > 1 and np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.slow  # 20 s: two runs of each tiny video folder at 192 video tokens
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video"])
+def test_video_families_chunked_are_bit_identical(family, request):
+    from ditserve import Generator
+
+    folder = request.getfixturevalue("tiny_cogvideox")() if family == "cogvideox" else \
+        request.getfixturevalue("tiny_hunyuan_video")
+    run = dict(prompt="a fox", height=128, width=128, num_frames=9, num_inference_steps=2, seed=1,
+               max_sequence_length=226 if family == "cogvideox" else 16)
+    outs = [np.stack(Generator.from_pretrained(folder, device="cpu", dtype=torch.float32, memory=memory)
+                     .generate(**run).videos) for memory in ({}, {"forward_chunk_size": 64})]
+    assert outs[0].std() > 1 and np.array_equal(outs[0], outs[1])

@@ -68,6 +68,11 @@ def check_plan(dits: list[nn.Module]) -> None:
     for dit in dits:
         if dit.plan.sequence is not None:
             assert set(dit.plan.sequence.self_attention_sites) <= set(dit.plan.attention_sites)
+    for site in plan.token_sites:  # forward chunking (accel/activations.py) would skip a misnamed one
+        owner, _, attr = site.rpartition(".")
+        held = [getattr(b.get_submodule(owner) if owner else b, attr, None) for d in dits for b in d.blocks
+                if not owner or owner in dict(b.named_modules())]
+        assert any(callable(h) for h in held), f"{type(dits[0]).__name__} plan.token_sites {site!r} matches nothing"
 
 
 def dits_of(pipeline) -> list[nn.Module]:
