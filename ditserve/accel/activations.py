@@ -251,6 +251,39 @@ def estimate_activation_peak(dit: nn.Module, inputs, call: Callable | None = Non
     return ActivationPeak(meter.peak, tokens)
 
 
+def estimate_call(dit: nn.Module, args: tuple, kwargs: dict | None = None) -> ActivationPeak:
+    """The activation peak of the call `dit(*args, **kwargs)` (a DiT, or a wrapper around one), on a
+    meta copy of the DiT with the same forward chunking and the arguments' shapes."""
+    from ditserve.accel.offload import to_device
+    from ditserve.models.common.dit import DiTWrapper
+
+    inner = dit
+    while isinstance(inner, DiTWrapper):
+        inner = inner.dit
+    sizes: dict[torch.dtype, int] = {}
+    for p in inner.parameters():  # the model dtype: most of the weights (not fp8 copies, not float32 norms)
+        if p.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    dtype = max(sizes, key=sizes.get)
+    meta = meta_copy(type(inner), inner.cfg, dtype)
+    chunk = _chunk_of(inner)
+    if chunk:
+        apply_forward_chunking(meta, chunk)
+    meta_args = to_device(tuple(args[:1]), torch.device("meta"))
+    return estimate_activation_peak(meta, meta_args[0])
+
+
+def _chunk_of(dit: nn.Module) -> int | None:
+    """The token chunk `dit`'s sites run with (None: not chunked)."""
+    for owner, attr in _sites(dit):
+        target = getattr(owner, attr)
+        holder, name = (target, "forward") if isinstance(target, nn.Module) else (owner, attr)
+        fn = holder.__dict__.get(name)
+        if isinstance(fn, functools.partial) and fn.func is chunked_call:
+            return fn.args[1]
+    return None
+
+
 def meta_copy(model_cls, cfg, dtype: torch.dtype) -> nn.Module:
     """`model_cls(cfg)` on the meta device in `dtype` (for `estimate_activation_peak`)."""
     with torch.device("meta"):

@@ -10,7 +10,9 @@
   first block runs, group k + 1 (after the last, the first again, for the next step) is copied on a
   side CUDA stream while group k computes, and group k's device copies are dropped after its last
   block. With `gpu_memory_budget_gib`, the first blocks stay resident as far as the budget allows
-  and only the rest stream. Block calls are wrapped around a compiled block's compiled call, so the
+  and only the rest stream; what the budget keeps free for activations is estimated at the DiT's
+  first call, for that call's inputs (accel/activations.py, on a meta copy), until then every block
+  streams. Block calls are wrapped around a compiled block's compiled call, so the
   streaming itself is never traced.
 - the text encoders on the CPU (`text_encoder_device="cpu"`): their outputs move to the device.
 - the VAE's tiling and slicing (vae/memory.py).
@@ -178,6 +180,7 @@ class BlockStreamer:
 
     def __init__(self, groups: list[list[nn.Module]], device: torch.device, pin: bool):
         self.device = device
+        self.blocks = sum(len(g) for g in groups)  # how many blocks stream
         self.copies = [HostCopy(g, pin) for g in groups]
         self.loaded: dict[int, tuple[torch.cuda.Event | None, list[torch.Tensor]]] = {}
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -289,14 +292,30 @@ class Offloader:
     def __init__(self, parts: dict[str, nn.Module], device: torch.device, pin: bool,
                  streamers: dict[str, BlockStreamer]):
         self.device = device
+        self.pin = pin
+        self.parts = parts
         self.streamers = streamers
-        self.copies = {}
-        for name, module in parts.items():
-            streamer = streamers.get(name)
-            skip = frozenset(i for c in streamer.copies for i in c.tensor_ids()) if streamer else frozenset()
-            self.copies[name] = HostCopy([module], pin, skip)
+        self.copies = {name: self._copy(name) for name in parts}
         self.resident: set[str] = set()
         self.loads = 0  # components copied to the device (tests and logs)
+        self.activation_gib: dict[str, float] = {}  # per DiT: the estimate its budget plan kept free
+
+    def _copy(self, name: str) -> HostCopy:
+        streamer = self.streamers.get(name)
+        skip = frozenset(i for c in streamer.copies for i in c.tensor_ids()) if streamer else frozenset()
+        return HostCopy([self.parts[name]], self.pin, skip)
+
+    def replan(self, name: str, streamer: BlockStreamer | None) -> None:
+        """Stream component `name`'s blocks with `streamer` from now on (None: none stream)."""
+        if name in self.resident:
+            self.copies[name].to_host()
+            self.resident.discard(name)
+        old = self.streamers.pop(name, None)
+        if old is not None:
+            old.remove()
+        if streamer is not None:
+            self.streamers[name] = streamer
+        self.copies[name] = self._copy(name)
 
     def ensure(self, names: Iterable[str]) -> None:
         wanted = {n for n in names if n in self.copies}
@@ -394,9 +413,11 @@ def _offload(pipeline, parts: dict[str, nn.Module], memory: MemoryConfig, device
         if name is not None:
             dits[name] = dit
     streamers = {}
+    budget = memory.gpu_memory_budget_gib
+    later = memory.cpu_offload == "layerwise" and budget is not None and activation_gib is None
     if memory.cpu_offload == "layerwise":
-        for name, dit in dits.items():
-            streamer = stream_blocks(dit, device, memory.offload_group_size, memory.gpu_memory_budget_gib, name,
+        for name, dit in dits.items():  # a budget without a given estimate: all stream until the first call
+            streamer = stream_blocks(dit, device, memory.offload_group_size, None if later else budget, name,
                                      activation_gib)
             if streamer is not None:
                 streamers[name] = streamer
@@ -408,9 +429,39 @@ def _offload(pipeline, parts: dict[str, nn.Module], memory: MemoryConfig, device
     _wrap_stage(pipeline, "prepare_latents", lambda requests: offloader.ensure(
         offloader.matching(STAGE_PARTS["prepare_latents"] if any(r.images for r in requests) else ())),
                 takes_args=1)
-    for name, dit in dits.items():  # a DiT comes over when called; the other expert goes back
+    for name, dit in dits.items():
+        if later:  # the budget's plan, once the first call shows the activations' size
+            _plan_at_first_call(offloader, name, dit, memory, device)
+        # a DiT comes over when called; the other expert goes back
         dit.register_forward_pre_hook(lambda _m, _a, name=name: offloader.ensure([name]))
     log.info("--cpu-offload %s: %.2f GiB of weights in %s host memory", memory.cpu_offload,
              (sum(c.nbytes for c in offloader.copies.values()) + sum(s.nbytes for s in streamers.values())) / GIB,
              "pinned" if pin else "CPU")
     return offloader
+
+
+def _plan_at_first_call(offloader: Offloader, name: str, dit: nn.Module, memory: MemoryConfig,
+                        device: torch.device) -> None:
+    """At `dit`'s first call, estimate that call's activation peak (accel/activations.py) and keep as
+    many blocks resident as the budget allows beside it; the estimate is for the first call's shape
+    (a larger request later may need more)."""
+    from ditserve.accel.activations import GIB as _GIB
+    from ditserve.accel.activations import estimate_call
+
+    handle = None
+
+    def plan(_module, args, kwargs):
+        handle.remove()
+        try:
+            gib = estimate_call(dit, args, kwargs).peak_bytes / _GIB
+        except Exception as exc:  # noqa: BLE001 - the estimate is an aid: fall back to the fixed reserve
+            log.warning("%s: no activation estimate (%s: %s); keeping %.1f GiB free for activations", name,
+                        type(exc).__name__, exc, ACTIVATION_RESERVE_GIB)
+            gib = ACTIVATION_RESERVE_GIB
+        offloader.activation_gib[name] = gib
+        log.info("%s: activations of this call estimated at %.2f GiB; planning the %.1f GiB budget around them",
+                 name, gib, memory.gpu_memory_budget_gib)
+        offloader.replan(name, stream_blocks(dit, device, memory.offload_group_size, memory.gpu_memory_budget_gib,
+                                             name, gib))
+
+    handle = dit.register_forward_pre_hook(plan, with_kwargs=True)

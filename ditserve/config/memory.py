@@ -19,8 +19,8 @@ class MemoryConfig:
       "layerwise" ("model", and the DiTs' blocks stream from host memory group by group, the next
       group prefetched on a side CUDA stream).
     - `offload_group_size`: blocks per streamed group (layerwise).
-    - `gpu_memory_budget_gib`: layerwise: keep as many blocks resident as fit this budget, stream
-      only the rest (None: stream every block).
+    - `gpu_memory_budget_gib`: layerwise: keep as many blocks resident as fit this budget beside the
+      activations (estimated at the DiT's first call), stream only the rest (None: stream every block).
     - `text_encoder_device`: "cpu" runs the text encoders on the CPU (None: the engine's device).
     - `vae_tiling`: decode in spatial tiles — "on", "off", or "auto": on when the decode would not
       fit the free GPU memory (never on the CPU); `vae_slicing`: decode a batch one sample at a time.

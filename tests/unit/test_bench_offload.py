@@ -39,3 +39,4 @@ def test_tiny_wan_end_to_end_row(tmp_path):
     assert {"e2e_s", "resident_e2e_s", "e2e_peak_mem_gib", "offload", "gpu_memory_budget_gib", "commit"} <= set(row)
     assert row["e2e_s"] > 0 and row["max_abs_diff_vs_resident"] == 0  # same frames under offload
     assert 0 < row["activation_est_gib"] <= row["activation_est_resident_gib"]
+    assert row["budget_planned_activation_gib"] > 0 and row["resident_blocks"] == 6  # planned at the first call

@@ -223,3 +223,26 @@ def test_video_families_chunked_are_bit_identical(family, request):
     outs = [np.stack(Generator.from_pretrained(folder, device="cpu", dtype=torch.float32, memory=memory)
                      .generate(**run).videos) for memory in ({}, {"forward_chunk_size": 64})]
     assert outs[0].std() > 1 and np.array_equal(outs[0], outs[1])
+
+
+def test_budget_is_planned_at_the_first_call_around_its_activations(tiny_flux_dev):
+    """Under a budget the engine streams every block until the DiT's first call, estimates that call's
+    activations and keeps resident what fits beside them; the image does not change."""
+    from ditserve import Generator
+
+    request = dict(prompt="a red fox", height=32, width=48, num_inference_steps=2, seed=3, max_sequence_length=16)
+    plain = np.asarray(Generator.from_pretrained(tiny_flux_dev, device="cpu", dtype=torch.float32)
+                       .generate(**request).images[0])
+    # 839 KiB: the DiT's 516 KiB and its activations fit, so every block ends resident (under the fixed
+    # 2 GiB reserve of a budget without an estimate, none would)
+    gen = Generator.from_pretrained(tiny_flux_dev, device="cpu", dtype=torch.float32, cpu_offload="layerwise",
+                                    memory={"gpu_memory_budget_gib": 0.0008})
+    offloader = gen.engine.pipeline.offloader
+    blocks = len(gen.engine.pipeline.dit.blocks)
+    assert len(offloader.streamers["transformer"].copies) == blocks and not offloader.activation_gib
+    got = np.asarray(gen.generate(**request).images[0])
+    assert np.array_equal(got, plain)
+    estimate = offloader.activation_gib["transformer"]
+    assert 0 < estimate < 0.0008
+    assert "transformer" not in offloader.streamers  # all resident now
+    assert np.array_equal(np.asarray(gen.generate(**request).images[0]), plain)
