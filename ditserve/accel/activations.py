@@ -237,18 +237,31 @@ class ActivationPeak:
 
 
 def estimate_activation_peak(dit: nn.Module, inputs, call: Callable | None = None) -> ActivationPeak:
-    """The activation peak of `call(inputs)` (default `dit(inputs)`), op by op, attention counted as
-    a fused kernel. Build `dit` and `inputs` on the `meta` device to estimate at full size for free."""
-    call = call or dit
+    """The activation peak of `call(inputs)` (default: `dit`'s plain forward), op by op, attention
+    counted as a fused kernel. Build `dit` and `inputs` on the `meta` device to estimate at full size
+    for free. The plain forward runs each kind of block once per input shape: a block like one already
+    run over the same shapes would hold the same tensors again, and changes no shape."""
     with torch.no_grad(), _attention_as_kernel(dit):
         hidden = dit.embed(inputs)
         tokens = sum(s.shape[1] for s in hidden.streams)
         del hidden
         meter = LiveBytes()
         with _FusedAsOnGPU(), meter:
-            out = call(inputs)
+            out = call(inputs) if call is not None else _forward_once_per_kind(dit, inputs)
         del out
     return ActivationPeak(meter.peak, tokens)
+
+
+def _forward_once_per_kind(dit: nn.Module, inputs) -> torch.Tensor:
+    from ditserve.models.common.dit import run_block
+
+    h, seen = dit.embed(inputs), set()
+    for block in dit.blocks:
+        key = (type(block), tuple(tuple(s.shape) for s in h.streams))
+        if key not in seen:
+            seen.add(key)
+            h = run_block(block, h)
+    return dit.head(h)
 
 
 def estimate_call(dit: nn.Module, args: tuple, kwargs: dict | None = None) -> ActivationPeak:
