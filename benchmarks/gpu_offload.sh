@@ -28,8 +28,8 @@ if [ "$part" = all ] || [ "$part" = wan14b ]; then  # 27 GiB, a step ≈ 12 s: 3
         --out "$out/offload_wan14b_h200.json" 2>&1 | tee "$out/offload_wan14b_h200.log" | show
 fi
 if [ "$part" = wan14b_e2e ]; then  # its own call: UMT5 + 2 CFG steps at 75,600 tokens + 720p decode, twice per mode
-    # layerwise: per-token parts in 4096-token chunks; the 12 GiB budget keeps the estimated activation peak
-    # (CFG batch of 2: about 9.4 GiB chunked, 14.6 GiB whole) free; e2e_peak_mem_gib should stay under 12
+    # layerwise: per-token parts in 4096-token chunks; the 12 GiB budget is planned at the first DiT call around
+    # its estimated activations (CFG batch of 2: about 8.8 GiB chunked, 14.6 GiB whole); e2e_peak_mem_gib < 12
     timeout 580 python3 benchmarks/bench_offload.py --model wan2.1-t2v-14b --budget 12 --only-end-to-end \
         --forward-chunk-size 4096 \
         --out "$out/offload_wan14b_e2e_h200.json" 2>&1 | tee "$out/offload_wan14b_e2e_h200.log" | show

@@ -66,9 +66,11 @@ def _cut(arg, length: int, a: int, b: int, dim: int):
     return arg
 
 
-def chunked_call(fn: Callable[..., torch.Tensor], chunk: int, dim: int, x: torch.Tensor, *args, **kwargs):
+def chunked_call(fn: Callable[..., torch.Tensor], chunk: int, dim: int, x: torch.Tensor, *args,
+                 _in_place: bool = False, **kwargs):
     """`fn(x, *args, **kwargs)` computed `chunk` tokens (dim `dim` of `x`) at a time into one output:
-    positional arguments with as many tokens as `x` are cut with it, the rest passed whole."""
+    positional arguments with as many tokens as `x` are cut with it, the rest passed whole. `_in_place`:
+    the output is `x` itself (each chunk's result written back over its own tokens) when it fits."""
     length = x.shape[dim]
     ranges = chunk_ranges(length, chunk)
     if len(ranges) == 1:
@@ -79,18 +81,19 @@ def chunked_call(fn: Callable[..., torch.Tensor], chunk: int, dim: int, x: torch
         if out is None:
             shape = list(y.shape)
             shape[dim] = length
-            out = y.new_empty(shape)
+            fits = _in_place and list(x.shape) == shape and x.dtype == y.dtype and x.is_contiguous()
+            out = x if fits else y.new_empty(shape)
         out.narrow(dim, a, b - a).copy_(y)
         del y
     return out
 
 
-def _sites(dit: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(owner, attribute) of every token site the plan declares, over every block (a site a block
-    lacks, or holds as None, is skipped: a single-stream block has no MLP of its own)."""
+def _sites(dit: nn.Module, paths: tuple[str, ...] | None = None) -> list[tuple[nn.Module, str]]:
+    """(owner, attribute) of every token site the plan declares (or of `paths`), over every block (a
+    site a block lacks, or holds as None, is skipped: a single-stream block has no MLP of its own)."""
     found = []
     for block in dit.blocks:
-        for path in dit.plan.token_sites:
+        for path in dit.plan.token_sites if paths is None else paths:
             owner_path, _, attr = path.rpartition(".")
             try:
                 owner = block.get_submodule(owner_path) if owner_path else block
@@ -112,7 +115,9 @@ def apply_forward_chunking(dit: nn.Module, chunk_size: int, dim: int = 1) -> int
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
     chunk = align_chunk(chunk_size)
     sites = _sites(dit)
+    in_place = {(id(o), a) for o, a in _sites(dit, dit.plan.token_sites_in_place)}
     for owner, attr in sites:
+        extra = {"_in_place": True} if (id(owner), attr) in in_place else {}
         target = getattr(owner, attr)
         if isinstance(target, nn.Module):  # a feed-forward: its forward, so it stays a child module
             owner, attr = target, "forward"
@@ -121,7 +126,7 @@ def apply_forward_chunking(dit: nn.Module, chunk_size: int, dim: int = 1) -> int
             saved[attr] = (owner.__dict__.get(attr), getattr(owner, attr))  # (instance value, callable)
         fn = saved[attr][1]
         owner.__dict__[_UNCHUNKED] = saved
-        owner.__dict__[attr] = functools.partial(chunked_call, fn, chunk, dim)
+        owner.__dict__[attr] = functools.partial(chunked_call, fn, chunk, dim, **extra)
     log.info("forward chunking: %d sites, %d tokens at a time", len(sites), chunk)
     return len(sites)
 

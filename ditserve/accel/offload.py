@@ -46,6 +46,9 @@ GIB = 2**30
 # Budget kept free for activations and the allocator's slack (layerwise with a budget): a DiT step
 # at 1024² (FLUX) needs well under a GiB; a 720p x 81 Wan step a few. Not yet measured per model.
 ACTIVATION_RESERVE_GIB = 2.0
+# An activation estimate (accel/activations.py) counts tensors, not the allocator's rounding and caching
+# or kernel workspaces: what a budget keeps free for it is this much more.
+ESTIMATE_MARGIN, ESTIMATE_SLACK_GIB = 1.05, 0.25
 TEXT_PREFIX = "text_encoder"  # diffusers' component names: text_encoder, text_encoder_2, ...
 STAGE_PARTS = {  # what each stage method uses, by component name; denoise: the DiTs, loaded on call
     "run": (TEXT_PREFIX,),  # a pipeline may caption with its text encoder before the stages
@@ -268,15 +271,20 @@ def plan_streaming(blocks: list[nn.Module], group_size: int, budget_bytes: int |
     return blocks[:keep], [streamed[i:i + group_size] for i in range(0, len(streamed), group_size)]
 
 
+def reserve_for(estimate_gib: float) -> float:
+    """GiB a budget keeps free for activations estimated at `estimate_gib`."""
+    return estimate_gib * ESTIMATE_MARGIN + ESTIMATE_SLACK_GIB
+
+
 def stream_blocks(dit: nn.Module, device: torch.device, group_size: int = 1, budget_gib: float | None = None,
                   name: str = "dit", activation_gib: float | None = None) -> BlockStreamer | None:
     """Stream `dit`'s blocks (on the host) in groups of `group_size`, keeping the first ones resident
-    as far as `budget_gib` allows with `activation_gib` kept for activations (default
-    ACTIVATION_RESERVE_GIB); None when every block fits. The rest of the DiT is the caller's to place
-    (an Offloader's HostCopy, or `.to(device)`)."""
+    as far as `budget_gib` allows with room for activations estimated at `activation_gib`
+    (`reserve_for`; default ACTIVATION_RESERVE_GIB); None when every block fits. The rest of the DiT is
+    the caller's to place (an Offloader's HostCopy, or `.to(device)`)."""
     blocks = list(dit.blocks)
     budget = None if budget_gib is None else int(budget_gib * GIB)
-    reserve = None if activation_gib is None else int(activation_gib * GIB)
+    reserve = None if activation_gib is None else int(reserve_for(activation_gib) * GIB)
     resident, groups = plan_streaming(blocks, group_size, budget, nbytes([dit]) - nbytes(blocks), reserve)
     streamer = BlockStreamer(groups, device, device.type == "cuda") if groups else None
     log.info("%s: %d blocks resident, %d streamed in %d groups (%.2f GiB streamed per call)", name,

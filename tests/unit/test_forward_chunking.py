@@ -182,7 +182,7 @@ def test_activation_estimate_drops_with_chunking_at_size():
     token_bytes = 5120 * 2  # one bf16 token of the model width
     # whole: the rotary embedding's float32 copies beside x, q, k, v; chunked: about x, q, k, v and outputs
     assert 8 * token_bytes < whole.per_token < 12 * token_bytes
-    assert chunked.peak_bytes < 0.75 * whole.peak_bytes
+    assert chunked.peak_bytes < 0.7 * whole.peak_bytes
     assert not any(p.device.type != "meta" for p in dit.parameters())
 
 
@@ -233,16 +233,16 @@ def test_budget_is_planned_at_the_first_call_around_its_activations(tiny_flux_de
     request = dict(prompt="a red fox", height=32, width=48, num_inference_steps=2, seed=3, max_sequence_length=16)
     plain = np.asarray(Generator.from_pretrained(tiny_flux_dev, device="cpu", dtype=torch.float32)
                        .generate(**request).images[0])
-    # 839 KiB: the DiT's 516 KiB and its activations fit, so every block ends resident (under the fixed
-    # 2 GiB reserve of a budget without an estimate, none would)
+    # 0.3 GiB: the DiT's 516 KiB and its activations (with the estimate's margin) fit, so every block
+    # ends resident (under the fixed 2 GiB reserve of a budget without an estimate, none would)
     gen = Generator.from_pretrained(tiny_flux_dev, device="cpu", dtype=torch.float32, cpu_offload="layerwise",
-                                    memory={"gpu_memory_budget_gib": 0.0008})
+                                    memory={"gpu_memory_budget_gib": 0.3})
     offloader = gen.engine.pipeline.offloader
     blocks = len(gen.engine.pipeline.dit.blocks)
     assert len(offloader.streamers["transformer"].copies) == blocks and not offloader.activation_gib
     got = np.asarray(gen.generate(**request).images[0])
     assert np.array_equal(got, plain)
     estimate = offloader.activation_gib["transformer"]
-    assert 0 < estimate < 0.0008
+    assert 0 < estimate < 0.001
     assert "transformer" not in offloader.streamers  # all resident now
     assert np.array_equal(np.asarray(gen.generate(**request).images[0]), plain)

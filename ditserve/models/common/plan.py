@@ -99,6 +99,9 @@ class DiTPlan:
       positional tensors are per token (or broadcast over the tokens, [B, 1, D]; a `Rotary` by its
       rows) and whose keyword arguments are not (a cross-attention's context) — which may run over
       the sequence in chunks (accel/activations.py). A block without one (or holding None) is skipped.
+      `token_sites_in_place`: those of them whose first argument the caller never uses again and whose
+      result has its shape and dtype (a rotary embedding): chunked, each chunk's result is written back
+      into it, so no second tensor of that size is made.
     - `sequence`, `tensor`: the sequence- and tensor-parallel layouts (None: not supported).
     """
 
@@ -110,5 +113,6 @@ class DiTPlan:
     qk_rope_site: str | None = None
     teacache: Callable[[Any], TeaCacheFit | None] | None = None
     token_sites: tuple[str, ...] = ()
+    token_sites_in_place: tuple[str, ...] = ()
     sequence: SequenceLayout | None = None
     tensor: TensorLayout | None = None

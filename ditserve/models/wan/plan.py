@@ -53,6 +53,7 @@ WAN_PLAN = DiTPlan(
     # everything but the self-attention maps each token on its own: the modulated norms, the rotary
     # embedding, the gated residuals, the cross-attention (queries per token) and the FFN
     token_sites=("modulate", "attn_residual", "cross_attention", "ffn_residual", "attn1.rope_op"),
+    token_sites_in_place=("attn1.rope_op",),  # the unrotated query and key are dropped right after
     # stream (x,); consts (context, mod, rope, temb, grid): mod is per token with TI2V's per-token timesteps
     sequence=SequenceLayout(joint_order=(0,), consts=("same", "per_token", "rope", "same", "same"),
                             self_attention_sites=("attn1.attn_op",), head_streams=(0,)),
