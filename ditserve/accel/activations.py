@@ -4,17 +4,16 @@ activation peak, both read from the model's plan.
 - `apply_forward_chunking(dit, chunk_size)` (diffusers' `enable_forward_chunking(chunk_size, dim=1)`):
   every piece of a block that maps each token on its own (`DiTPlan.token_sites`: the feed-forwards,
   and where a model declares them the modulated norms, gated residuals, rotary embedding and
-  cross-attention) runs
-  over `chunk_size` tokens at a time, written into one preallocated output, so its float32 and
-  4x-wide temporaries are only ever `chunk_size` tokens long; only the self-attention sees the whole
-  sequence. Chunks are a multiple of `CHUNK_ALIGN` tokens, the last one taking the remainder
+  cross-attention) runs over `chunk_size` tokens at a time, written into one preallocated output
+  (or back into its input, `token_sites_in_place`), so its float32 and 4x-wide temporaries are only
+  ever `chunk_size` tokens long; only the self-attention sees the whole sequence. Chunks are a multiple of `CHUNK_ALIGN` tokens, the last one taking the remainder
   (between one and two chunks long): every chunk's GEMM and elementwise kernels then see the same
   whole-vector layout as the unchunked call, and on the CPU in float32 the output is bit-identical.
   `disable_forward_chunking(dit)` undoes it.
 - `estimate_activation_peak(dit, inputs)`: the largest amount of memory that tensors created during
   one call of `dit` hold at once, counted op by op with every tensor's lifetime (a dispatch mode;
   the weights are not counted). On a DiT built on the `meta` device it runs at full size (75,600
-  tokens of a 720p x 81 video) in seconds on the CPU, computing nothing; attention counts as a
+  tokens of a 720p x 81 video) in under a second on the CPU, computing nothing; attention counts as a
   flash-style kernel (its output only), as on the GPU. The allocator's slack and kernel
   workspaces come on top.
 """
