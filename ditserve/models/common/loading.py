@@ -190,10 +190,12 @@ def read_parameter(files: _Files, entries: list[Entry], shape: torch.Size, devic
         raise ValueError(f"checkpoint shape {entries[0].shape} != model shape {tuple(shape)}")
     total = sum(e.nbytes for e in entries)
     if device.type == "cuda":
+        if staging.stream is None:  # a new thread's current device is GPU 0: never touch it by mistake
+            torch.cuda.set_device(device)
+            staging.stream = torch.cuda.Stream(device)
         if staging.buffer is None or staging.buffer.numel() < total:
             staging.buffer = None
             staging.buffer = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-            staging.stream = staging.stream or torch.cuda.Stream(device)
         host = staging.buffer[:total]
     else:
         host = torch.empty(shape, dtype=file_dtype)
