@@ -16,6 +16,7 @@ from ditserve.accel import accelerate_dit, cache_dit
 from ditserve.accel.offload import apply_memory, check_memory, load_device, offload_accel
 from ditserve.api import Cancelled, EngineError, GenerationOutput, GenerationRequest, InvalidRequest
 from ditserve.config import EngineConfig, parse_device, parse_dtype
+from ditserve.models.common.loading import pinned_loading
 from ditserve.pipelines.base import Frames, Pipeline, RunControl
 from ditserve.runtime.loader import ModelSource, inspect_model, load_pipeline
 
@@ -48,7 +49,9 @@ class Engine:
         accel, where = offload_accel(cfg.accel, cfg.memory), load_device(cfg.memory, device)  # offload: host
         start = time.perf_counter()
         if groups is None:
-            pipeline = load_pipeline(source, where, dtype)
+            # CPU offload on a GPU: the DiTs read straight into the pinned memory they will stream from
+            with pinned_loading(cfg.memory.offload and device.type == "cuda"):
+                pipeline = load_pipeline(source, where, dtype)
         else:
             from ditserve import parallel
 

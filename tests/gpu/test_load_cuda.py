@@ -35,3 +35,16 @@ def test_sharded_flux_loads_onto_the_gpu(tiny_flux_dev_sharded, monkeypatch, cap
             want = torch.cat([ref[k] for k in key_map[name]]).to(dtype)
             assert p.is_cuda and p.dtype == dtype and torch.equal(p.cpu(), want), name
     assert "safetensors instead" not in caplog.text and "GiB/s" in caplog.text
+
+
+def test_offload_loads_straight_into_pinned_memory(tiny_flux_dev_sharded, caplog):
+    from ditserve.models.common.loading import pinned_loading
+    from ditserve.models.flux.weights import load_flux_dit
+
+    folder = tiny_flux_dev_sharded / "transformer"
+    plain = load_flux_dit(folder, "cpu", torch.float32)
+    with pinned_loading():
+        pinned = load_flux_dit(folder, "cpu", torch.float32)
+    assert "safetensors instead" not in caplog.text
+    for (name, p), q in zip(pinned.named_parameters(), plain.parameters()):
+        assert p.is_pinned() and not q.is_pinned() and torch.equal(p, q), name

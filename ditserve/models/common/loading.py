@@ -69,6 +69,20 @@ ShardFn = Callable[[str], ParamShard | None]
 _SHARDING: ContextVar[Callable[[nn.Module], ShardFn | None] | None] = ContextVar("ditserve_sharding", default=None)
 
 
+_PINNED: ContextVar[bool] = ContextVar("ditserve_pinned_loading", default=False)
+
+
+@contextmanager
+def pinned_loading(enabled: bool = True) -> Iterator[None]:
+    """While active, DiTs loaded on the CPU are read straight into pinned memory (CPU offload on a
+    GPU: the host copies it streams from need no second, pinned copy)."""
+    token = _PINNED.set(enabled)
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
+
+
 @contextmanager
 def sharded_loading(hook: Callable[[nn.Module], ShardFn | None]) -> Iterator[None]:
     """While active, every model filled by `assign_mapped` is first passed to `hook`, which may
@@ -197,8 +211,9 @@ def read_parameter(files: _Files, entries: list[Entry], shape: torch.Size, devic
             staging.buffer = None
             staging.buffer = torch.empty(total, dtype=torch.uint8, pin_memory=True)
         host = staging.buffer[:total]
-    else:
-        host = torch.empty(shape, dtype=file_dtype)
+    else:  # pinned: for CPU offload, and only when no conversion follows
+        pin = device.type == "cpu" and file_dtype == dtype and _PINNED.get()
+        host = torch.empty(shape, dtype=file_dtype, pin_memory=pin)
     view, at = _bytes_of(host), 0
     for e in entries:
         files.read(e, view[at:at + e.nbytes])
@@ -274,8 +289,10 @@ def _load_parallel(model: nn.Module, folder: Path, key_map: KeyMap, files: dict[
     ours = _check_mapping(model, key_map, set(files), str(folder))
     entries = read_entries(files)
     reader, staging = _Files(), _Staging()
+    pinned = _PINNED.get()
 
     def one(name: str) -> tuple[str, torch.Tensor]:
+        _PINNED.set(pinned)  # a worker thread starts with the default context
         sources = key_map[name]
         target = (dtype_for(sources[0]) if dtype_for is not None else None) or dtype
         try:
