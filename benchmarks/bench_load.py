@@ -7,10 +7,13 @@ show as ≈ the model's size). The page cache is warm after the first load (`col
 the folder was just written it may be warm too; drop caches as root for a true cold read).
 
     python benchmarks/bench_load.py                                  # CPU, 2 + 4 blocks (≈ 2.5 GB bf16)
-    python benchmarks/bench_load.py --device cuda --double 19 --single 38 --out FILE   # FLUX.1-dev size
+    python benchmarks/bench_load.py --device cuda --double 19 --single 38 --compare --out FILE  # FLUX.1-dev size
 
 Row: model, gpu, device, dtype, file_dtype, weights_gib, shards, load_s (median of --reps), cold_s,
-gib_per_s, extra_rss_gib, workers, commit.
+gib_per_s, extra_rss_gib, workers, commit; with `--compare`, safetensors_load_s (the previous reader:
+safe_open tensor by tensor, then `.to(device, dtype)`) and diffusers_load_s (`from_pretrained(...).to(device)`)
+with their extra RSS. On the CPU the previous reader returns tensors backed by the file's mapping, read
+lazily at first use, so its load time there is not a read time; on a GPU every byte is copied.
 """
 
 from __future__ import annotations
@@ -78,10 +81,11 @@ def write_folder(folder: Path, double: int, single: int, file_dtype: str, shard_
 
 
 CHILD = r"""
-import json, resource, sys, time
+import contextlib, json, sys, time
 import torch
+from ditserve.models.common.loading import sharded_loading
 from ditserve.models.flux.weights import load_flux_dit
-folder, device, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+folder, device, dtype, reader = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), sys.argv[4]
 def rss():
     with open("/proc/self/status") as f:
         return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(("VmRSS", "VmHWM"))}
@@ -93,7 +97,12 @@ before = rss()["VmRSS"]
 if device.startswith("cuda"):
     torch.cuda.init()
 start = time.perf_counter()
-dit = load_flux_dit(folder, device, dtype)
+if reader == "diffusers":  # diffusers' own loader, as its pipelines load
+    from diffusers import FluxTransformer2DModel
+    dit = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype).to(device)
+else:  # "ours", or "safetensors": the previous path (safe_open, tensor by tensor, .to(device, dtype))
+    with sharded_loading(lambda model: None) if reader == "safetensors" else contextlib.nullcontext():
+        dit = load_flux_dit(folder, device, dtype)
 if device.startswith("cuda"):
     torch.cuda.synchronize()
 seconds = time.perf_counter() - start
@@ -103,9 +112,9 @@ print(json.dumps({"load_s": seconds, "weights": weights, "extra_rss": rss()["VmH
 """
 
 
-def load_once(folder: Path, device: str, dtype: str, env: dict) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(folder), device, dtype], capture_output=True, text=True,
-                         env=env, cwd=str(ROOT), check=False)
+def load_once(folder: Path, device: str, dtype: str, env: dict, reader: str = "ours") -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(folder), device, dtype, reader], capture_output=True,
+                         text=True, env=env, cwd=str(ROOT), check=False)
     if out.returncode:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "load failed")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -122,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workers", type=int, default=None, help="DITSERVE_LOAD_WORKERS for the loads (default: the loader's)")
     p.add_argument("--folder", type=Path, default=None, help="reuse or keep the folder here (default: a temporary one)")
+    p.add_argument("--compare", action="store_true",
+                   help="also time the previous reader (safetensors, tensor by tensor) and diffusers' from_pretrained")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -151,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(f"load {row['weights_gib']:.2f} GiB ({row['shards']} shards) on {args.device} in {dtype}: "
                      f"{row['load_s']:.2f} s median ({row['gib_per_s']:.2f} GiB/s), first {row['cold_s']:.2f} s, "
                      f"{row['extra_rss_gib']:.2f} GiB beyond the weights' own\n")
+    if args.compare:
+        for reader in ("safetensors", "diffusers"):
+            got = [load_once(folder, args.device, dtype, env, reader) for _ in range(args.reps)]
+            row[f"{reader}_load_s"] = statistics.median(r["load_s"] for r in got)
+            row[f"{reader}_extra_rss_gib"] = max(r["extra_rss"] for r in got) / GIB
+            sys.stdout.write(f"  {reader}: {row[f'{reader}_load_s']:.2f} s median (ours in "
+                             f"{row['load_s'] / row[f'{reader}_load_s']:.2f}x its time), "
+                             f"{row[f'{reader}_extra_rss_gib']:.2f} GiB beyond the weights' own\n")
     if args.out:
         args.out.write_text(json.dumps(row, indent=2) + "\n")
     if tmp is not None:
