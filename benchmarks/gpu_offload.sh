@@ -4,8 +4,9 @@
 # enable_group_offload (block level, CUDA streams) on the same random bf16 weights at real size:
 # FLUX.1-dev 1024², Wan2.1-T2V-1.3B 480p x 81, Wan2.1-T2V-14B 720p x 81. Each part writes its JSON as
 # it goes (a part cut off by its time limit keeps what it finished) and its log beside it.
-# Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_offload.sh [all|flux|wan|wan14b|wan14b_e2e]
-# (wan14b_e2e: Wan-14B end to end, resident and layerwise at 12 GiB, in a call of its own)
+# Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_offload.sh [all|flux|wan|wan14b|wan14b_e2e|load]
+# (wan14b_e2e: Wan-14B end to end, resident and layerwise at 12 GiB, in a call of its own; load: the DiT
+# loader on a random FLUX.1-dev-size folder beside the previous reader and diffusers', in a call of its own)
 # Results: $OUT/offload_{flux,wan,wan14b}_h200.json (+ .log); commit them under benchmarks/results/.
 set -u
 source benchmarks/gpu_setup.sh
@@ -13,7 +14,7 @@ export DITSERVE_COMMIT="${DITSERVE_COMMIT:?set DITSERVE_COMMIT to the commit und
 out="${OUT:-benchmarks/results}"
 part="${1:-all}"
 limit() { if [ "$part" = all ]; then echo "$1"; else echo 580; fi; }
-show() { grep -E "bench_offload|^offload|^none|^layerwise|on NVIDIA|^end to end|activation peak|Error|error:|Traceback" | tail -20; }
+show() { grep -E "bench_offload|^offload|^none|^layerwise|on NVIDIA|^end to end|activation peak|safetensors instead|Error|error:|Traceback" | tail -20; }
 
 if [ "$part" = all ] || [ "$part" = flux ]; then  # 22 GiB of weights, a resident step ≈ 0.17 s
     timeout "$(limit 150)" python3 benchmarks/bench_offload.py --model flux.1-dev --budget 12 \
@@ -33,4 +34,9 @@ if [ "$part" = wan14b_e2e ]; then  # its own call: UMT5 + 2 CFG steps at 75,600 
     timeout 580 python3 benchmarks/bench_offload.py --model wan2.1-t2v-14b --budget 12 --only-end-to-end \
         --forward-chunk-size 4096 \
         --out "$out/offload_wan14b_e2e_h200.json" 2>&1 | tee "$out/offload_wan14b_e2e_h200.log" | show
+fi
+if [ "$part" = load ]; then  # writes a 22 GiB random folder (~1-2 min), then loads it in fresh processes
+    timeout 580 python3 benchmarks/bench_load.py --device cuda --double 19 --single 38 --reps 2 --compare \
+        --folder /tmp/bench_load_flux --out "$out/load_flux_h200.json" 2>&1 | tee "$out/load_flux_h200.log" | \
+        grep -E "^load|^  (safetensors|diffusers)|Error|error:|Traceback" | tail -20
 fi
