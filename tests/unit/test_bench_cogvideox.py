@@ -61,7 +61,7 @@ def _no_qk_norm(dit):
 
 
 @pytest.mark.parametrize("spoil,bf16_ok,fp8_ok", [(None, True, True), (_no_qk_norm, False, True),
-                                                  (fp8_biases_lost, True, False)])
+                                                  pytest.param(fp8_biases_lost, True, False, marks=pytest.mark.slow)])
 def test_fast_and_fp8_blocks_are_judged_against_float32(shrunk, monkeypatch, spoil, bf16_ok, fp8_ok):
     """The compiled and fp8 blocks are judged against diffusers' blocks in float32 (bench/common.py,
     UpdateProbe): a right fast path passes, one without QK-norm fails; fp8 blocks pass their own bound and a

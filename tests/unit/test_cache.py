@@ -518,7 +518,8 @@ def _demo_images(engine, keys, steps=20):
 
 
 @pytest.mark.parametrize("keys", [dict(method="first-block", threshold=0.1),
-                                  dict(method="dual-block", threshold=0.15, bn=1, warmup_steps=2, taylorseer_order=1),
+                                  pytest.param(dict(method="dual-block", threshold=0.15, bn=1, warmup_steps=2,
+                                                    taylorseer_order=1), marks=pytest.mark.slow),
                                   dict(method="teacache", threshold=0.4)])
 def test_demo_model_caches_with_little_visible_change(demo_engine, keys):
     """The trained FLUX-architecture demo: a third or more of the forwards skipped at these settings,
