@@ -23,8 +23,6 @@ log = logging.getLogger("training.video_demo")
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "ditserve" / "demo" / "video_model"
 EXPORT_MARGIN_S = 20
-VAE_SHARE = 0.4  # of --max-minutes, at most
-ENCODE_SHARE = 0.08  # of --max-minutes, at most, for encoding the clip set after the VAE
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -42,11 +40,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                        help="stop the VAE after this step of its schedule (checkpointed, resumable)")
         s.add_argument("--dit-stop-after", type=int, default=None, metavar="STEP",
                        help="stop the DiT after this step of its schedule (checkpointed, resumable)")
+        s.add_argument("--vae-share", type=float, default=None,
+                       help="the VAE's share of --max-minutes (default: the recipe's vae_share)")
         s.add_argument("--device", default="cpu")
         s.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
         s.add_argument("--max-minutes", type=float, default=None,
                        help="stop (checkpointed, resumable) and export after about this long: the VAE gets at "
-                            f"most {VAE_SHARE:.0%} of it")
+                            "most the recipe's vae_share of it")
     e = sub.add_parser("evaluate")
     e.add_argument("--model-path", type=Path, default=SHIPPED_MODEL)
     e.add_argument("--count", type=int, default=None, help="held-out combos to try (default: all 48)")
@@ -90,11 +90,11 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
         vae_deadline = dit_deadline = encode_deadline = None
         if args.max_minutes:
             now = time.monotonic()
-            vae_deadline = now + VAE_SHARE * 60 * args.max_minutes
+            vae_deadline = now + (args.vae_share or r.vae_share) * 60 * args.max_minutes
             dit_deadline = now + 60 * args.max_minutes - EXPORT_MARGIN_S
         vae, vae_steps = train_vae(work, r, train_combos, device, vae_deadline, args.vae_stop_after)
         if args.max_minutes:
-            encode_deadline = time.monotonic() + ENCODE_SHARE * 60 * args.max_minutes
+            encode_deadline = time.monotonic() + r.encode_share * 60 * args.max_minutes
         data = encode_dataset(work, r, vae, vae_steps, train_combos, device, encode_deadline)
         denoiser = train_dit(work, r, data, train_combos, device, dit_deadline, args.dit_stop_after)
         log.info("training done in %.1f min (this sitting)", (time.perf_counter() - start) / 60)

@@ -8,9 +8,9 @@ The model is Wan 2.1 text-to-video shaped and small (float32, about 21 MB in all
 * text: a 2-layer ``UMT5EncoderModel`` (128 wide) with a Unigram vocabulary holding the caption
   words as whole pieces plus every single character; trained together with the DiT.
 
-Recipes: "gpu" (one H200, about 9 minutes with ``run_gpu.sh``) and "smoke" (the whole chain at toy
-size on a CPU in well under a minute; draws nothing useful). There is no CPU recipe: the video VAE
-is too slow to train on two cores.
+Recipes: "gpu" (one H200, about 10 minutes with ``run_gpu.sh``), "cpu" (one core, under an hour:
+shows the chain learning, far from the goal) and "smoke" (the whole chain at toy size on a CPU in
+well under a minute; draws nothing useful).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ LATENT_CHANNELS = 16
 
 VAE = dict(base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
            temperal_downsample=[False, True, True], dropout=0.0, scale_factor_temporal=4, scale_factor_spatial=8)
+
+VAE_LOGVAR_INIT = -6.0  # the posterior starts with std e^-3 ~ 0.05 (see vae.build_vae)
 
 TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=32, in_channels=LATENT_CHANNELS,
                    out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=768, num_layers=6,
@@ -58,6 +60,7 @@ class VaeTraining:
     steps: int = 5000
     batch_size: int = 32
     frames: int = 9  # clip length the VAE trains on (4k + 1; the causal VAE then runs any length)
+    bank_size: int = 0  # > 0: draw this many clips once (on the device) and index them; 0: fresh clips every step
     lr: float = 1e-3
     warmup: int = 200
     kl_weight: float = 1e-6  # times the KL summed over a latent, per clip
@@ -86,11 +89,31 @@ class Recipe:
     vae: VaeTraining = VaeTraining()
     dit: DitTraining = DitTraining()
     autocast: bool = True  # bfloat16 autocast on CUDA (weights and optimiser stay float32)
+    cuda_graphs: bool = True  # on CUDA, replay each training step as a CUDA graph (eager if it cannot be captured)
+    vae_share: float = 0.4  # of --max-minutes, at most, for the VAE
+    encode_share: float = 0.08  # of --max-minutes, at most, for encoding the clip set after the VAE
 
+
+# One H200 (run_gpu.sh, 10 minutes): each training step is replayed as a CUDA graph (the models are
+# so small that an eager step is bound by its ~12-17k kernel launches, whatever the batch), so the
+# batches are large: 128 five-frame clips from a 32k-clip bank drawn once on the GPU, then 512
+# latents. Step counts are upper bounds: each stage stops by the clock and its cosine follows it.
+_GPU_VAE = VaeTraining(steps=20_000, batch_size=128, frames=5, bank_size=32_768, lr=1e-3, warmup=200, log_every=250,
+                       ckpt_every=2000)
+_GPU_DIT = DitTraining(steps=40_000, batch_size=512, lr=1e-3, warmup=500, log_every=1000, ckpt_every=5000)
 
 RECIPES = {
     # One H200: run_gpu.sh stops each stage by the clock (--max-minutes) and exports what it has.
-    "gpu": Recipe(),
+    "gpu": Recipe(dataset_size=60_000, vae=_GPU_VAE, dit=_GPU_DIT, vae_share=0.42, encode_share=0.06),
+    # One CPU core, under an hour (``--threads 1 --max-minutes 50``): 5-frame VAE clips (1 + 4 frames:
+    # both kinds of causal chunk) at batch 8 (batch 4 collapsed to one output for every clip), a small
+    # clip set (encoding costs ~0.11 s a clip), DiT batch 32. Shows the chain learning; it is far too
+    # little training for the goal.
+    "cpu": Recipe(dataset_size=1500, vae_share=0.6, encode_share=0.08,
+                  vae=VaeTraining(steps=1500, batch_size=8, frames=5, lr=1e-3, warmup=100, log_every=25,
+                                  ckpt_every=100),
+                  dit=DitTraining(steps=3000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.995, log_every=50,
+                                  ckpt_every=200)),
     # Seconds on a CPU: the whole chain at toy size, for tests and for trying changes.
     "smoke": Recipe(dataset_size=6, autocast=False,
                     vae=VaeTraining(steps=2, batch_size=1, frames=5, warmup=1, log_every=1, ckpt_every=2),

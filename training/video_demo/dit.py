@@ -27,13 +27,20 @@ from training.demo.common import (
     count_parameters,
     load_checkpoint,
     save_checkpoint,
-    step_generator,
-    step_rng,
 )
-from training.demo.dit import caption_variants, sample_times
+from training.demo.dit import UNIFORM_T_FRACTION, caption_variants
 
 from . import config
-from .common import autocast, lr_now
+from .common import (
+    autocast,
+    capture_step,
+    device_generator,
+    lr_now,
+    lr_tensors_on,
+    lr_value,
+    make_adamw,
+    set_lr,
+)
 from .scenes import Combo
 
 log = logging.getLogger(__name__)
@@ -69,8 +76,13 @@ class Denoiser(torch.nn.Module):
         self.dit, self.text_encoder = dit, text_encoder
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """UMT5 states, zero after each prompt's tokens (as ``WanPipeline._get_t5_prompt_embeds``)."""
-        states = self.text_encoder(ids, mask).last_hidden_state
+        """UMT5 states, zero after each prompt's tokens (as ``WanPipeline._get_t5_prompt_embeds``).
+
+        The padding mask goes in as the additive [B, 1, 1, L] float mask transformers would build
+        from it (0 where kept, float32's minimum where padded): the same attention, without the
+        host-side "is anything padded?" check on the 2-D mask, which would stall a CUDA graph."""
+        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        states = self.text_encoder(ids, attention_mask=bias).last_hidden_state
         return states * mask[..., None].to(states.dtype)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -104,10 +116,16 @@ def normalised_latents(data: dict) -> torch.Tensor:
     return (data["latents"].float() - mean) / std
 
 
-def flow_matching_loss(model: Denoiser, x0: torch.Tensor, ids, mask, gen: torch.Generator) -> torch.Tensor:
+def sample_times_on(gen: torch.Generator, n: int) -> torch.Tensor:
+    """``training.demo.dit.sample_times`` (logit-normal, a fraction uniform) on the generator's device."""
+    logit_normal = torch.sigmoid(torch.randn(n, generator=gen, device=gen.device))
+    uniform = torch.rand(n, generator=gen, device=gen.device)
+    return torch.where(torch.rand(n, generator=gen, device=gen.device) < UNIFORM_T_FRACTION, uniform, logit_normal)
+
+
+def flow_matching_loss(model: Denoiser, x0: torch.Tensor, ids, mask, noise: torch.Tensor,
+                       t: torch.Tensor) -> torch.Tensor:
     """MSE between the predicted and the true velocity (noise - x0) at x_t = (1 - t) x0 + t noise."""
-    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-    t = sample_times(gen, x0.shape[0]).to(x0.device)
     tt = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - tt) * x0 + tt * noise
     return F.mse_loss(model(x_t, t, ids, mask).float(), noise - x0)
@@ -116,53 +134,86 @@ def flow_matching_loss(model: Denoiser, x0: torch.Tensor, ids, mask, gen: torch.
 def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo], device: torch.device,
               deadline: float | None = None, stop_after: int | None = None) -> Denoiser:
     """Train (or resume, or just load) the denoiser checkpointed at ``work/dit.ckpt``; returns the EMA
-    model. Stops (checkpointed) after step ``stop_after`` or past ``deadline``; rerun to resume."""
+    model. Stops (checkpointed) after step ``stop_after`` or past ``deadline``; rerun to resume.
+
+    Every step's batch, noise and times are drawn on the training device from a generator seeded by
+    (seed, stage, step); on CUDA the step (forward, backward, clipping, AdamW) is replayed as a CUDA
+    graph (``common.capture_step``) and the EMA update follows it."""
     cfg = recipe.dit
     model = build_denoiser(recipe.seed, work).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_adamw(model.parameters(), cfg.lr, device, cfg.weight_decay)
     ckpt_path, start = work / "dit.ckpt", 0
     if (state := load_checkpoint(ckpt_path)) is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        lr_tensors_on(opt, device)
         start = state["step"]
     log.info("DiT %.2f M + UMT5 %.2f M parameters, steps %d -> %d on %s (batch %d)",
              count_parameters(model.dit) / 1e6, count_parameters(model.text_encoder) / 1e6, start, cfg.steps, device,
              cfg.batch_size)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    if start >= end:
+        return ema.eval()
     ids_table, mask_table = (t.to(device) for t in token_tables(work, combos))
     empty = ids_table.shape[0] - 1
     latents = normalised_latents(data).to(device)
     combo_of = data["combo"].to(device)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     model.train()
-    clock, started, seen, running = time.perf_counter(), time.monotonic(), 0, None
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    for step in range(start, end):
-        for group in opt.param_groups:
-            group["lr"] = lr_now(step, cfg.lr, cfg.warmup, cfg.steps, started, deadline)
-        rng = step_rng(recipe.seed, STAGE_DIT, step)
-        idx = torch.from_numpy(rng.integers(len(latents), size=cfg.batch_size)).to(device)
-        variant = torch.from_numpy(rng.integers(ids_table.shape[1], size=cfg.batch_size)).to(device)
-        uncond = torch.from_numpy(rng.random(cfg.batch_size) < cfg.uncond_prob).to(device)
+    graphed = recipe.cuda_graphs and device.type == "cuda"
+    b = cfg.batch_size
+    x0 = torch.zeros((b, *latents.shape[1:]), device=device)  # static inputs
+    noise, t = torch.zeros_like(x0), torch.zeros(b, device=device)
+    ids = torch.zeros((b, ids_table.shape[-1]), dtype=ids_table.dtype, device=device)
+    mask = torch.zeros_like(ids, dtype=mask_table.dtype)
+    out: dict[str, torch.Tensor] = {}
+
+    def fill(step: int) -> None:
+        gen = device_generator(recipe.seed, STAGE_DIT, step, device)
+        idx = torch.randint(len(latents), (b,), generator=gen, device=device)
+        variant = torch.randint(ids_table.shape[1], (b,), generator=gen, device=device)
+        uncond = torch.rand(b, generator=gen, device=device) < cfg.uncond_prob
         row = torch.where(uncond, torch.full_like(idx, empty), combo_of[idx])
-        with autocast(recipe, device):
-            loss = flow_matching_loss(model, latents[idx], ids_table[row, variant], mask_table[row, variant],
-                                      step_generator(recipe.seed, STAGE_DIT, step))
-        opt.zero_grad(set_to_none=True)
+        x0.copy_(latents[idx])
+        ids.copy_(ids_table[row, variant])
+        mask.copy_(mask_table[row, variant])
+        noise.copy_(torch.randn(x0.shape, generator=gen, device=device))
+        t.copy_(sample_times_on(gen, b))
+
+    def train_step() -> None:
+        with autocast(recipe, device, graphed):
+            loss = flow_matching_loss(model, x0, ids, mask, noise, t)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        out["loss"] = loss.detach()
+
+    graph = None
+    if graphed:
+        fill(start)
+        graph = capture_step(train_step, [model], opt, "DiT")
+    clock, started, seen, running = time.perf_counter(), time.monotonic(), 0, None
+    for step in range(start, end):
+        set_lr(opt, lr_now(step, cfg.lr, cfg.warmup, cfg.steps, started, deadline))
+        fill(step)
+        if graph is not None:
+            graph.replay()
+        else:
+            opt.zero_grad(set_to_none=True)
+            train_step()
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         seen += 1
         # a running mean kept on the device: no host sync per step
-        running = loss.detach() if running is None else running.lerp(loss.detach(), 0.02)
+        loss = out["loss"].clone()
+        running = loss if running is None else running.lerp(loss, 0.02)
         if (step + 1) % cfg.log_every == 0:
             rate = seen / (time.perf_counter() - clock)
             log.info("dit step %d/%d  loss %.4f (avg %.4f)  lr %.2e  %.2f step/s", step + 1, cfg.steps, loss.item(),
-                     running.item(), opt.param_groups[0]["lr"], rate)
+                     running.item(), lr_value(opt), rate)
         out_of_time = deadline is not None and time.monotonic() > deadline
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or out_of_time:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),

@@ -1,8 +1,10 @@
-"""Stage 1: the video autoencoder (diffusers ``AutoencoderKLWan``), trained on freshly drawn clips.
+"""Stage 1: the video autoencoder (diffusers ``AutoencoderKLWan``), trained on short clips.
 
-Every step draws its own clips (short ones: the VAE is causal and chunked, so what it learns on
-9 frames holds for 17) and renders them on the training device. Loss: L1 + MSE reconstruction of
-the posterior sample plus a very small KL term. Afterwards the recipe's clip set (17 frames) is
+Every step draws its own clips, or (GPU recipe) picks them from a bank drawn once on the device;
+short ones: the VAE is causal and runs 1 + 4 + 4 ... frames in chunks with a feature cache, so what
+it learns on 5 frames (both kinds of chunk) holds for 17. Loss: L1 + MSE reconstruction of the
+posterior sample, taken before the decoder's final clamp to [-1, 1] (``decode_unclamped``), plus a
+very small KL term. Afterwards the recipe's clip set (17 frames) is
 encoded once for stage 2, and the latents' per-channel mean and spread become the VAE's
 ``latents_mean`` and ``latents_std`` (as Wan's: the pipeline decodes ``x * std + mean``).
 """
@@ -23,21 +25,51 @@ from training.demo.common import (
     count_parameters,
     load_checkpoint,
     save_checkpoint,
-    step_generator,
     step_rng,
 )
 
 from . import config
-from .common import autocast, lr_now
-from .scenes import NUM_FRAMES, Combo, render_clips, sample_clip
+from .common import (
+    autocast,
+    capture_step,
+    device_generator,
+    lr_now,
+    lr_tensors_on,
+    lr_value,
+    make_adamw,
+    set_lr,
+)
+from .scenes import IMAGE_SIZE, NUM_FRAMES, Combo, render_clips, sample_clip
 
 log = logging.getLogger(__name__)
 
 
 def build_vae(seed: int) -> AutoencoderKLWan:
+    """A fresh VAE whose posterior starts nearly deterministic: the log-variance half of
+    ``quant_conv``'s bias starts at ``config.VAE_LOGVAR_INIT``. With diffusers' init the posterior's
+    std starts near 1, the sampled latent is mostly noise, and the encoder collapsed towards the prior
+    instead of learning (KL 1150 -> 130 in 300 CPU steps, reconstruction stuck near 0.9)."""
     torch.manual_seed(seed)
     z = config.LATENT_CHANNELS
-    return AutoencoderKLWan(**config.VAE, latents_mean=[0.0] * z, latents_std=[1.0] * z)
+    vae = AutoencoderKLWan(**config.VAE, latents_mean=[0.0] * z, latents_std=[1.0] * z)
+    with torch.no_grad():
+        vae.quant_conv.bias[z:].fill_(config.VAE_LOGVAR_INIT)
+    return vae
+
+
+def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    """``vae.decode(z).sample`` without its final clamp to [-1, 1], for training: past the clamp a
+    pixel has no gradient, so one that overshoots (targets sit at exactly -1 or 1 for pure colors)
+    would stay saturated. Same chunking and feature cache as ``AutoencoderKLWan._decode``."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    chunks = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        chunks.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(chunks, 2)
 
 
 def clips_to_tensor(clips: torch.Tensor) -> torch.Tensor:
@@ -45,47 +77,90 @@ def clips_to_tensor(clips: torch.Tensor) -> torch.Tensor:
     return clips.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
 
 
+def clip_bank(recipe: config.Recipe, combos: list[Combo], device: torch.device) -> torch.Tensor:
+    """The recipe's ``vae.bank_size`` clips of ``vae.frames`` frames, drawn once (seeded) and kept on
+    ``device`` as uint8 [N, T, H, W, 3]: the GPU recipe's VAE steps index it instead of drawing."""
+    cfg = recipe.vae
+    rng = step_rng(recipe.seed, STAGE_DATA, 1)  # (STAGE_DATA, 0) draws the DiT's clip set
+    clips = [sample_clip(rng, combos, cfg.frames) for _ in range(cfg.bank_size)]
+    size = 4096
+    return torch.cat([render_clips(clips[i:i + size], cfg.frames, device) for i in range(0, len(clips), size)])
+
+
 def train_vae(work: Path, recipe: config.Recipe, combos: list[Combo], device: torch.device,
               deadline: float | None = None, stop_after: int | None = None) -> tuple[AutoencoderKLWan, int]:
     """Train (or resume, or just load) the VAE checkpointed at ``work/vae.ckpt``; returns it with the
     number of steps it has had. Stops (checkpointed) after step ``stop_after`` or past ``deadline``
-    (a ``time.monotonic()`` value); the same command without them resumes."""
+    (a ``time.monotonic()`` value); the same command without them resumes.
+
+    Each step's clips are freshly drawn (``vae.bank_size`` 0) or picked from a clip bank drawn once
+    on the device; on CUDA the whole step is replayed as a CUDA graph (``common.capture_step``)."""
     cfg = recipe.vae
     model = build_vae(recipe.seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = make_adamw(model.parameters(), cfg.lr, device)
     ckpt_path, start = work / "vae.ckpt", 0
     if (state := load_checkpoint(ckpt_path)) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        lr_tensors_on(opt, device)
         start = state["step"]
     log.info("VAE: %.2f M parameters, steps %d -> %d on %s (batch %d x %d frames)", count_parameters(model) / 1e6,
              start, cfg.steps, device, cfg.batch_size, cfg.frames)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    if start >= end:
+        return model.eval().requires_grad_(False), start
     model.train()
-    clock, started, seen, step = time.perf_counter(), time.monotonic(), 0, start - 1
-    for step in range(start, end):
-        for group in opt.param_groups:
-            group["lr"] = lr_now(step, cfg.lr, cfg.warmup, cfg.steps, started, deadline)
-        rng = step_rng(recipe.seed, STAGE_VAE, step)
-        clips = [sample_clip(rng, combos, cfg.frames) for _ in range(cfg.batch_size)]
-        x = clips_to_tensor(render_clips(clips, cfg.frames, device))
-        with autocast(recipe, device):
+    graphed = recipe.cuda_graphs and device.type == "cuda"
+    bank = clip_bank(recipe, combos, device) if cfg.bank_size else None
+    params = list(model.parameters())
+    x = torch.zeros(cfg.batch_size, 3, cfg.frames, IMAGE_SIZE, IMAGE_SIZE, device=device)  # static inputs
+    noise = torch.zeros(cfg.batch_size, config.LATENT_CHANNELS, 1 + (cfg.frames - 1) // 4, IMAGE_SIZE // 8,
+                        IMAGE_SIZE // 8, device=device)
+    out: dict[str, torch.Tensor] = {}
+
+    def fill(step: int) -> None:
+        """This step's clips and posterior noise into the static inputs."""
+        gen = device_generator(recipe.seed, STAGE_VAE, step, device)
+        if bank is None:
+            rng = step_rng(recipe.seed, STAGE_VAE, step)
+            clips = render_clips([sample_clip(rng, combos, cfg.frames) for _ in range(cfg.batch_size)], cfg.frames,
+                                 device)
+        else:
+            clips = bank[torch.randint(len(bank), (cfg.batch_size,), generator=gen, device=device)]
+        x.copy_(clips_to_tensor(clips))
+        noise.copy_(torch.randn(noise.shape, generator=gen, device=device))
+
+    def train_step() -> None:
+        with autocast(recipe, device, graphed):
             posterior = model.encode(x).latent_dist
-            noise = torch.randn(posterior.mean.shape, generator=step_generator(recipe.seed, STAGE_VAE, step))
-            recon = model.decode(posterior.mean + posterior.std * noise.to(device)).sample.float()
+            recon = decode_unclamped(model, posterior.mean + posterior.std * noise).float()
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         mean, logvar = posterior.mean.float(), posterior.logvar.float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
-        loss = rec + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (rec + cfg.kl_weight * kl).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        out["rec"], out["kl"] = rec.detach(), kl.detach()
+
+    graph = None
+    if graphed:
+        fill(start)
+        graph = capture_step(train_step, [model], opt, "VAE")
+    clock, started, seen, step = time.perf_counter(), time.monotonic(), 0, start - 1
+    for step in range(start, end):
+        set_lr(opt, lr_now(step, cfg.lr, cfg.warmup, cfg.steps, started, deadline))
+        fill(step)
+        if graph is not None:
+            graph.replay()
+        else:
+            opt.zero_grad(set_to_none=True)
+            train_step()
         seen += 1
         if (step + 1) % cfg.log_every == 0:
+            rec, kl = out["rec"].item(), out["kl"].item()  # waits for the GPU: the rate below is real
             rate = seen / (time.perf_counter() - clock)
-            log.info("vae step %d/%d  rec %.4f  kl %.1f  lr %.2e  %.2f step/s", step + 1, cfg.steps, rec.item(),
-                     kl.item(), opt.param_groups[0]["lr"], rate)
+            log.info("vae step %d/%d  rec %.4f  kl %.1f  lr %.2e  %.2f step/s", step + 1, cfg.steps, rec, kl,
+                     lr_value(opt), rate)
         out_of_time = deadline is not None and time.monotonic() > deadline
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or out_of_time:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1})
@@ -115,7 +190,7 @@ def encode_dataset(work: Path, recipe: config.Recipe, vae: AutoencoderKLWan, vae
     rng = step_rng(recipe.seed, STAGE_DATA, 0)
     clips = [sample_clip(rng, combos, NUM_FRAMES) for _ in range(recipe.dataset_size)]
     index = {c: i for i, c in enumerate(combos)}
-    chunks, size = [], 256 if device.type == "cuda" else 8
+    chunks, size = [], 1024 if device.type == "cuda" else 8
     for first in range(0, len(clips), size):
         x = clips_to_tensor(render_clips(clips[first:first + size], NUM_FRAMES, device))
         with autocast(recipe, device):
