@@ -200,6 +200,7 @@ def encode_dataset(work: Path, recipe: config.Recipe, vae: AutoencoderKLWan, vae
             clips = clips[:first + size]
             break
     latents = torch.cat(chunks)
+    log_long_clip_error(vae, recipe, x[:64], device)
     per_channel = latents.transpose(0, 1).flatten(1)
     data = {"latents": latents.half(), "combo": torch.tensor([index[c.combo] for c in clips]),
             "mean": per_channel.mean(1).tolist(), "std": per_channel.std(1).clamp_min(1e-3).tolist(), "key": key}
@@ -207,3 +208,15 @@ def encode_dataset(work: Path, recipe: config.Recipe, vae: AutoencoderKLWan, vae
     log.info("encoded %d clips in %.1f s: latent shape %s, mean %.3f, std %.3f (over channels)", len(clips),
              time.perf_counter() - start, tuple(latents.shape[1:]), latents.mean().item(), latents.std().item())
     return data
+
+
+@torch.no_grad()
+def log_long_clip_error(vae: AutoencoderKLWan, recipe: config.Recipe, x: torch.Tensor, device: torch.device) -> None:
+    """Log the mean L1 reconstruction error of 17-frame clips ``x`` per 4-frame chunk: a VAE that
+    learned only the first chunks of its causal loop shows it here (the error grows chunk by chunk)."""
+    with autocast(recipe, device):
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
+    per_frame = (y - x).abs().mean(dim=(0, 1, 3, 4)).tolist()
+    chunks = [per_frame[:1]] + [per_frame[i:i + 4] for i in range(1, len(per_frame), 4)]
+    log.info("17-frame reconstruction, L1 per causal chunk: %s", " ".join(f"{sum(c) / len(c):.3f}" for c in chunks))
+
