@@ -96,21 +96,23 @@ class Recipe:
 
 # One H200 (run_gpu.sh, 10 minutes): each training step is replayed as a CUDA graph (the models are
 # so small that an eager step is bound by its ~12-17k kernel launches, whatever the batch), so the
-# batches are large: 64 nine-frame clips from a 16k-clip bank drawn once on the GPU, then 512
-# latents. Nine frames, not five: the causal VAE runs 1 + 4 + 4 ... frames in chunks with a cache of
-# the chunk before, and a VAE trained on 1 + 4 frames never sees a chunk that follows a 4-frame chunk
-# (session 7's H200 run: per-frame L1 ~0.02 on frames 0-4 of a 17-frame clip, 0.06-0.81 after). Step counts are upper bounds: each stage stops by the clock and its cosine follows it.
+# batches are large: 32 seventeen-frame clips from an 8k-clip bank drawn once on the GPU, then 512
+# latents. The VAE trains on the clip length it serves: it is causal and runs 1 + 4 + 4 ... frames in
+# chunks, each with a cache of the chunk before, and what it learns on short clips does not carry to
+# later chunks (session 7's H200 runs, 17-frame L1 per chunk: trained on 5 frames 0.02 for chunks
+# 0-1 then 0.06-0.81; on 9 frames 0.027 0.022 0.024 0.089 0.418). A graphed step's time is set by
+# its kernel count more than by its batch (10.5 step/s for 128 x 5 and for 64 x 9 frames).
 # The VAE's peak lr is lower than the DiT's: its reconstruction loss sits on a plateau near 0.9 while
 # the lr is high and drops only as the cosine brings it under ~3e-4 (CPU run: ~1.0 at step 550,
 # 0.46-0.59 at steps 725-850 as the lr fell from 4.6e-4 to 1.3e-4; first H200 run: 0.82 -> 0.37
 # from step 250 to 500 as it fell from 4.2e-4 to 1e-4).
-_GPU_VAE = VaeTraining(steps=20_000, batch_size=64, frames=9, bank_size=16_384, lr=6e-4, warmup=200, log_every=250,
+_GPU_VAE = VaeTraining(steps=20_000, batch_size=32, frames=17, bank_size=8_192, lr=6e-4, warmup=200, log_every=250,
                        ckpt_every=2000)
 _GPU_DIT = DitTraining(steps=40_000, batch_size=512, lr=1e-3, warmup=500, log_every=1000, ckpt_every=5000)
 
 RECIPES = {
     # One H200: run_gpu.sh stops each stage by the clock (--max-minutes) and exports what it has.
-    "gpu": Recipe(dataset_size=60_000, vae=_GPU_VAE, dit=_GPU_DIT, vae_share=0.42, encode_share=0.06),
+    "gpu": Recipe(dataset_size=60_000, vae=_GPU_VAE, dit=_GPU_DIT, vae_share=0.45, encode_share=0.06),
     # One CPU core, under an hour (``--threads 1 --max-minutes 50``): 9-frame VAE clips (1 + 4 + 4
     # frames: a chunk after the first and a chunk after a 4-frame chunk) at batch 8 (at batch 4 the decoder fell into giving one output for
     # every clip), a small clip set (encoding costs ~0.11 s a clip), DiT batch 32. Far too little

@@ -3,8 +3,8 @@
 #
 #   training/video_demo/run_gpu.sh OUT_DIR [MINUTES]      # MINUTES: the whole sitting, default 10
 #
-# 1. the VAE (recipe "gpu": 128 five-frame clips a step from a clip bank drawn once on the GPU, each
-#    step replayed as a CUDA graph) until its share (42%) of the training time is up, then the
+# 1. the VAE (recipe "gpu": 32 seventeen-frame clips a step from a clip bank drawn once on the GPU, each
+#    step replayed as a CUDA graph) until its share (45%) of the training time is up, then the
 #    recipe's 17-frame clip set encoded once;
 # 2. the DiT with its UMT5 text encoder (batch 512, CUDA graph) until the deadline; the EMA weights
 #    exported as a diffusers WanPipeline folder named video_model/;
