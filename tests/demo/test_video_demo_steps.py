@@ -67,3 +67,36 @@ def test_optimiser_helpers_restore_in_place_and_set_lr():
     opt.param_groups[0]["lr"] = torch.tensor(2e-4)  # as a CUDA checkpoint restores it
     lr_tensors_on(opt, torch.device("cpu"))
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-4) and not opt.param_groups[0]["capturable"]
+
+
+def test_background_mask_is_the_shape_and_weights_the_loss():
+    from training.video_demo.scenes import Clip, parse_caption, render_clips
+    from training.video_demo.vae import background_mask, clips_to_tensor, reconstruction_loss
+
+    clip = Clip(parse_caption("a red square moving right, blue background"), size=16, speed=2, x0=20, y0=30)
+    x = clips_to_tensor(render_clips([clip], 5))
+    mask = background_mask(x)[0, 0]  # [T, H, W]
+    assert mask.shape == (5, 64, 64)
+    for t in range(5):  # the 16 px square, moving 2 px a frame
+        ys, xs = mask[t].nonzero(as_tuple=True)
+        assert 14 <= ys.max() - ys.min() + 1 <= 17 and 14 <= xs.max() - xs.min() + 1 <= 17
+        assert abs(xs.float().mean().item() - (20 + 2 * t - 0.5)) < 1.5
+    recon = x.clone()
+    recon[background_mask(x).expand_as(x) > 0] = 0.0  # the shape lost, the background perfect
+    plain, weighted = reconstruction_loss(recon, x, 0.0), reconstruction_loss(recon, x, 10.0)
+    err = recon - x
+    assert torch.allclose(plain, err.abs().mean() + err.square().mean())
+    assert weighted > 5 * plain
+
+
+def test_load_vae_takes_the_long_phase_checkpoint(tmp_path):
+    from training.demo.common import save_checkpoint
+    from training.video_demo.vae import load_vae
+
+    recipe = config.recipe("smoke")
+    short, long = build_vae(1), build_vae(2)
+    save_checkpoint(tmp_path / "vae.ckpt", {"model": short.state_dict(), "step": 3})
+    save_checkpoint(tmp_path / "vae_long.ckpt", {"model": long.state_dict(), "step": 2})
+    vae, steps = load_vae(tmp_path, recipe, torch.device("cpu"))
+    assert steps == 5 and not vae.training
+    assert torch.equal(vae.quant_conv.weight, long.quant_conv.weight)

@@ -64,3 +64,19 @@ def test_same_frames_as_diffusers(smoke):
     assert got.shape == expected.shape == (17, 64, 64, 3) and out.fps == 8
     assert expected.std() > 5
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_two_sittings_vae_then_dit(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "video_model"
+    threads = str(torch.get_num_threads())
+    with pytest.raises(SystemExit, match="--stage dit needs"):
+        cli.main(["train", "--recipe", "smoke", "--stage", "dit", "--work-dir", str(work), "--threads", threads])
+    cli.main(["train", "--recipe", "smoke", "--stage", "vae", "--work-dir", str(work), "--threads", threads])
+    assert not (work / "dit.ckpt").exists() and not out.exists()
+    long = torch.load(work / "vae_long.ckpt")
+    assert long["step"] == config.recipe("smoke").vae_long.steps
+    cli.main(["train", "--recipe", "smoke", "--stage", "dit", "--work-dir", str(work), "--out", str(out),
+              "--threads", threads])
+    assert torch.load(work / "vae_long.ckpt")["step"] == long["step"]  # the VAE was not trained further
+    assert torch.load(work / "dit.ckpt")["step"] == config.recipe("smoke").dit.steps
+    assert (out / "model_index.json").is_file()

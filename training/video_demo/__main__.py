@@ -4,6 +4,7 @@
     python -m training.video_demo evaluate --model-path ditserve/demo/video_model --seeds 0 1
 
 ``train`` resumes from the checkpoints in ``--work-dir`` (run it again after an interruption);
+``--stage vae`` then ``--stage dit`` split a run into two sittings (the checkpoints carried between);
 ``export`` writes the pipeline from whatever the checkpoints hold, e.g. mid-way through a run.
 """
 
@@ -44,6 +45,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                        help="the VAE's share of --max-minutes (default: the recipe's vae_share)")
         s.add_argument("--device", default="cpu")
         s.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+        if name == "train":
+            s.add_argument("--stage", choices=("all", "vae", "dit"), default="all",
+                           help="vae: train the VAE only (all of --max-minutes), then stop; dit: take the VAE "
+                                "from WORK_DIR's checkpoints as it is and train the DiT (all of --max-minutes)")
         s.add_argument("--max-minutes", type=float, default=None,
                        help="stop (checkpointed, resumable) and export after about this long: the VAE gets at "
                             "most the recipe's vae_share of it")
@@ -65,7 +70,7 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
     from .dit import build_denoiser, train_dit
     from .export import export_pipeline
     from .scenes import split_combos
-    from .vae import build_vae, encode_dataset, train_vae
+    from .vae import build_vae, encode_dataset, load_vae, train_vae
 
     r = config.recipe(args.recipe, args.vae_steps, args.dit_steps, args.dataset_size)
     device = torch.device(args.device)
@@ -88,11 +93,21 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         vae_deadline = dit_deadline = encode_deadline = None
+        share = {"vae": 1.0, "dit": 0.0}.get(args.stage, args.vae_share or r.vae_share)
         if args.max_minutes:
             now = time.monotonic()
-            vae_deadline = now + (args.vae_share or r.vae_share) * 60 * args.max_minutes
+            vae_deadline = now + share * 60 * args.max_minutes
             dit_deadline = now + 60 * args.max_minutes - EXPORT_MARGIN_S
-        vae, vae_steps = train_vae(work, r, train_combos, device, vae_deadline, args.vae_stop_after)
+        if args.stage == "dit" and not (work / "vae.ckpt").is_file():
+            raise SystemExit(f"--stage dit needs the VAE's checkpoints in {work} (from --stage vae)")
+        if args.stage == "dit":
+            vae, vae_steps = load_vae(work, r, device)
+        else:
+            vae, vae_steps = train_vae(work, r, train_combos, device, vae_deadline, args.vae_stop_after)
+        if args.stage == "vae":
+            log.info("VAE trained (%d steps in all) in %.1f min; --stage dit goes on from here", vae_steps,
+                     (time.perf_counter() - start) / 60)
+            return work
         if args.max_minutes:
             encode_deadline = time.monotonic() + r.encode_share * 60 * args.max_minutes
         data = encode_dataset(work, r, vae, vae_steps, train_combos, device, encode_deadline)

@@ -64,6 +64,7 @@ class VaeTraining:
     lr: float = 1e-3
     warmup: int = 200
     kl_weight: float = 1e-6  # times the KL summed over a latent, per clip
+    fg_weight: float = 0.0  # the shape's pixels weigh 1 + fg_weight in the reconstruction loss
     log_every: int = 250
     ckpt_every: int = 1000
 
@@ -87,6 +88,8 @@ class Recipe:
     seed: int = SEED
     dataset_size: int = 60_000  # clips encoded once after the VAE; the DiT learns their latents
     vae: VaeTraining = VaeTraining()
+    vae_long: VaeTraining | None = None  # a second VAE phase on 17-frame clips, fine-tuning the first
+    vae_long_share: float = 0.4  # of the VAE's time, for vae_long
     dit: DitTraining = DitTraining()
     autocast: bool = True  # bfloat16 autocast on CUDA (weights and optimiser stay float32)
     cuda_graphs: bool = True  # on CUDA, replay each training step as a CUDA graph (eager if it cannot be captured)
@@ -95,36 +98,42 @@ class Recipe:
 
 
 # One H200 (run_gpu.sh, 10 minutes): each training step is replayed as a CUDA graph (the models are
-# so small that an eager step is bound by its ~12-17k kernel launches, whatever the batch), so the
-# batches are large: 32 seventeen-frame clips from an 8k-clip bank drawn once on the GPU, then 512
-# latents. The VAE trains on the clip length it serves: it is causal and runs 1 + 4 + 4 ... frames in
-# chunks, each with a cache of the chunk before, and what it learns on short clips does not carry to
-# later chunks (session 7's H200 runs, 17-frame L1 per chunk: trained on 5 frames 0.02 for chunks
-# 0-1 then 0.06-0.81; on 9 frames 0.027 0.022 0.024 0.089 0.418). A graphed step's time is set by
-# its kernel count more than by its batch (10.5 step/s for 128 x 5 and for 64 x 9 frames).
-# The VAE's peak lr is lower than the DiT's: its reconstruction loss sits on a plateau near 0.9 while
-# the lr is high and drops only as the cosine brings it under ~3e-4 (CPU run: ~1.0 at step 550,
-# 0.46-0.59 at steps 725-850 as the lr fell from 4.6e-4 to 1.3e-4; first H200 run: 0.82 -> 0.37
-# from step 250 to 500 as it fell from 4.2e-4 to 1e-4).
-_GPU_VAE = VaeTraining(steps=20_000, batch_size=32, frames=17, bank_size=8_192, lr=6e-4, warmup=200, log_every=250,
-                       ckpt_every=2000)
+# so small that an eager step is bound by its ~12-17k kernel launches, whatever the batch; a graphed
+# step's time is still set by its kernel count more than its batch: 10.5 step/s for 128 x 5 frames
+# and for 64 x 9), so the batches are large, drawn from clip banks made once on the GPU.
+# The VAE trains in two phases (session 7's three H200 runs, 17-frame L1 per causal chunk):
+# 5-frame clips learn fast (rec 0.037 after 1,839 steps) but leave the later chunks untrained
+# (0.02 0.02 then 0.06-0.81; on 9 frames 0.027 0.022 0.024 0.089 0.418); 17-frame clips from scratch
+# (1,583 steps at batch 32) dropped the shapes entirely (0.05 everywhere, background only). So: 5-frame
+# clips first, then a fine-tune on 17-frame clips for the last 40% of the VAE's time, and the shape's
+# pixels weighted x11 in both. The VAE's peak lr is lower than the DiT's: its loss sits on a plateau
+# near 0.9 while the lr is high and drops only as the cosine brings it under ~3e-4 (CPU run: ~1.0
+# at step 550, 0.46-0.59 at steps 725-850 as the lr fell from 4.6e-4 to 1.3e-4).
+_GPU_VAE = VaeTraining(steps=20_000, batch_size=128, frames=5, bank_size=32_768, lr=6e-4, warmup=200, fg_weight=10.0,
+                       log_every=250, ckpt_every=2000)
+_GPU_VAE_LONG = VaeTraining(steps=10_000, batch_size=32, frames=17, bank_size=8_192, lr=2e-4, warmup=50,
+                            fg_weight=10.0, log_every=250, ckpt_every=2000)
 _GPU_DIT = DitTraining(steps=40_000, batch_size=512, lr=1e-3, warmup=500, log_every=1000, ckpt_every=5000)
 
 RECIPES = {
     # One H200: run_gpu.sh stops each stage by the clock (--max-minutes) and exports what it has.
-    "gpu": Recipe(dataset_size=60_000, vae=_GPU_VAE, dit=_GPU_DIT, vae_share=0.45, encode_share=0.06),
-    # One CPU core, under an hour (``--threads 1 --max-minutes 50``): 9-frame VAE clips (1 + 4 + 4
-    # frames: a chunk after the first and a chunk after a 4-frame chunk) at batch 8 (at batch 4 the decoder fell into giving one output for
-    # every clip), a small clip set (encoding costs ~0.11 s a clip), DiT batch 32. Far too little
+    "gpu": Recipe(dataset_size=60_000, vae=_GPU_VAE, vae_long=_GPU_VAE_LONG, dit=_GPU_DIT, vae_share=0.45,
+                  encode_share=0.06),
+    # One CPU core, under an hour (``--threads 1 --max-minutes 50``): 5-frame VAE clips only (no
+    # 17-frame phase: the later chunks of a clip stay untrained) at batch 8 (at batch 4 the decoder
+    # fell into giving one output for every clip), a small clip set (encoding costs ~0.11 s a clip), DiT batch 32. Far too little
     # training for the goal; it shows where the chain stands after an hour of one core.
     "cpu": Recipe(dataset_size=1500, vae_share=0.6, encode_share=0.08,
-                  vae=VaeTraining(steps=1500, batch_size=8, frames=9, lr=1e-3, warmup=100, log_every=25,
+                  vae=VaeTraining(steps=1500, batch_size=8, frames=5, lr=1e-3, warmup=100, log_every=25,
                                   ckpt_every=100),
                   dit=DitTraining(steps=3000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.995, log_every=50,
                                   ckpt_every=200)),
     # Seconds on a CPU: the whole chain at toy size, for tests and for trying changes.
     "smoke": Recipe(dataset_size=6, autocast=False,
-                    vae=VaeTraining(steps=2, batch_size=1, frames=5, warmup=1, log_every=1, ckpt_every=2),
+                    vae=VaeTraining(steps=2, batch_size=1, frames=5, warmup=1, fg_weight=10.0, log_every=1,
+                                    ckpt_every=2),
+                    vae_long=VaeTraining(steps=1, batch_size=1, frames=17, warmup=1, fg_weight=10.0, log_every=1,
+                                         ckpt_every=1),
                     dit=DitTraining(steps=4, batch_size=4, warmup=2, log_every=2, ckpt_every=2)),
 }
 
