@@ -98,9 +98,10 @@ class Recipe:
 
 
 # One H200 (run_gpu.sh, 10 minutes): each training step is replayed as a CUDA graph (the models are
-# so small that an eager step is bound by its ~12-17k kernel launches, whatever the batch; a graphed
-# step's time is still set by its kernel count more than its batch: 10.5 step/s for 128 x 5 frames
-# and for 64 x 9), so the batches are large, drawn from clip banks made once on the GPU.
+# so small that an eager step is bound by its ~12-17k kernel launches, whatever the batch), with large
+# batches drawn from clip banks made once on the GPU. Graphed, the VAE is bound by arithmetic: ~6,000
+# frames a second whatever the clip length (128 x 5 and 64 x 9 frames at 10.5 step/s, 32 x 17 at 9.75;
+# ~44 TFLOP/s), so a bigger VAE batch costs time in proportion; the DiT ran 27.6 step/s at batch 512.
 # The VAE trains in two phases (session 7's three H200 runs, 17-frame L1 per causal chunk):
 # 5-frame clips learn fast (rec 0.037 after 1,839 steps) but leave the later chunks untrained
 # (0.02 0.02 then 0.06-0.81; on 9 frames 0.027 0.022 0.024 0.089 0.418); 17-frame clips from scratch
