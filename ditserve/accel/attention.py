@@ -1,5 +1,6 @@
 """Attention backends: torch SDPA (default; cuDNN on Hopper), FlashAttention 3 or SageAttention
-(8-bit) when installed. Chosen once at load time and set on every layer's `attn_op`."""
+(8-bit) when installed, or "fp8" (cuDNN's fp8 SDPA with smoothed K and V: accel/attention8.py).
+Chosen once at load time and set on every layer's `attn_op`; on CPU every backend is SDPA."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def set_path(module: nn.Module, path: str, value) -> None:
     owner, _, attr = path.rpartition(".")
     setattr(module.get_submodule(owner) if owner else module, attr, value)
 
-BACKENDS = ("auto", "sdpa", "fa3", "sage")
+BACKENDS = ("auto", "sdpa", "fa3", "sage", "fp8")
 
 
 def _fa3(q, k, v, mask=None):
@@ -50,7 +51,16 @@ def select_attention(name: str, device: torch.device):
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name in ("auto", "sdpa") or device.type != "cuda":
+        if name not in ("auto", "sdpa"):
+            log.info("attention backend %s needs a CUDA GPU; %s uses SDPA", name, device)
         return sdpa_attention
+    if name == "fp8":
+        from ditserve.accel.attention8 import fp8_attention, unsupported_reason
+
+        reason = unsupported_reason(device)
+        if reason is not None:
+            raise ValueError(f"attention backend fp8 {reason}")
+        return fp8_attention
     if not available(name):
         raise ValueError(f"attention backend {name} is not installed")
     return {"fa3": _fa3, "sage": _sage}[name]

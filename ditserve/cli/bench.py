@@ -37,9 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--end-to-end", action="store_true", help="time all stages, ditserve vs diffusers")
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="FLUX step: without the Triton QK-norm + RoPE and fp8 quantisation kernels")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage"],
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage", "fp8"],
                    help="FLUX step with --quantization fp8: also time the fp8 path with this attention "
-                        "(fa3, sage: when installed)")
+                        "(fa3, sage: when installed; fp8: cuDNN fp8 SDPA, Hopper)")
     p.add_argument("--json", default=None, help="append the result row(s) to this JSON file (default: stdout only)")
     p.set_defaults(run=run)
 

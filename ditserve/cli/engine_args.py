@@ -23,8 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="compile the DiT per block (and replay steps as CUDA graphs on GPU); warms up at start")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: e4m3 linear layers through torch._scaled_mm (CUDA) (default: none)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage"],
-                   help="auto/sdpa: torch SDPA (cuDNN on Hopper); fa3, sage: when installed (CUDA)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage", "fp8"],
+                   help="auto/sdpa: torch SDPA (cuDNN on Hopper); fa3, sage: when installed (CUDA); fp8: cuDNN fp8 SDPA "
+                        "with smoothed K and V (Hopper, nvidia-cudnn-frontend)")
     add_cache_arguments(p)
     add_memory_arguments(p)
     add_parallel_arguments(p)

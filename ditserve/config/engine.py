@@ -142,7 +142,7 @@ class AccelConfig:
     def __post_init__(self):
         if self.quantization not in (None, "fp8"):
             raise InvalidRequest(f"unsupported quantization {self.quantization!r}; use fp8", "quantization")
-        if self.attention not in ("auto", "sdpa", "fa3", "sage"):
+        if self.attention not in ("auto", "sdpa", "fa3", "sage", "fp8"):
             raise InvalidRequest(f"unsupported attention backend {self.attention!r}", "attention")
 
 
