@@ -182,7 +182,7 @@ if triton is not None:
         mean = tl.zeros([D], dtype=tl.float32)
         if SMOOTH:
             row0 = (b * H + h) * n_t
-            for j in range(0, n_t):  # fixed order: every program gets the same mean
+            for j in range(n_t):  # fixed order: every program gets the same mean
                 mean += tl.load(sum_part + (row0 + j) * D + dd)
             mean = mean * inv_seq
             if t == 0:

@@ -1,0 +1,125 @@
+"""bf16 SDPA vs the "fp8" attention backend (ditserve/accel/attention8.py: Triton quantisation with
+K and V smoothing + cuDNN's fp8 SDPA + Triton epilogue) at FLUX, Qwen-Image and Wan shapes.
+
+Per shape: time of bf16 SDPA and of the whole fp8 op (quantisation included), eager and replayed
+as a CUDA graph (launch gaps out), the parts alone (quantise q, k, v; the cuDNN kernel; the
+epilogue), TFLOP/s (4·B·H·S²·D), and rel L2 against bf16 SDPA for i.i.d. Gaussian inputs (the
+2026-12-03 measurement's, per-tensor fp8 6.0e-2 there) and DiT-like ones (RMS-normed q, k with uneven
+weights, a shared component in k and v). The FLUX row also checks the CPU emulation
+(`attention_reference`) against cuDNN on the device. Writes JSON.
+
+On the device machine (wheels in .whl/: nvidia-cudnn-frontend cp312):
+    source benchmarks/gpu_setup.sh && python3 benchmarks/bench_attention8.py $OUT/attention8_h200.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import torch
+
+from ditserve.accel import attention8 as a8
+from ditserve.bench.common import commit, median_time, rel_l2
+from ditserve.models.common.attention import sdpa_attention as sdpa
+
+log = logging.getLogger("bench_attention8")
+SHAPES = {"flux": (1, 4608, 24, 128), "qwen-image": (1, 7017, 24, 128),
+          "wan-1.3b": (1, 32760, 12, 128), "wan-14b": (1, 75600, 40, 128)}  # [B, S, H, D]
+
+
+def dit_like(shape, gen) -> tuple[torch.Tensor, ...]:
+    """q, k RMS-normed with uneven weights (logit std ~1-2), a shared component in k and v."""
+    b, s, h, d = shape
+
+    def randn(*size):
+        return torch.randn(*size, device="cuda", generator=gen)
+
+    def normed(bias):
+        x = randn(b, s, h, d) + bias * randn(1, 1, h, d)
+        x[..., :4] *= 6.0  # outlier channels
+        w = 0.9 * torch.exp(0.3 * randn(h, d))
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) * w).bfloat16()
+
+    v = (randn(b, s, h, d) + 0.7 * randn(1, 1, h, d)).bfloat16()
+    return normed(0.5), normed(2.0), v
+
+
+def graph_time(fn) -> float:
+    """Median time of `fn` replayed as a CUDA graph (captured after a warm-up on a side stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_time(graph.replay, 3, 20)
+
+
+@torch.no_grad()
+def measure(name: str, shape) -> dict:
+    b, s, h, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    tflop = 4 * b * h * s * s * d / 1e12
+    row = {"shape": name, "dims": list(shape), "tflop": tflop}
+    row["sdpa_bf16_ms"] = median_time(lambda: sdpa(q, k, v), 3, 10) * 1e3
+    try:
+        op = a8.fp8_attention
+        out = op(q, k, v)
+        row["fp8_out_dtype"] = "e4m3" if a8._graph_for(q, k).fp8_out else "bf16"
+        row["fp8_ms"] = median_time(lambda: op(q, k, v), 3, 10) * 1e3
+        row["rel_l2_iid"] = rel_l2(out, sdpa(q, k, v))
+        q8, dq, _ = a8.quantize_fp8(q, False)
+        k8, dk, _ = a8.quantize_fp8(k, True)
+        v8, dv, mv = a8.quantize_fp8(v, True)
+        graph = a8._graph_for(q, k)
+        so = 1.0 / dv if graph.fp8_out else graph.one
+        o8 = graph(q8, k8, v8, dq, dk, dv, so)
+        row["quantise_qkv_ms"] = median_time(lambda: (a8.quantize_fp8(q, False), a8.quantize_fp8(k, True),
+                                                       a8.quantize_fp8(v, True)), 3, 10) * 1e3
+        row["cudnn_kernel_ms"] = median_time(lambda: graph(q8, k8, v8, dq, dk, dv, so), 3, 10) * 1e3
+        row["epilogue_ms"] = median_time(lambda: a8.dequantize_out(o8, dv, mv, q.dtype), 3, 10) * 1e3
+        row["sdpa_bf16_graph_ms"] = graph_time(lambda: sdpa(q, k, v)) * 1e3
+        row["fp8_graph_ms"] = graph_time(lambda: op(q, k, v)) * 1e3
+        qd, kd, vd = dit_like(shape, gen)
+        ref = sdpa(qd, kd, vd)
+        row["rel_l2_dit_like"] = rel_l2(op(qd, kd, vd), ref)
+        if name == "flux":  # the emulation the CPU study and unit tests rely on, against cuDNN
+            emu = a8.attention_reference(qd, kd, vd, fp8_out=graph.fp8_out)
+            row["rel_l2_emulation_vs_cudnn"] = rel_l2(op(qd, kd, vd), emu)
+            row["rel_l2_emulation_vs_sdpa"] = rel_l2(emu, ref)
+    except Exception as exc:  # noqa: BLE001 - a refusing cuDNN is a result here
+        row["fp8_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    for key in [key for key in row if key.endswith("_ms")]:
+        row[key.replace("_ms", "_tflops")] = tflop / (row[key] / 1e3)
+    if "fp8_graph_ms" in row:
+        row["speedup_graph"] = row["sdpa_bf16_graph_ms"] / row["fp8_graph_ms"]
+    return row
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out_path = sys.argv[1] if len(sys.argv) > 1 else "attention8.json"
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(SHAPES)
+    rows = []
+    for name in names:
+        rows.append(measure(name, SHAPES[name]))
+        log.info("%s", json.dumps(rows[-1]))
+        torch.cuda.empty_cache()
+    import cudnn
+
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
+              "cudnn_frontend": getattr(cudnn, "__version__", "?"),
+              "cudnn_backend": getattr(cudnn, "backend_version", lambda: None)(),
+              "rows": rows}
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
