@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from training import common_cli
+
 from . import config
 
 log = logging.getLogger("training.demo")
@@ -30,26 +32,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("train", "export"):
         s = sub.add_parser(name)
-        s.add_argument("--work-dir", type=Path, required=True, help="checkpoints, tokenizers, encoded latents")
-        s.add_argument("--out", type=Path, default=None, help="pipeline folder to write (default: WORK_DIR/model)")
-        s.add_argument("--recipe", default="full", choices=sorted(config.RECIPES))
-        s.add_argument("--vae-steps", type=int, default=None)
-        s.add_argument("--dit-steps", type=int, default=None)
-        s.add_argument("--dataset-size", type=int, default=None, help="training scenes (default: the recipe's)")
-        s.add_argument("--vae-stop-after", type=int, default=None, metavar="STEP",
-                       help="stop the VAE after this step of its schedule (checkpointed, resumable)")
-        s.add_argument("--dit-stop-after", type=int, default=None, metavar="STEP",
-                       help="stop the DiT after this step of its schedule (checkpointed, resumable)")
+        common_cli.add_run_args(s, sorted(config.RECIPES), "full", "checkpoints, tokenizers, encoded latents",
+                                "training scenes (default: the recipe's)")
         s.add_argument("--device", default="cpu")
         s.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
         s.add_argument("--max-minutes", type=float, default=None,
                        help="stop (checkpointed, resumable) and export after about this long: "
                             "the VAE gets at most 35%% of it")
     e = sub.add_parser("evaluate")
-    e.add_argument("--model-path", type=Path, default=SHIPPED_MODEL)
-    e.add_argument("--count", type=int, default=None, help="held-out combos to try (default: all)")
-    e.add_argument("--seeds", type=int, nargs="+", default=[0])
-    e.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
+    common_cli.add_evaluate_args(e, SHIPPED_MODEL, "held-out combos to try (default: all)")
     e.add_argument("--grid", type=Path, default=None, help="save all images as one PNG here")
     e.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -69,23 +60,11 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
     log.info("%d training combos, %d held out", len(train_combos), len(held_out))
     start = time.perf_counter()
     if export_only:
-        vae = build_vae(r.seed)
-        vae.load_state_dict(torch.load(work / "vae.ckpt", map_location="cpu")["model"])
-        data = torch.load(work / "latents.pt", map_location="cpu")
-        denoiser = build_denoiser(r.seed, work)
-        state = torch.load(work / "dit.ckpt", map_location="cpu")
-        denoiser.load_state_dict(state["ema"])
-        log.info("exporting the EMA weights of DiT step %d", state["step"])
+        vae, data, denoiser, dit_step = common_cli.load_for_export(work, r.seed, build_vae, build_denoiser)
+        log.info("exporting the EMA weights of DiT step %d", dit_step)
     else:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
-        vae_deadline = dit_deadline = None
-        if args.max_minutes:
-            now = time.monotonic()
-            vae_deadline = now + VAE_SHARE * 60 * args.max_minutes
-            dit_deadline = now + 60 * args.max_minutes - EXPORT_MARGIN_S
+        common_cli.use_tensor_cores(device)
+        vae_deadline, dit_deadline = common_cli.deadlines(args.max_minutes, VAE_SHARE, EXPORT_MARGIN_S)
         drawn: list = []
 
         def scenes():  # drawn once, and only if the VAE or the latents still need them
@@ -124,13 +103,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(args.threads)
-    if args.command == "evaluate":
-        _evaluate(args)
-    else:
-        _train(args, export_only=args.command == "export")
+    common_cli.run(_parse(argv), _train, _evaluate)
 
 
 if __name__ == "__main__":

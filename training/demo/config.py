@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ditserve.bench.tokenizers import CLIP_MAX_LENGTH
+from training.common_cli import overridden
 
 from .scenes import CAPTION_WORDS, IMAGE_SIZE
 
@@ -106,11 +107,4 @@ RECIPES = {
 def recipe(name: str, vae_steps: int | None = None, dit_steps: int | None = None,
            dataset_size: int | None = None) -> Recipe:
     """A named recipe, with its stages' step counts or its scene count overridden where given."""
-    r = RECIPES[name]
-    if vae_steps is not None:
-        r = replace(r, vae=replace(r.vae, steps=vae_steps))
-    if dit_steps is not None:
-        r = replace(r, dit=replace(r.dit, steps=dit_steps))
-    if dataset_size is not None:
-        r = replace(r, dataset_size=dataset_size)
-    return r
+    return overridden(RECIPES[name], vae_steps, dit_steps, dataset_size)

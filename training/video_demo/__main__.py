@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from training import common_cli
+
 from . import config
 
 log = logging.getLogger("training.video_demo")
@@ -31,16 +33,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("train", "export"):
         s = sub.add_parser(name)
-        s.add_argument("--work-dir", type=Path, required=True, help="checkpoints, tokenizer, encoded latents")
-        s.add_argument("--out", type=Path, default=None, help="pipeline folder to write (default: WORK_DIR/model)")
-        s.add_argument("--recipe", default="gpu", choices=sorted(config.RECIPES))
-        s.add_argument("--vae-steps", type=int, default=None)
-        s.add_argument("--dit-steps", type=int, default=None)
-        s.add_argument("--dataset-size", type=int, default=None, help="clips encoded for the DiT (default: the recipe's)")
-        s.add_argument("--vae-stop-after", type=int, default=None, metavar="STEP",
-                       help="stop the VAE after this step of its schedule (checkpointed, resumable)")
-        s.add_argument("--dit-stop-after", type=int, default=None, metavar="STEP",
-                       help="stop the DiT after this step of its schedule (checkpointed, resumable)")
+        common_cli.add_run_args(s, sorted(config.RECIPES), "gpu", "checkpoints, tokenizer, encoded latents",
+                                "clips encoded for the DiT (default: the recipe's)")
         s.add_argument("--vae-share", type=float, default=None,
                        help="the VAE's share of --max-minutes (default: the recipe's vae_share)")
         s.add_argument("--device", default="cpu")
@@ -53,10 +47,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                        help="stop (checkpointed, resumable) and export after about this long: the VAE gets at "
                             "most the recipe's vae_share of it")
     e = sub.add_parser("evaluate")
-    e.add_argument("--model-path", type=Path, default=SHIPPED_MODEL)
-    e.add_argument("--count", type=int, default=None, help="held-out combos to try (default: all 48)")
-    e.add_argument("--seeds", type=int, nargs="+", default=[0])
-    e.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
+    common_cli.add_evaluate_args(e, SHIPPED_MODEL, "held-out combos to try (default: all 48)")
     e.add_argument("--guidance-scale", type=float, default=None, help="(default: the model's)")
     e.add_argument("--flow-shift", type=float, default=None, help="(default: the model's scheduler)")
     e.add_argument("--device", default="cpu")
@@ -80,24 +71,12 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
     log.info("%d training combos, %d held out", len(train_combos), len(held_out))
     start = time.perf_counter()
     if export_only:
-        vae = build_vae(r.seed)
-        vae.load_state_dict(torch.load(work / "vae.ckpt", map_location="cpu")["model"])
-        data = torch.load(work / "latents.pt", map_location="cpu")
-        denoiser = build_denoiser(r.seed, work)
-        state = torch.load(work / "dit.ckpt", map_location="cpu")
-        denoiser.load_state_dict(state["ema"])
-        log.info("exporting the EMA weights of DiT step %d", state["step"])
+        vae, data, denoiser, dit_step = common_cli.load_for_export(work, r.seed, build_vae, build_denoiser)
+        log.info("exporting the EMA weights of DiT step %d", dit_step)
     else:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
-        vae_deadline = dit_deadline = encode_deadline = None
+        common_cli.use_tensor_cores(device)
         share = {"vae": 1.0, "dit": 0.0}.get(args.stage, args.vae_share or r.vae_share)
-        if args.max_minutes:
-            now = time.monotonic()
-            vae_deadline = now + share * 60 * args.max_minutes
-            dit_deadline = now + 60 * args.max_minutes - EXPORT_MARGIN_S
+        vae_deadline, dit_deadline = common_cli.deadlines(args.max_minutes, share, EXPORT_MARGIN_S)
         if args.stage == "dit" and not (work / "vae.ckpt").is_file():
             raise SystemExit(f"--stage dit needs the VAE's checkpoints in {work} (from --stage vae)")
         if args.stage == "dit":
@@ -108,6 +87,7 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
             log.info("VAE trained (%d steps in all) in %.1f min; --stage dit goes on from here", vae_steps,
                      (time.perf_counter() - start) / 60)
             return work
+        encode_deadline = None
         if args.max_minutes:
             encode_deadline = time.monotonic() + r.encode_share * 60 * args.max_minutes
         data = encode_dataset(work, r, vae, vae_steps, train_combos, device, encode_deadline)
@@ -141,13 +121,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(args.threads)
-    if args.command == "evaluate":
-        _evaluate(args)
-    else:
-        _train(args, export_only=args.command == "export")
+    common_cli.run(_parse(argv), _train, _evaluate)
 
 
 if __name__ == "__main__":

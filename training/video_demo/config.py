@@ -15,7 +15,9 @@ well under a minute; draws nothing useful).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+from training.common_cli import overridden
 
 from .scenes import CAPTION_WORDS, FPS, IMAGE_SIZE, NUM_FRAMES
 
@@ -142,11 +144,4 @@ RECIPES = {
 def recipe(name: str, vae_steps: int | None = None, dit_steps: int | None = None,
            dataset_size: int | None = None) -> Recipe:
     """A named recipe, with its stages' step counts or its clip count overridden where given."""
-    r = RECIPES[name]
-    if vae_steps is not None:
-        r = replace(r, vae=replace(r.vae, steps=vae_steps))
-    if dit_steps is not None:
-        r = replace(r, dit=replace(r.dit, steps=dit_steps))
-    if dataset_size is not None:
-        r = replace(r, dataset_size=dataset_size)
-    return r
+    return overridden(RECIPES[name], vae_steps, dit_steps, dataset_size)
