@@ -1,4 +1,4 @@
-"""What both training stages share: per-step randomness, the learning-rate curve, checkpoints.
+"""What both training stages share: per-step randomness, the learning-rate curve, checkpoints, the EMA.
 
 Every step draws its batch from generators seeded with (seed, stage, step) alone, so a run that
 stops and resumes from a checkpoint takes exactly the batches an unbroken run would.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,22 @@ def load_checkpoint(path: Path) -> dict | None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     log.info("resuming from %s (step %d)", path, state["step"])
     return state
+
+
+def checkpoint_step(path: Path, parts: dict, step: int, end: int, every: int, deadline: float | None) -> bool:
+    """After ``step`` of a stage: save the state dicts of ``parts`` (modules, optimiser) with the step
+    every ``every`` steps, at ``end`` and once past ``deadline`` (``time.monotonic()``). True when past
+    it: the caller stops, and the same command resumes from the checkpoint."""
+    out_of_time = deadline is not None and time.monotonic() > deadline
+    if (step + 1) % every == 0 or step + 1 == end or out_of_time:
+        save_checkpoint(path, {**{k: v.state_dict() for k, v in parts.items()}, "step": step + 1})
+    return out_of_time
+
+
+@torch.no_grad()
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], step: int, decay: float) -> None:
+    """Move the EMA weights towards the model's, with the decay warming up over the first steps."""
+    torch._foreach_lerp_(ema_params, params, 1 - min(decay, (1 + step) / (10 + step)))
 
 
 def images_to_tensor(images: torch.Tensor) -> torch.Tensor:

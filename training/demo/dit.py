@@ -25,7 +25,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 from ditserve.bench.tokenizers import CLIP_BOS, CLIP_EOS, clip_vocab, learn_clip_merges, save_clip_tokenizer, save_t5_tokenizer
 
 from . import config
-from .common import STAGE_DIT, count_parameters, load_checkpoint, lr_at, save_checkpoint, step_generator, step_rng
+from .common import (STAGE_DIT, checkpoint_step, count_parameters, ema_update, load_checkpoint, lr_at, step_generator,
+                     step_rng)
 from .scenes import IMAGE_SIZE, Combo
 
 log = logging.getLogger(__name__)
@@ -174,9 +175,7 @@ def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        ema_update(ema_params, params, step, cfg.ema_decay)
         seen += 1
         # a running mean kept on the device: no host sync per step
         running = loss.detach() if running is None else running.lerp(loss.detach(), 0.02)
@@ -184,11 +183,7 @@ def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo]
             rate = seen / (time.perf_counter() - clock)
             log.info("dit step %d/%d  loss %.4f (avg %.4f)  lr %.2e  %.2f step/s", step + 1, cfg.steps, loss.item(),
                      running.item(), opt.param_groups[0]["lr"], rate)
-        out_of_time = deadline is not None and time.monotonic() > deadline
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or out_of_time:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                        "opt": opt.state_dict(), "step": step + 1})
-        if out_of_time:
+        if checkpoint_step(ckpt_path, {"model": model, "ema": ema, "opt": opt}, step, end, cfg.ckpt_every, deadline):
             log.warning("DiT: out of time after step %d of %d; rerun to resume", step + 1, cfg.steps)
             break
     return ema.eval()

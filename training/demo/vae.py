@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from . import config
-from .common import (STAGE_DATA, STAGE_VAE, count_parameters, images_to_tensor, load_checkpoint, lr_at,
-                     save_checkpoint, step_generator, step_rng)
+from .common import (STAGE_DATA, STAGE_VAE, checkpoint_step, count_parameters, images_to_tensor, load_checkpoint,
+                     lr_at, step_generator, step_rng)
 from .scenes import Combo, render_dataset
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,7 @@ def train_vae(work: Path, recipe: config.Recipe, scenes: Scenes, device: torch.d
             rate = seen / (time.perf_counter() - clock)
             log.info("vae step %d/%d  rec %.4f  kl %.1f  lr %.2e  %.2f step/s", step + 1, cfg.steps, rec.item(),
                      kl.item(), opt.param_groups[0]["lr"], rate)
-        out_of_time = deadline is not None and time.monotonic() > deadline
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or out_of_time:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1})
-        if out_of_time:
+        if checkpoint_step(ckpt_path, {"model": model, "opt": opt}, step, end, cfg.ckpt_every, deadline):
             log.warning("VAE: out of time after step %d of %d; rerun to resume", step + 1, cfg.steps)
             break
     return model.eval().requires_grad_(False), step + 1

@@ -24,9 +24,10 @@ from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 from ditserve.bench.tokenizers import save_t5_tokenizer
 from training.demo.common import (
     STAGE_DIT,
+    checkpoint_step,
     count_parameters,
+    ema_update,
     load_checkpoint,
-    save_checkpoint,
 )
 from training.demo.dit import UNIFORM_T_FRACTION, caption_variants
 
@@ -203,9 +204,7 @@ def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo]
         else:
             opt.zero_grad(set_to_none=True)
             train_step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        ema_update(ema_params, params, step, cfg.ema_decay)
         seen += 1
         # a running mean kept on the device: no host sync per step
         loss = out["loss"].clone()
@@ -214,11 +213,7 @@ def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo]
             rate = seen / (time.perf_counter() - clock)
             log.info("dit step %d/%d  loss %.4f (avg %.4f)  lr %.2e  %.2f step/s", step + 1, cfg.steps, loss.item(),
                      running.item(), lr_value(opt), rate)
-        out_of_time = deadline is not None and time.monotonic() > deadline
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or out_of_time:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                        "opt": opt.state_dict(), "step": step + 1})
-        if out_of_time:
+        if checkpoint_step(ckpt_path, {"model": model, "ema": ema, "opt": opt}, step, end, cfg.ckpt_every, deadline):
             log.warning("DiT: out of time after step %d of %d; rerun to resume", step + 1, cfg.steps)
             break
     return ema.eval()

@@ -25,9 +25,9 @@ from diffusers import AutoencoderKLWan
 from training.demo.common import (
     STAGE_DATA,
     STAGE_VAE,
+    checkpoint_step,
     count_parameters,
     load_checkpoint,
-    save_checkpoint,
     step_rng,
 )
 
@@ -220,9 +220,7 @@ def _train_phase(model: AutoencoderKLWan, recipe: config.Recipe, cfg: config.Vae
             rate = seen / (time.perf_counter() - clock)
             log.info("%s step %d/%d  rec %.4f  kl %.1f  lr %.2e  %.2f step/s", name, step + 1, cfg.steps, rec, kl,
                      lr_value(opt), rate)
-        out_of_time = deadline is not None and time.monotonic() > deadline
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or out_of_time:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+        out_of_time = checkpoint_step(ckpt_path, {"model": model, "opt": opt}, step, end, cfg.ckpt_every, deadline)
         if out_of_time:
             log.warning("%s: out of time after step %d of %d; rerun to resume", name, step + 1, cfg.steps)
             break
