@@ -84,3 +84,61 @@ def test_readme_one_liner(monkeypatch, tmp_path, caplog):
     assert out.is_file() and out.stat().st_size > 1000
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("bundled video demo" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def engine_and_plain():
+    """An engine on the model, its plain DiT, and the uncached clips of 8 held-out prompts (seed 0)."""
+    from ditserve.config import EngineConfig, ModelConfig
+    from ditserve.runtime.engine import Engine
+
+    engine = Engine.from_config(EngineConfig(ModelConfig(str(MODEL), "cpu", "float32")))
+    combos = held_out_combos(8)
+    return engine, engine.pipeline.dit, combos, _clips(engine, engine.pipeline.dit, combos)
+
+
+def _clips(engine, dit, combos) -> list[np.ndarray]:
+    engine.pipeline.dit = dit
+    return [np.asarray(Generator(engine).generate(c.caption, seed=0).videos[0]) for c in combos]
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(float) - b.astype(float)) ** 2))
+    return 100.0 if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [dict(method="first-block", threshold=0.10, taylorseer_order=1),
+                                     dict(method="dual-block", threshold=0.15, bn=1, taylorseer_order=1),
+                                     "fp8"])
+def test_quality_fixture_for_step_caching_and_fp8(engine_and_plain, variant):
+    """The video demo is the quality fixture for video step caching and FP8 (the full table:
+    `benchmarks/cache_quality.py --video --fp8`): at these settings a third or more of the DiT
+    forwards reuse cached work, and the clips keep what they show (held-out facts within 5 points,
+    direction within one clip of the uncached run) and stay close to the uncached clips."""
+    import copy
+
+    from ditserve.accel.cache import apply_cache, step_cache
+    from ditserve.accel.fp8 import FP8Linear, apply_fp8
+    from ditserve.config.engine import CacheConfig
+    from training.video_demo.checker import check_clip, direction_accuracy, fact_accuracy
+
+    engine, base, combos, plain = engine_and_plain
+    if variant == "fp8":
+        dit = apply_fp8(copy.deepcopy(base), min_features=1)  # the demo is 192 wide: every block linear
+        assert any(isinstance(m, FP8Linear) for m in dit.modules())
+    else:
+        dit = apply_cache(base, CacheConfig.from_mapping(variant))
+    try:
+        clips = _clips(engine, dit, combos)
+    finally:
+        engine.pipeline.dit = base
+    if variant != "fp8":
+        totals = step_cache(dit).totals
+        assert totals.skipped >= totals.forwards / 3, (totals.skipped, totals.forwards)
+    ref = [check_clip(c, combo) for c, combo in zip(plain, combos)]
+    got = [check_clip(c, combo) for c, combo in zip(clips, combos)]
+    assert fact_accuracy(got) >= fact_accuracy(ref) - 0.05
+    assert direction_accuracy(got) >= direction_accuracy(ref) - 1 / len(combos)
+    values = [_psnr(a, b) for a, b in zip(clips, plain)]
+    assert np.mean(values) > 30 and min(values) > 20, values
