@@ -68,9 +68,11 @@ def block_update_rel_l2(ref, ours, inp: WanInputs) -> float:
 @torch.no_grad()
 def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 832, frames: int = 81,
                quantization: str | None = None, compare: bool = True, device: str = "cuda",
-               compiled: bool = True, reps: int = 10) -> dict:
+               compiled: bool = True, reps: int = 10, attention: str = "auto") -> dict:
     """One DiT forward: diffusers eager and compiled vs ditserve eager, compiled (+ segment graphs)
-    and, with fp8, compiled fp8; guard: rel L2 against diffusers' bf16 step."""
+    and, with fp8, compiled fp8; guard: rel L2 against diffusers' bf16 step. With `attention` other
+    than "auto", the compiled step once more with that backend (fields `attn_`; with fp8 linears
+    too, `fp8_attn_`), each with the step's rel L2 against diffusers' bf16 step."""
     from ditserve.accel import accelerate_dit
     from ditserve.config import AccelConfig
 
@@ -110,20 +112,30 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
     log.info("wan bf16: %s", row)
     row["guard_ok"] = (row["guard_ok"] and row["rel_l2_vs_diffusers"] <= GUARD_REL_L2
                        and row["rel_l2_block_update"] <= 2 * GUARD_REL_L2)  # compiled rounds elsewhere
-    if quantization == "fp8":
+    variants = [("fp8", "fp8", "auto")] if quantization == "fp8" else []
+    if attention != "auto":
+        variants.append(("fp8_attn" if quantization == "fp8" else "attn", quantization, attention))
+    if variants:
         del ours, fast
+    for prefix, quant, attn in variants:
         gc.collect()
         torch._dynamo.reset()
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         _, fresh = build(model, device, dtype)  # same seed: the same weights
-        fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8"), torch.device(device))
-        row["ditserve_fp8_step_s"] = median_time(lambda: fast8(inp), warmup=2, reps=reps)
-        row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(fast8(inp), expected)
-        row["fp8_rel_l2_block_update"] = block_update_rel_l2(ref, fast8, inp)
-        row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
+        fast = accelerate_dit(fresh, AccelConfig(compile=True, quantization=quant, attention=attn), torch.device(device))
+        row[f"ditserve_{prefix}_step_s"] = median_time(lambda f=fast: f(inp), warmup=2, reps=reps)
+        row[f"{prefix}_attention"] = attn
+        row[f"{prefix}_rel_l2_vs_diffusers_bf16"] = rel_l2(fast(inp), expected)
+        row[f"{prefix}_rel_l2_block_update"] = block_update_rel_l2(ref, fast, inp)
         if compare:
-            row["fp8_speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_fp8_step_s"]
-        row["guard_ok"] = row["guard_ok"] and row["fp8_rel_l2_vs_diffusers_bf16"] <= FP8_GUARD_REL_L2
+            row[f"{prefix}_speedup_vs_diffusers_compiled"] = (row["diffusers_compiled_step_s"]
+                                                              / row[f"ditserve_{prefix}_step_s"])
+        row[f"{prefix}_guard_ok"] = row[f"{prefix}_rel_l2_vs_diffusers_bf16"] <= FP8_GUARD_REL_L2
+        del fresh, fast
+    if quantization == "fp8":
+        row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
+        row["guard_ok"] = row["guard_ok"] and row["fp8_guard_ok"]
     return row
 
 

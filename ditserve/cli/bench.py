@@ -38,8 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="FLUX step: without the Triton QK-norm + RoPE and fp8 quantisation kernels")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage", "fp8"],
-                   help="FLUX step with --quantization fp8: also time the fp8 path with this attention "
-                        "(fa3, sage: when installed; fp8: cuDNN fp8 SDPA, Hopper)")
+                   help="FLUX step with --quantization fp8, Wan step with or without it: also time the compiled "
+                        "step with this attention (fa3, sage: when installed; fp8: cuDNN fp8 SDPA, Hopper)")
     p.add_argument("--json", default=None, help="append the result row(s) to this JSON file (default: stdout only)")
     p.set_defaults(run=run)
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
         height, width = args.height or 480, args.width or 832
         rows = [wan_bench_step(args.model, height, width, args.num_frames or 81, args.quantization,
-                               compare=args.compare == "diffusers", reps=args.reps)]
+                               compare=args.compare == "diffusers", reps=args.reps, attention=args.attention_backend)]
         if args.vae:
             rows.append(bench_vae_decode(height, width, args.num_frames or 81))
         return _write(rows, args.json)

@@ -36,3 +36,13 @@ def test_guard_catches_a_wrong_model(shrunk, monkeypatch):
 
     monkeypatch.setattr(bench, "build", broken)
     assert not bench.bench_step(height=64, width=96, frames=5, device="cpu", compiled=False)["guard_ok"]
+
+
+@pytest.mark.slow
+def test_attention_backend_variant_is_timed_and_guarded(shrunk):
+    """The compiled step once more with another attention backend (on the CPU every backend is SDPA,
+    so the variant must match the plain compiled step's error)."""
+    row = bench.bench_step(height=64, width=96, frames=5, device="cpu", reps=1, attention="fp8")
+    assert row["attn_attention"] == "fp8" and row["ditserve_attn_step_s"] > 0
+    assert row["attn_guard_ok"] and row["attn_rel_l2_vs_diffusers_bf16"] <= 2 * row["rel_l2_vs_diffusers"] + 1e-3
+    assert "attn_speedup_vs_diffusers_compiled" in row and "fp8_attention" not in row
