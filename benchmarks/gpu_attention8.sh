@@ -7,12 +7,7 @@
 # Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_attention8.sh [all|kernel|wan]
 # Results: $OUT/attention8_h200.json, $OUT/wan_step_attention8_h200.json (+ .log); commit them under
 # benchmarks/results/.
-set -u
-source benchmarks/gpu_setup.sh
-export DITSERVE_COMMIT="${DITSERVE_COMMIT:?set DITSERVE_COMMIT to the commit under test}"
-out="${OUT:-benchmarks/results}"
-part="${1:-all}"
-limit() { if [ "$part" = all ]; then echo "$1"; else echo 580; fi; }
+source benchmarks/gpu_part.sh
 
 if [ "$part" != wan ]; then  # ≈ 3-4 min
     timeout "$(limit 240)" bash -c "python3 -m pytest -q tests/gpu/test_attention8_cuda.py && \

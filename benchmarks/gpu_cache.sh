@@ -7,12 +7,7 @@
 # Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_cache.sh [all|flux|wan]
 # Results: $OUT/cache_flux_h200.json, $OUT/cache_wan_h200.json (+ .log); commit them under benchmarks/results/.
 # Should a part be cut off by its limit, run it alone in a second call (`flux` or `wan`: 580 s for it).
-set -u
-source benchmarks/gpu_setup.sh
-export DITSERVE_COMMIT="${DITSERVE_COMMIT:?set DITSERVE_COMMIT to the commit under test}"
-out="${OUT:-benchmarks/results}"
-part="${1:-all}"
-limit() { if [ "$part" = all ]; then echo "$1"; else echo 580; fi; }
+source benchmarks/gpu_part.sh
 show() { grep -E "bench_cache|^\||^flux|^wan|Error|error:|Traceback" | grep -v "step cache " | tail -30; }
 
 if [ "$part" != wan ]; then  # 3 compiles (diffusers over its hooks, ours bf16, ours fp8): ≈ 4-5 min

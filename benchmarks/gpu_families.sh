@@ -10,10 +10,7 @@
 #         hunyuan544 (544x960x129, 67k tokens, ≈ 5 min), hunyuan720 (720x1280x129, 119k tokens, one timed
 #         call of each variant: a step is ≈ 20 s, ≈ 8 min; the calls are counted in hunyuan_video.bench_step)
 # Results: $OUT/<family>_step_h200.json (+ .log); commit them under benchmarks/results/.
-set -u
-source benchmarks/gpu_setup.sh
-export DITSERVE_COMMIT="${DITSERVE_COMMIT:?set DITSERVE_COMMIT to the commit under test}"
-out="${OUT:-benchmarks/results}"
+source benchmarks/gpu_part.sh
 show() { grep -E "speedup|_step_s|guard_ok|Error|error:|Traceback" | tail -40; }
 bench() {  # seconds, json name, then `ditserve bench` arguments
     local limit=$1 name=$2; shift 2

@@ -8,12 +8,7 @@
 # (wan14b_e2e: Wan-14B end to end, resident and layerwise at 12 GiB, in a call of its own; load: the DiT
 # loader on a random FLUX.1-dev-size folder beside the previous reader and diffusers', in a call of its own)
 # Results: $OUT/offload_{flux,wan,wan14b}_h200.json (+ .log); commit them under benchmarks/results/.
-set -u
-source benchmarks/gpu_setup.sh
-export DITSERVE_COMMIT="${DITSERVE_COMMIT:?set DITSERVE_COMMIT to the commit under test}"
-out="${OUT:-benchmarks/results}"
-part="${1:-all}"
-limit() { if [ "$part" = all ]; then echo "$1"; else echo 580; fi; }
+source benchmarks/gpu_part.sh
 show() { grep -E "bench_offload|^offload|^none|^layerwise|on NVIDIA|^end to end|activation peak|safetensors instead|Error|error:|Traceback" | tail -20; }
 
 if [ "$part" = all ] || [ "$part" = flux ]; then  # 22 GiB of weights, a resident step ≈ 0.17 s
