@@ -20,7 +20,11 @@ def latents(vae, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed))
 
 
-def rank_main(rank: int, folder: str, work: str) -> None:
+VARIANTS = ("t2v", "ti2v")
+
+
+def rank_main(rank: int, folders: dict, work: str) -> None:
+    """Both VAEs on one gloo group (processes started once for the module)."""
     import torch.distributed as dist
 
     from ditserve.parallel.groups import Axis
@@ -30,11 +34,12 @@ def rank_main(rank: int, folder: str, work: str) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{work}/store", rank=rank, world_size=2)
-        vae = load_wan_vae(Path(folder) / "vae", "cpu", torch.float32)
-        vae.decode = ParallelDecode(vae, Axis(None, rank, 2, (0, 1)), Tiles(**TILES))
-        frames = decode_wan(vae, latents(vae))
-        if rank == 0:
-            np.save(f"{work}/frames.npy", frames)
+        for variant, folder in folders.items():
+            vae = load_wan_vae(Path(folder) / "vae", "cpu", torch.float32)
+            vae.decode = ParallelDecode(vae, Axis(None, rank, 2, (0, 1)), Tiles(**TILES))
+            frames = decode_wan(vae, latents(vae))
+            if rank == 0:
+                np.save(f"{work}/frames_{variant}.npy", frames)
         dist.barrier()  # neither rank tears gloo down while the other still uses it (rank 0 aborted, -6)
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the test
@@ -42,20 +47,28 @@ def rank_main(rank: int, folder: str, work: str) -> None:
         raise
 
 
-@pytest.mark.parametrize("variant", ["t2v", "ti2v"])
-def test_parallel_decode_equals_the_tiled_decode(tiny_wan, variant, tmp_path):
-    from ditserve.vae.wan import Tiles, decode_wan, load_wan_vae
-
-    folder = tiny_wan(variant)
+@pytest.fixture(scope="module")
+def parallel_frames(tiny_wan, tmp_path_factory):
+    """Rank 0's frames per variant, decoded by two ranks."""
+    work = tmp_path_factory.mktemp("parallel_vae")
+    folders = {v: str(tiny_wan(v)) for v in VARIANTS}
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(r, str(folder), str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=rank_main, args=(r, folders, str(work))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(300)
-    errors = [e.read_text() for e in tmp_path.glob("*.err")]
+    errors = [e.read_text() for e in work.glob("*.err")]
     assert not errors and all(p.exitcode == 0 for p in procs), ([p.exitcode for p in procs], "\n".join(errors))
-    got = np.load(tmp_path / "frames.npy")
+    return {v: np.load(work / f"frames_{v}.npy") for v in VARIANTS}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parallel_decode_equals_the_tiled_decode(tiny_wan, variant, parallel_frames):
+    from ditserve.vae.wan import Tiles, decode_wan, load_wan_vae
+
+    folder = tiny_wan(variant)
+    got = parallel_frames[variant]
     vae = load_wan_vae(folder / "vae", "cpu", torch.float32)
     expected = decode_wan(vae, latents(vae), tiled=True, tiles=Tiles(**TILES))
     whole = decode_wan(vae, latents(vae))
