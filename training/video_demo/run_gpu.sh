@@ -37,6 +37,7 @@ left() {  # minutes left, less a reserve
 { nvidia-smi -L || true; python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } >"$out/train.log" 2>&1
 stage=${VIDEO_DEMO_STAGE:-all}
+[ "$stage" = vae ] && eval_reserve=${VIDEO_DEMO_EVAL_MINUTES:-0.3}  # nothing to score or pack: start-up only
 if [ "$stage" = dit ]; then
     cp "${VIDEO_DEMO_VAE_FROM:?VIDEO_DEMO_STAGE=dit needs VIDEO_DEMO_VAE_FROM (the vae/ folder of a vae sitting)}"/vae*.ckpt "$work/"
 fi
