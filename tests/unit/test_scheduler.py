@@ -19,30 +19,70 @@ def request(model, steps=2, size=32, seed=0, num_images=1) -> GenerationRequest:
     return req.resolve(source.defaults, source.limits)
 
 
-def scenario(model, body, max_queue=8, max_batch_size=2):
+# (name, scheduler settings); each body runs on a fresh Scheduler, in this order, over ONE worker process
+# (a worker start costs ~5 s of imports and loading on 2 CPU cores)
+SCENARIOS = [("share", dict(max_queue=8, max_batch_size=2)), ("full", dict(max_queue=2, max_batch_size=1))]
+
+
+async def _batches(sched, model):
+    a, b, c = (sched.submit(request(model, seed=s)) for s in (1, 2, 3))
+    other = sched.submit(request(model, size=48))  # another size: another batch key
+    outs = await asyncio.gather(*(t.future for t in (a, b, c, other)))
+    return [t.batch_images for t in (a, b, c, other)], outs, sched.steps_total
+
+
+async def _full_queue(sched, model):
+    running = sched.submit(request(model, steps=40))
+    while sched.running == 0:
+        await asyncio.sleep(0.01)
+    waiting = [sched.submit(request(model, steps=40, size=48)) for _ in range(2)]
+    with pytest.raises(Overloaded, match="queue is full"):
+        sched.submit(request(model))
+    sched.cancel(waiting[0])
+    assert sched.queue_length == 1
+    sched.cancel(running)  # stops in the worker at the next step
+    sched.cancel(waiting[1])
+    await sched.wait_idle()
+    return running, waiting, sched.runs_stopped_total
+
+
+@pytest.fixture(scope="module")
+def scenarios(tiny_flux_schnell):
+    """Each scenario's result, or the exception it raised (re-raised by its test)."""
+    model = tiny_flux_schnell
+    bodies = {"share": _batches, "full": _full_queue}
+
     async def main():
-        worker = WorkerHandle(EngineConfig(ModelConfig(str(model), "cpu", "float32"), max_batch_size=max_batch_size),
-                              slots=max_batch_size, threads=1)
+        worker = WorkerHandle(EngineConfig(ModelConfig(str(model), "cpu", "float32"), max_batch_size=2),
+                              slots=2, threads=1)
         await worker.start()
-        sched = Scheduler(worker, inspect_model(model).pipeline_cls.batch_key, max_queue=max_queue,
-                          max_batch_size=max_batch_size)
-        loop = asyncio.create_task(sched.run())
+        results = {}
         try:
-            return await body(sched)
+            for name, settings in SCENARIOS:
+                sched = Scheduler(worker, inspect_model(model).pipeline_cls.batch_key, **settings)
+                loop = asyncio.create_task(sched.run())
+                try:
+                    results[name] = ("ok", await bodies[name](sched, model))
+                except Exception as exc:  # noqa: BLE001 - the scenario's own test reports it
+                    results[name] = ("error", exc)
+                finally:
+                    loop.cancel()
         finally:
-            loop.cancel()
             await worker.stop()
+        return results
+
     return asyncio.run(main())
 
 
-def test_compatible_requests_share_a_batch_and_others_wait(tiny_flux_schnell):
-    async def body(sched):
-        a, b, c = (sched.submit(request(tiny_flux_schnell, seed=s)) for s in (1, 2, 3))
-        other = sched.submit(request(tiny_flux_schnell, size=48))  # another size: another batch key
-        outs = await asyncio.gather(*(t.future for t in (a, b, c, other)))
-        return [t.batch_images for t in (a, b, c, other)], outs, sched.steps_total
+def outcome(scenarios, name):
+    kind, value = scenarios[name]
+    if kind == "error":
+        raise value
+    return value
 
-    sizes, outs, steps = scenario(tiny_flux_schnell, body)
+
+def test_compatible_requests_share_a_batch_and_others_wait(scenarios):
+    sizes, outs, steps = outcome(scenarios, "share")
     # the worker is busy with the first request while the rest queue up: a batch never mixes keys
     # and never exceeds max_batch_size images
     assert all(n <= 2 for n in sizes) and sizes[3] == 1
@@ -50,22 +90,8 @@ def test_compatible_requests_share_a_batch_and_others_wait(tiny_flux_schnell):
     assert steps == 2 * len({id(o.timings) for o in outs})  # one progress report per step per batch
 
 
-def test_full_queue_refuses_and_cancelled_request_leaves_it(tiny_flux_schnell):
-    async def body(sched):
-        running = sched.submit(request(tiny_flux_schnell, steps=40))
-        while sched.running == 0:
-            await asyncio.sleep(0.01)
-        waiting = [sched.submit(request(tiny_flux_schnell, steps=40, size=48)) for _ in range(2)]
-        with pytest.raises(Overloaded, match="queue is full"):
-            sched.submit(request(tiny_flux_schnell))
-        sched.cancel(waiting[0])
-        assert sched.queue_length == 1
-        sched.cancel(running)  # stops in the worker at the next step
-        sched.cancel(waiting[1])
-        await sched.wait_idle()
-        return running, waiting, sched.runs_stopped_total
-
-    running, waiting, stopped = scenario(tiny_flux_schnell, body, max_queue=2, max_batch_size=1)
+def test_full_queue_refuses_and_cancelled_request_leaves_it(scenarios):
+    running, waiting, stopped = outcome(scenarios, "full")
     assert all(t.future.cancelled() for t in (running, *waiting))
     assert stopped == 1 and running.step < 40  # stopped at a stage boundary or a step, long before the end
 
