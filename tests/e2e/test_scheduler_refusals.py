@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from ditserve.api import InvalidRequest
+from ditserve.cli.main import main
 from ditserve.runtime.loader import inspect_model
 
 
@@ -20,19 +21,26 @@ def with_scheduler(src, dst, **changes):
     return dst
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"use_karras_sigmas": True}, "use_karras_sigmas"),
-    ({"stochastic_sampling": True}, "stochastic_sampling"),
-    ({"_class_name": "EulerAncestralDiscreteScheduler"}, "EulerAncestralDiscreteScheduler"),
+@pytest.mark.parametrize("changes, named, process", [
+    ({"use_karras_sigmas": True}, "use_karras_sigmas", True),
+    ({"stochastic_sampling": True}, "stochastic_sampling", False),
+    ({"_class_name": "EulerAncestralDiscreteScheduler"}, "EulerAncestralDiscreteScheduler", False),
 ])
-def test_unsupported_scheduler_is_one_line_exit_2(tiny_flux_schnell, tmp_path, changes, named):
+def test_unsupported_scheduler_is_one_line_exit_2(tiny_flux_schnell, tmp_path, changes, named, process, capsys):
+    """The first case as a real process; the others through the CLI's `main` in this one (the same code,
+    without a fresh interpreter's start-up)."""
     folder = with_scheduler(tiny_flux_schnell, tmp_path / "m", **changes)
-    res = subprocess.run([sys.executable, "-m", "ditserve.cli.main", "generate", "--model-path", str(folder),
-                          "--prompt", "a fox", "--output", str(tmp_path / "x.png")],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stderr
-    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and named in lines[0], res.stderr
+    args = ["generate", "--model-path", str(folder), "--prompt", "a fox", "--output", str(tmp_path / "x.png")]
+    if process:
+        res = subprocess.run([sys.executable, "-m", "ditserve.cli.main", *args],
+                             capture_output=True, text=True, timeout=120)
+        rc, err = res.returncode, res.stderr
+    else:
+        capsys.readouterr()
+        rc, err = main(args), capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and named in lines[0], err
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(InvalidRequest, match=named):
         inspect_model(folder)
