@@ -26,11 +26,12 @@ def test_degrees_fit_the_gpu_counts():
     assert bench.degrees("cfg-ulysses", 8) == dict(cfg_parallel=True, ulysses_degree=4)
 
 
-def test_tiny_run_writes_rows(tmp_path):
+@pytest.mark.parametrize("modes", ["cfg", pytest.param("cfg,ulysses", marks=pytest.mark.slow)])  # a gloo group each
+def test_tiny_run_writes_rows(tmp_path, modes):
     out = tmp_path / "rows.json"
-    load_bench().main(["--tiny", "--models", "tiny-flux", "--modes", "cfg,ulysses", "--out", str(out)])
+    load_bench().main(["--tiny", "--models", "tiny-flux", "--modes", modes, "--out", str(out)])
     rows = json.loads(out.read_text())
-    assert [(r["mode"], r["num_gpus"]) for r in rows] == [("single", 1), ("cfg", 2), ("ulysses", 2)]
+    assert [(r["mode"], r["num_gpus"]) for r in rows] == [("single", 1)] + [(m, 2) for m in modes.split(",")]
     for row in rows:
         assert {"model", "gpu", "num_gpus", "mode", "step_s", "speedup", "commit"} <= set(row)
         assert row["step_s"] > 0 and row["gpu"] == "cpu"
