@@ -398,9 +398,10 @@ def _flux_steps(mode: str):
             for d in DRIFT], ("cond", "uncond")
 
 
-def _flux_rank(rank: int, store: str, mode: str, keys: dict, outs: list[str]):
-    """One rank of a real 2-rank FLUX run: Ulysses-sharded (the parallel package's wrapper under the
-    cache) or one CFG branch per rank; the cache reduces over the SP group, agrees over the control group."""
+def _flux_rank(rank: int, store: str, cases: list, work: str):
+    """One rank of real 2-rank FLUX runs, one per case (mode, keys), on one gloo group: Ulysses-sharded
+    (the parallel package's wrapper under the cache) or one CFG branch per rank; the cache reduces over
+    the SP group, agrees over the control group."""
     import torch.distributed as dist
 
     from ditserve.config import ParallelConfig
@@ -409,32 +410,47 @@ def _flux_rank(rank: int, store: str, mode: str, keys: dict, outs: list[str]):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=RANK_TIMEOUT)
-    sp = mode == "sp"
-    groups = init_groups(ParallelConfig(num_gpus=2, ulysses_degree=2 if sp else 1, cfg_parallel=not sp),
-                         torch.device("cpu"))
-    dit = apply_sequence_parallel(_tiny_flux(), groups)
-    model = apply_cache(dit, CacheConfig(**keys), sp_group=groups.sp.group, sync_group=groups.control)
-    inputs, branches = _flux_steps(mode)
-    if not sp:  # this rank's branch: the cond or the uncond half of each step's batch
-        inputs = [replace(inp, img=inp.img[rank:rank + 1], txt=inp.txt[rank:rank + 1], pooled=inp.pooled[rank:rank + 1],
-                          timesteps=inp.timesteps[rank:rank + 1]) for inp in inputs]
-        branches = (branches[rank],)
-    decided, results = drive(Run(model), inputs, branches)
-    torch.save({"pattern": decided, "outs": results}, outs[rank])
+    for index, (mode, keys) in enumerate(cases):
+        sp = mode == "sp"
+        groups = init_groups(ParallelConfig(num_gpus=2, ulysses_degree=2 if sp else 1, cfg_parallel=not sp),
+                             torch.device("cpu"))
+        dit = apply_sequence_parallel(_tiny_flux(), groups)
+        model = apply_cache(dit, CacheConfig(**keys), sp_group=groups.sp.group, sync_group=groups.control)
+        inputs, branches = _flux_steps(mode)
+        if not sp:  # this rank's branch: the cond or the uncond half of each step's batch
+            inputs = [replace(inp, img=inp.img[rank:rank + 1], txt=inp.txt[rank:rank + 1],
+                              pooled=inp.pooled[rank:rank + 1], timesteps=inp.timesteps[rank:rank + 1])
+                      for inp in inputs]
+            branches = (branches[rank],)
+        decided, results = drive(Run(model), inputs, branches)
+        torch.save({"pattern": decided, "outs": results}, f"{work}/case{index}.rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode, keys", [
+FLUX_RANK_CASES = [
     ("sp", dict(method="first-block", threshold=0.1)),
     ("sp", dict(method="teacache", threshold=0.5)),
     ("cfg", dict(method="dual-block", threshold=0.1, taylorseer_order=1)),
-])
-def test_flux_sequence_and_cfg_parallel_ranks_cache_as_one_process(mode, keys, tmp_path):
+]
+
+
+@pytest.fixture(scope="module")
+def flux_rank_results(tmp_path_factory):
+    """Each case's [rank 0, rank 1] results, from one spawn of two ranks for all cases."""
+    import torch.multiprocessing as mp
+
+    work = tmp_path_factory.mktemp("flux_cache_ranks")
+    mp.spawn(_flux_rank, args=(str(work / "store"), FLUX_RANK_CASES, str(work)), nprocs=2, join=True)
+    return [[torch.load(work / f"case{i}.rank{r}.pt") for r in range(2)] for i in range(len(FLUX_RANK_CASES))]
+
+
+@pytest.mark.parametrize("case", range(len(FLUX_RANK_CASES)),
+                         ids=[f"{m}-keys{i}" for i, (m, _) in enumerate(FLUX_RANK_CASES)])
+def test_flux_sequence_and_cfg_parallel_ranks_cache_as_one_process(case, flux_rank_results):
     """FLUX over two gloo ranks with the parallel package's wrappers: every rank takes the decisions of
     one process running the whole batch and gives its outputs, though rank 0's own tokens or branch
     never move (alone, it would skip more)."""
-    import torch.multiprocessing as mp
-
+    mode, keys = FLUX_RANK_CASES[case]
     with torch.no_grad():
         expected, full = drive(Run(cached(_tiny_flux(), **keys)), *_flux_steps(mode))
         inputs, branches = _flux_steps(mode)
@@ -442,9 +458,7 @@ def test_flux_sequence_and_cfg_parallel_ranks_cache_as_one_process(mode, keys, t
                          timesteps=inputs[0].timesteps[:1])] * len(inputs)
         alone = pattern(Run(cached(_tiny_flux(), **keys)), still)
     assert "S" in expected[1:] and "C" in expected[1:] and alone != expected, (expected, alone)
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    mp.spawn(_flux_rank, args=(str(tmp_path / "store"), mode, keys, outs), nprocs=2, join=True)
-    results = [torch.load(o) for o in outs]
+    results = flux_rank_results[case]
     assert [r["pattern"] for r in results] == [expected, expected]
     for step, ref in enumerate(full):
         for r in range(2):
