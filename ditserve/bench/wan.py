@@ -100,7 +100,7 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
     if not compiled:
         return row
     fast = accelerate_dit(ours, AccelConfig(compile=True), torch.device(device))
-    row["ditserve_step_s"] = median_time(lambda: fast(inp), warmup=2, reps=reps)
+    row["ditserve_step_s"] = median_time(lambda f=fast: f(inp), warmup=2, reps=reps)
     row["rel_l2_vs_diffusers"] = rel_l2(fast(inp), expected)
     row["rel_l2_block_update"] = block_update_rel_l2(ref, fast, inp)
     row["fraction_of_floor"] = row["floor_step_s"] / row["ditserve_step_s"]
@@ -123,16 +123,17 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
         if device == "cuda":
             torch.cuda.empty_cache()
         _, fresh = build(model, device, dtype)  # same seed: the same weights
-        fast = accelerate_dit(fresh, AccelConfig(compile=True, quantization=quant, attention=attn), torch.device(device))
-        row[f"ditserve_{prefix}_step_s"] = median_time(lambda f=fast: f(inp), warmup=2, reps=reps)
+        variant = accelerate_dit(fresh, AccelConfig(compile=True, quantization=quant, attention=attn),
+                                 torch.device(device))
+        row[f"ditserve_{prefix}_step_s"] = median_time(lambda f=variant: f(inp), warmup=2, reps=reps)
         row[f"{prefix}_attention"] = attn
-        row[f"{prefix}_rel_l2_vs_diffusers_bf16"] = rel_l2(fast(inp), expected)
-        row[f"{prefix}_rel_l2_block_update"] = block_update_rel_l2(ref, fast, inp)
+        row[f"{prefix}_rel_l2_vs_diffusers_bf16"] = rel_l2(variant(inp), expected)
+        row[f"{prefix}_rel_l2_block_update"] = block_update_rel_l2(ref, variant, inp)
         if compare:
             row[f"{prefix}_speedup_vs_diffusers_compiled"] = (row["diffusers_compiled_step_s"]
                                                               / row[f"ditserve_{prefix}_step_s"])
         row[f"{prefix}_guard_ok"] = row[f"{prefix}_rel_l2_vs_diffusers_bf16"] <= FP8_GUARD_REL_L2
-        del fresh, fast
+        del fresh, variant
     if quantization == "fp8":
         row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
         row["guard_ok"] = row["guard_ok"] and row["fp8_guard_ok"]
