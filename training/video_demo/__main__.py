@@ -5,12 +5,14 @@
 
 ``train`` resumes from the checkpoints in ``--work-dir`` (run it again after an interruption);
 ``--stage vae`` then ``--stage dit`` split a run into two sittings (the checkpoints carried between);
-``export`` writes the pipeline from whatever the checkpoints hold, e.g. mid-way through a run.
+``export`` writes the pipeline from whatever the checkpoints hold, e.g. mid-way through a run;
+``sharpen`` fine-tunes an exported folder's VAE decoder in place (``sharpen.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -43,9 +45,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             s.add_argument("--stage", choices=("all", "vae", "dit"), default="all",
                            help="vae: train the VAE only (all of --max-minutes), then stop; dit: take the VAE "
                                 "from WORK_DIR's checkpoints as it is and train the DiT (all of --max-minutes)")
+            s.add_argument("--dit-init", type=Path, default=None, metavar="FOLDER",
+                           help="start the DiT and its text encoder from this exported pipeline folder (a "
+                                "fine-tune: fresh optimiser, the recipe's warm-up and cosine) unless WORK_DIR "
+                                "already has a DiT checkpoint")
+            s.add_argument("--dit-lr", type=float, default=None, help="the DiT's peak learning rate "
+                           "(default: the recipe's)")
         s.add_argument("--max-minutes", type=float, default=None,
                        help="stop (checkpointed, resumable) and export after about this long: the VAE gets at "
                             "most the recipe's vae_share of it")
+    h = sub.add_parser("sharpen", help="fine-tune a pipeline folder's VAE decoder in place (encoder frozen)")
+    h.add_argument("--model-path", type=Path, default=SHIPPED_MODEL)
+    h.add_argument("--steps", type=int, default=2400)
+    h.add_argument("--batch-size", type=int, default=4)
+    h.add_argument("--lr", type=float, default=1e-4)
+    h.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after about this long")
+    h.add_argument("--check-clips", type=int, default=48,
+                   help="held-out clips whose reconstructions are scored before, every 100 steps and after")
+    h.add_argument("--device", default="cpu")
+    h.add_argument("--threads", type=int, default=2)
     e = sub.add_parser("evaluate")
     common_cli.add_evaluate_args(e, SHIPPED_MODEL, "held-out combos to try (default: all 48)")
     e.add_argument("--guidance-scale", type=float, default=None, help="(default: the model's)")
@@ -64,6 +82,8 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
     from .vae import build_vae, encode_dataset, load_vae, train_vae
 
     r = config.recipe(args.recipe, args.vae_steps, args.dit_steps, args.dataset_size)
+    if getattr(args, "dit_lr", None) is not None:
+        r = dataclasses.replace(r, dit=dataclasses.replace(r.dit, lr=args.dit_lr))
     device = torch.device(args.device)
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -91,7 +111,8 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
         if args.max_minutes:
             encode_deadline = time.monotonic() + r.encode_share * 60 * args.max_minutes
         data = encode_dataset(work, r, vae, vae_steps, train_combos, device, encode_deadline)
-        denoiser = train_dit(work, r, data, train_combos, device, dit_deadline, args.dit_stop_after)
+        denoiser = train_dit(work, r, data, train_combos, device, dit_deadline, args.dit_stop_after,
+                             init_from=args.dit_init)
         log.info("training done in %.1f min (this sitting)", (time.perf_counter() - start) / 60)
     return export_pipeline(args.out or work / "model", vae.eval(), data, denoiser.eval())
 
@@ -120,8 +141,21 @@ def _evaluate(args: argparse.Namespace) -> None:
         save_grid(report, args.grid)
 
 
+def _sharpen(args: argparse.Namespace) -> None:
+    from .sharpen import sharpen_decoder
+
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
+    result = sharpen_decoder(args.model_path, config.SEED, args.steps, args.batch_size, args.lr, deadline=deadline,
+                             num_check=args.check_clips, device=torch.device(args.device))
+    print(json.dumps(result))
+
+
 def main(argv: list[str] | None = None) -> None:
-    common_cli.run(_parse(argv), _train, _evaluate)
+    args = _parse(argv)
+    if args.command == "sharpen":
+        common_cli.run(args, lambda a, export_only: _sharpen(a), _evaluate)
+    else:
+        common_cli.run(args, _train, _evaluate)
 
 
 if __name__ == "__main__":

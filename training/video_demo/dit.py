@@ -132,16 +132,29 @@ def flow_matching_loss(model: Denoiser, x0: torch.Tensor, ids, mask, noise: torc
     return F.mse_loss(model(x_t, t, ids, mask).float(), noise - x0)
 
 
+def load_weights_from(model: Denoiser, folder: Path) -> None:
+    """The DiT and text encoder weights of a ``WanPipeline`` folder this training exported."""
+    model.dit.load_state_dict(WanTransformer3DModel.from_pretrained(folder / "transformer").state_dict())
+    model.text_encoder.load_state_dict(UMT5EncoderModel.from_pretrained(folder / "text_encoder").state_dict())
+
+
 def train_dit(work: Path, recipe: config.Recipe, data: dict, combos: list[Combo], device: torch.device,
-              deadline: float | None = None, stop_after: int | None = None) -> Denoiser:
+              deadline: float | None = None, stop_after: int | None = None,
+              init_from: Path | None = None) -> Denoiser:
     """Train (or resume, or just load) the denoiser checkpointed at ``work/dit.ckpt``; returns the EMA
     model. Stops (checkpointed) after step ``stop_after`` or past ``deadline``; rerun to resume.
 
     Every step's batch, noise and times are drawn on the training device from a generator seeded by
     (seed, stage, step); on CUDA the step (forward, backward, clipping, AdamW) is replayed as a CUDA
-    graph (``common.capture_step``) and the EMA update follows it."""
+    graph (``common.capture_step``) and the EMA update follows it. With ``init_from`` (an exported
+    pipeline folder) and no checkpoint yet, the model and its EMA start from that folder's weights: a
+    fine-tune with a fresh optimiser and the recipe's warm-up and cosine."""
     cfg = recipe.dit
-    model = build_denoiser(recipe.seed, work).to(device)
+    model = build_denoiser(recipe.seed, work)
+    if init_from is not None and not (work / "dit.ckpt").is_file():
+        load_weights_from(model, init_from)
+        log.info("DiT and UMT5 start from %s", init_from)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = make_adamw(model.parameters(), cfg.lr, device, cfg.weight_decay)
     ckpt_path, start = work / "dit.ckpt", 0

@@ -1,0 +1,57 @@
+"""Fine-tuning the bundled video demo: the DiT starting from a folder (``train --dit-init``), and the
+decoder fine-tune that leaves the latent space alone (``sharpen``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+from ditserve import demo
+from training.video_demo import config
+from training.video_demo.__main__ import main
+from training.video_demo.dit import build_denoiser, load_weights_from
+from training.video_demo.sharpen import edge_weighted_l1
+
+MODEL = demo.VIDEO_MODEL_DIR
+
+pytestmark = pytest.mark.skipif(demo.video_model_path() is None,
+                                reason="the trained video demo is not installed at ditserve/demo/video_model")
+
+
+def test_dit_init_loads_the_folder_weights(tmp_path):
+    model = build_denoiser(config.SEED, tmp_path)
+    fresh = model.dit.proj_out.weight.detach().clone()
+    load_weights_from(model, MODEL)
+    shipped = WanTransformer3DModel.from_pretrained(MODEL / "transformer").state_dict()
+    assert not torch.equal(fresh, shipped["proj_out.weight"])  # adaLN-Zero starts it at zero
+    for name, value in model.dit.state_dict().items():
+        assert torch.equal(value, shipped[name]), name
+
+
+def test_edge_weighted_l1_counts_the_outline_most():
+    x = -torch.ones(1, 3, 1, 16, 16)
+    x[..., 5:11, 5:11] = 1.0  # a white square on black
+    off_edge, off_far = x.clone(), x.clone()
+    off_edge[..., 5, 5:11] = -1.0  # the square's top row lost
+    off_far[..., 0, 0:6] = 0.0  # as many background pixels off by half as much, far from it
+    assert edge_weighted_l1(x, x, 10.0, 20.0) == 0
+    assert edge_weighted_l1(off_edge, x, 10.0, 20.0) > 10 * edge_weighted_l1(off_far, x, 10.0, 20.0)
+
+
+def test_sharpen_changes_the_decoder_only(tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL / "vae", folder / "vae")
+    before = AutoencoderKLWan.from_pretrained(folder / "vae").state_dict()
+    main(["sharpen", "--model-path", str(folder), "--steps", "2", "--batch-size", "1", "--lr", "1e-3",
+          "--check-clips", "2"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps"] == 2 and 0 <= result["shape_after"] <= 1
+    after = AutoencoderKLWan.from_pretrained(folder / "vae")
+    assert after.config.latents_mean == json.loads((MODEL / "vae" / "config.json").read_text())["latents_mean"]
+    state = after.state_dict()
+    changed = {k for k in state if not torch.equal(state[k], before[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[:5]
