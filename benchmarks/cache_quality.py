@@ -4,7 +4,9 @@ For each method and threshold, at 20 and 50 steps: the share of DiT forwards tha
 the facts accuracy of the held-out prompts x seeds (the demo's checker) against the uncached run, and
 the PSNR of every image (every clip's frames, with `--video`) against the uncached one of the same
 prompt and seed. `--fp8` adds a row with the DiT's block linears in e4m3 (`accel/fp8.py` through
-torch._scaled_mm, which runs on the CPU too; at the demos' width every block linear qualifies).
+torch._scaled_mm, which runs on the CPU too; at the demos' width every block linear qualifies);
+`--fp8-attention` one with the "fp8" attention backend's numerics emulated in float32 (its cuDNN
+kernel needs a Hopper GPU; tests/gpu checks the emulation against it), and with both one with the two.
 Requests run one at a time, as a lone request would.
 
     python benchmarks/cache_quality.py [--seeds 0 1 2] [--count 48] [--steps 20 50] [--fp8] \
@@ -35,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ditserve import demo  # noqa: E402
+from ditserve.accel.attention import apply_attention  # noqa: E402
+from ditserve.accel.attention8 import fp8_attention_emulated  # noqa: E402
 from ditserve.accel.cache import apply_cache, step_cache  # noqa: E402
 from ditserve.accel.fp8 import apply_fp8  # noqa: E402
 from ditserve.config import EngineConfig, ModelConfig  # noqa: E402
@@ -86,6 +90,8 @@ VIDEO_CONFIGS = [
     ("dual-block F1B1 0.25 +TS1", dict(method="dual-block", threshold=0.25, bn=1, taylorseer_order=1)),
 ]
 FP8 = "fp8 (block linears)"
+FP8_ATTENTION = "fp8 attention (emulated)"
+FP8_BOTH = "fp8 linears + fp8 attention (emulated)"
 
 
 class Subject:
@@ -139,6 +145,11 @@ def measure(args: argparse.Namespace) -> dict:
     engine = Engine.from_config(EngineConfig(ModelConfig(str(subject.path), "cpu", "float32")))
     base, gen = engine.pipeline.dit, Generator(engine)
     fp8 = apply_fp8(copy.deepcopy(base), min_features=1) if args.fp8 else None  # a copy: it swaps in place
+    fixed = [(FP8, fp8)] if fp8 is not None else []  # (label, DiT) rows without a cache
+    if args.fp8_attention:
+        fixed.append((FP8_ATTENTION, apply_attention(copy.deepcopy(base), fp8_attention_emulated)))
+        if fp8 is not None:
+            fixed.append((FP8_BOTH, apply_attention(copy.deepcopy(fp8), fp8_attention_emulated)))
     cases = subject.cases(args.count, args.seeds)
     results = {"model": subject.label, "images": len(cases), "seeds": args.seeds, "blocks": len(base.blocks),
                "runs": []}
@@ -148,10 +159,10 @@ def measure(args: argparse.Namespace) -> dict:
         results["runs"].append({"steps": steps, "config": "uncached", "skipped": 0.0, **subject.scores(ref_facts),
                                 "psnr_mean": None, "psnr_min": None, "identical": len(cases), "s_per_image": ref_s})
         log.info("%d steps uncached: %s", steps, subject.scores(ref_facts))
-        variants = [(label, keys) for label, keys in subject.configs
+        variants = [(label, keys, None) for label, keys in subject.configs
                     if not args.only or any(part in label for part in args.only)]
-        for label, keys in variants + ([(FP8, None)] if fp8 is not None else []):
-            engine.pipeline.dit = fp8 if keys is None else apply_cache(base, CacheConfig.from_mapping(keys))
+        for label, keys, dit in variants + [(label, None, dit) for label, dit in fixed]:
+            engine.pipeline.dit = dit if keys is None else apply_cache(base, CacheConfig.from_mapping(keys))
             outputs, facts, per_image = run_config(subject, gen, cases, steps)
             values = [psnr(a, b) for a, b in zip(outputs, ref_outputs)]
             row = {"steps": steps, "config": label, "keys": keys, "skipped": 0.0, "kept_blocks": len(base.blocks),
@@ -209,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", action="store_true", help="the video demo (Wan architecture) instead of the image demo")
     p.add_argument("--model-path", type=Path, default=None, help="a demo model folder (default: the bundled one)")
     p.add_argument("--fp8", action="store_true", help="add a row with the DiT's block linears in fp8")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="add a row with the 'fp8' attention backend's numerics emulated in float32 "
+                        "(accel/attention8.py), and with --fp8 one with both")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cache_quality_demo_cpu.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -353,18 +353,24 @@ def _(q, k, v):
     return torch.empty_like(q)
 
 
+def takes_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Calls the fp8 op hands to SDPA: padded keys (a mask), or head dims cuDNN/our kernels lack."""
+    d = q.shape[-1]
+    return mask is not None or bool(d & (d - 1)) or d > 256 or k.shape[-1] != d or v.shape[-1] != d
+
+
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The "fp8" attention op (see the module docstring). Padded keys (a mask) take SDPA."""
-    d = q.shape[-1]
-    if mask is not None or d & (d - 1) or d > 256 or k.shape[-1] != d or v.shape[-1] != d:
-        return sdpa_attention(q, k, v, mask=mask)  # padded keys, or head dims cuDNN/our kernels lack
+    if takes_sdpa(q, k, v, mask):
+        return sdpa_attention(q, k, v, mask=mask)
     return fp8_attention_cuda(q, k, v)
 
 
 def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The same numerics in float32 torch, for CPU quality checks (slow; not a speed path)."""
-    if mask is not None:
+    """The same numerics in float32 torch, with the same SDPA fallbacks, for CPU quality checks
+    (slow; not a speed path)."""
+    if takes_sdpa(q, k, v, mask):
         return sdpa_attention(q, k, v, mask=mask)
     return attention_reference(q, k, v)
 

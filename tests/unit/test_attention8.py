@@ -130,6 +130,18 @@ def test_mask_takes_sdpa():
         assert torch.equal(op(q, k, v, mask=mask), sdpa_attention(q, k, v, mask=mask))
 
 
+def test_head_dims_the_kernels_lack_take_sdpa_in_the_emulation_too():
+    """The CPU quality rows (benchmarks/cache_quality.py --fp8-attention) see what the GPU op does."""
+    from ditserve.accel.attention8 import fp8_attention_emulated
+    from ditserve.models.common.attention import sdpa_attention
+
+    for d in (24, 512):  # not a power of two; past cuDNN's 256
+        q, k, v = (torch.randn(1, 8, 2, d) for _ in range(3))
+        assert torch.equal(fp8_attention_emulated(q, k, v), sdpa_attention(q, k, v))
+    q, k, v = (torch.randn(1, 8, 2, 32) for _ in range(3))
+    assert not torch.equal(fp8_attention_emulated(q, k, v), sdpa_attention(q, k, v))
+
+
 def test_selection_on_cpu_falls_back_to_sdpa():
     from ditserve.accel.attention import BACKENDS, select_attention
     from ditserve.accel.attention8 import unsupported_reason
