@@ -3,9 +3,10 @@
 #
 #   training/video_demo/run_gpu.sh OUT_DIR [MINUTES]      # MINUTES: the whole sitting, default 10
 #
-# 1. the VAE (recipe "gpu": 32 seventeen-frame clips a step from a clip bank drawn once on the GPU, each
-#    step replayed as a CUDA graph) until its share (45%) of the training time is up, then the
-#    recipe's 17-frame clip set encoded once;
+# 1. the VAE (recipe "gpu": 128 five-frame clips a step, then for the last 40% of its time 32
+#    seventeen-frame clips, each from a bank drawn once on the GPU, each step replayed as a CUDA
+#    graph) until its share (45%) of the training time is up, then the recipe's 17-frame clip set
+#    encoded once;
 # 2. the DiT with its UMT5 text encoder (batch 512, CUDA graph) until the deadline; the EMA weights
 #    exported as a diffusers WanPipeline folder named video_model/;
 # 3. the folder packed into OUT_DIR as video_model.tar.* parts (< 15 MB each) before anything else,
@@ -14,6 +15,8 @@
 #   cat OUT_DIR/video_model.tar.* | tar x -C ditserve/demo        # -> ditserve/demo/video_model/
 # Each stage stops by the clock, so something is always exported. VIDEO_DEMO_WORK_DIR (default
 # /tmp/ditserve-video-demo) is wiped first unless VIDEO_DEMO_RESUME=1.
+#
+# VIDEO_DEMO_TRAIN_ARGS are passed to `train` (e.g. "--dit-init FOLDER --dit-lr 5e-4" to continue a DiT).
 #
 # Two sittings (the issue allows ~20 minutes; a device call is at most 10): VIDEO_DEMO_STAGE=vae
 # trains only the VAE for all of MINUTES and leaves its checkpoints in OUT_DIR/vae/; then, with
