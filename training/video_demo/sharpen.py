@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
+from ditserve.vae.kl import to_uint8
 from training.demo.common import STAGE_DATA, step_rng
 
+from . import config
 from .checker import check_clip
 from .common import lr_now, make_adamw, set_lr
 from .scenes import NUM_FRAMES, render_clips, sample_clip, sample_clips, split_combos
@@ -57,14 +59,14 @@ def reconstruction_shape_accuracy(vae: AutoencoderKLWan, clips, batch: int = 8) 
         part = clips[i:i + batch]
         x = clips_to_tensor(render_clips(part, NUM_FRAMES, vae.device))
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        frames = ((y + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+        frames = to_uint8(y.transpose(1, 2).flatten(0, 1)).reshape(len(part), NUM_FRAMES, *x.shape[-2:], 3)
         right += [check_clip(f, c.combo)["shape"] for f, c in zip(frames, part)]
     return float(np.mean(right))
 
 
 def sharpen_decoder(model_path: Path, seed: int, steps: int, batch_size: int = 4, lr: float = 1e-4,
                     fg_weight: float = 10.0, edge_weight: float = 20.0, deadline: float | None = None,
-                    check_every: int = 100, num_check: int = 48, held_out: int = 48,
+                    check_every: int = 100, num_check: int = 48,
                     device: torch.device | None = None) -> dict:
     """Fine-tune ``model_path``/vae's decoder for ``steps`` steps (or until ``deadline``, a
     ``time.monotonic()`` value) and save it back in place; returns the reconstruction shape accuracy
@@ -72,7 +74,7 @@ def sharpen_decoder(model_path: Path, seed: int, steps: int, batch_size: int = 4
     folder = model_path / "vae"
     device = device or torch.device("cpu")
     vae = AutoencoderKLWan.from_pretrained(folder).float().to(device)
-    train_combos, held = split_combos(seed, held_out)
+    train_combos, held = split_combos(seed, config.NUM_HELD_OUT)
     check_clips = sample_clips(seed + 1, num_check, held)
     vae.eval().requires_grad_(False)
     params = decoder_parameters(vae)
