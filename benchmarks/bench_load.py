@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         n = write_folder(folder, args.double, args.single, args.file_dtype, args.shard_gb)
         log.info("wrote %.2fB random weights to %s in %.1f s", n / 1e9, folder, time.perf_counter() - start)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # the checkout first, then whatever path the caller set (the GPU machine carries diffusers on PYTHONPATH)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if args.workers is not None:
         env["DITSERVE_LOAD_WORKERS"] = str(args.workers)
     runs = [load_once(folder, args.device, dtype, env) for _ in range(args.reps + 1)]
