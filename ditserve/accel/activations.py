@@ -283,14 +283,14 @@ def estimate_call(dit: nn.Module, args: tuple, kwargs: dict | None = None) -> Ac
             sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
     dtype = max(sizes, key=sizes.get)
     meta = meta_copy(type(inner), inner.cfg, dtype)
-    chunk = _chunk_of(inner)
+    chunk = chunk_of(inner)
     if chunk:
         apply_forward_chunking(meta, chunk)
     meta_args = to_device(tuple(args[:1]), torch.device("meta"))
     return estimate_activation_peak(meta, meta_args[0])
 
 
-def _chunk_of(dit: nn.Module) -> int | None:
+def chunk_of(dit: nn.Module) -> int | None:
     """The token chunk `dit`'s sites run with (None: not chunked)."""
     for owner, attr in _sites(dit):
         target = getattr(owner, attr)

@@ -246,3 +246,21 @@ def test_budget_is_planned_at_the_first_call_around_its_activations(tiny_flux_de
     assert 0 < estimate < 0.001
     assert "transformer" not in offloader.streamers  # all resident now
     assert np.array_equal(np.asarray(gen.generate(**request).images[0]), plain)
+
+
+@pytest.mark.parametrize("memory, chunked_after", [
+    ({"gpu_memory_budget_gib": 0.3}, False),  # every block fits unchunked: the automatic chunk goes
+    ({"gpu_memory_budget_gib": 0.3, "forward_chunk_size": 64}, True),  # asked for: it stays
+    ({"gpu_memory_budget_gib": 0.25}, True),  # nothing fits beside the reserve: keep the smaller peak
+])
+def test_automatic_chunk_stays_only_where_it_keeps_blocks_resident(tiny_flux_dev, memory, chunked_after):
+    from ditserve import Generator
+    from ditserve.accel.activations import chunk_of
+
+    request = dict(prompt="a red fox", height=32, width=48, num_inference_steps=2, seed=3, max_sequence_length=16)
+    gen = Generator.from_pretrained(tiny_flux_dev, device="cpu", dtype=torch.float32, cpu_offload="layerwise",
+                                    memory=memory)
+    dit = gen.engine.pipeline.dit
+    assert chunk_of(dit)  # layerwise chunks from the start (the plan waits for the first call)
+    gen.generate(**request)
+    assert bool(chunk_of(dit)) == chunked_after
