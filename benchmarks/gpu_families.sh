@@ -9,6 +9,8 @@
 #   PART: sd3 (Large and Medium, ≈ 2 × 2.5 min), cogvideox (5B 720x480x49, ≈ 4-5 min),
 #         hunyuan544 (544x960x129, 67k tokens, ≈ 5 min), hunyuan720 (720x1280x129, 119k tokens, one timed
 #         call of each variant: a step is ≈ 20 s, ≈ 8 min; the calls are counted in hunyuan_video.bench_step)
+# cogvideox and hunyuan544 add a compiled variant with fp8 linears + the fp8 attention backend (`fp8_attn_*`
+# fields; ≈ 1 min more each): at 17.8k and 67k tokens the cuDNN fp8 kernel is where the step can gain.
 # Results: $OUT/<family>_step_h200.json (+ .log); commit them under benchmarks/results/.
 source benchmarks/gpu_part.sh
 show() { grep -E "speedup|_step_s|guard_ok|Error|error:|Traceback" | tail -40; }
@@ -17,14 +19,14 @@ bench() {  # seconds, json name, then `ditserve bench` arguments
     timeout "$limit" python3 -m ditserve.cli.main bench "$@" --json "$out/$name.json" \
         >"$out/$name.log" 2>&1; echo "== $name rc=$?"; show <"$out/$name.log"
 }
-hunyuan() {  # seconds, json name, height, width, timed calls
-    timeout "$1" python3 - "$out/$2.json" "$3" "$4" "$5" >"$out/$2.log" 2>&1 <<'EOF'
+hunyuan() {  # seconds, json name, height, width, timed calls, attention backend of the extra variant (auto: none)
+    timeout "$1" python3 - "$out/$2.json" "$3" "$4" "$5" "$6" >"$out/$2.log" 2>&1 <<'EOF'
 import json, logging, sys
 from pathlib import Path
 from ditserve.bench.hunyuan_video import bench_step
 logging.basicConfig(level=logging.INFO)
-path, h, w, reps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-row = bench_step(height=h, width=w, num_frames=129, quantization="fp8", reps=reps)
+path, h, w, reps, attention = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+row = bench_step(height=h, width=w, num_frames=129, quantization="fp8", reps=reps, attention=attention)
 path.write_text(json.dumps([row], indent=2))
 print(json.dumps(row, indent=2))
 EOF
@@ -35,9 +37,9 @@ for part in "$@"; do
     case "$part" in
         sd3) bench 270 sd35_large_step_h200 --model sd3.5-large --quantization fp8
              bench 270 sd35_medium_step_h200 --model sd3.5-medium --quantization fp8 ;;
-        cogvideox) bench 560 cogvideox_5b_step_h200 --model cogvideox-5b --quantization fp8 ;;
-        hunyuan544) hunyuan 560 hunyuanvideo_544p_step_h200 544 960 2 ;;
-        hunyuan720) hunyuan 570 hunyuanvideo_720p_step_h200 720 1280 1 ;;
+        cogvideox) bench 560 cogvideox_5b_step_h200 --model cogvideox-5b --quantization fp8 --attention-backend fp8 ;;
+        hunyuan544) hunyuan 560 hunyuanvideo_544p_step_h200 544 960 2 fp8 ;;
+        hunyuan720) hunyuan 570 hunyuanvideo_720p_step_h200 720 1280 1 auto ;;
         *) echo "unknown part $part"; exit 2 ;;
     esac
 done

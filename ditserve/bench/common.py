@@ -233,14 +233,16 @@ class StepCase:
 
 
 def compare_step(case: StepCase, row: dict, device: str, quantization: str | None = None, compare: bool = True,
-                 compiled: bool = True) -> dict:
+                 compiled: bool = True, attention: str = "auto") -> dict:
     """Fill `row`: ditserve eager and compiled (and compiled FP8 with `quantization="fp8"`) vs diffusers
     eager and compiled, on the same weights and inputs, with the rel-L2 guards and the floors.
 
     Block probes (`UpdateProbe`): `rel_l2_block_update*` against diffusers' bf16 blocks (eager: ≤ `guard`;
     the same ops, nearly the same bits), `*_fp32` against its float32 blocks, which judge the compiled
     (`fast_block_bound`) and fp8 (`fp8_block_guard`) blocks; `block_update_floor`: diffusers' own bf16
-    error.
+    error. With `attention` other than "auto" (e.g. "fp8"), one more compiled variant runs that attention
+    backend, with fp8 linears when `quantization="fp8"` (fields `fp8_attn_*`) or bf16 ones (`attn_*`),
+    judged by the fp8 step guard.
 
     Model calls (the guards judge the output of the last timed call): ours eager `sum(eager_timing)`;
     diffusers eager `sum(eager_timing) - 1` with `compare` (ours warmed the GPU; its last timed call is the
@@ -287,22 +289,31 @@ def compare_step(case: StepCase, row: dict, device: str, quantization: str | Non
         case.compile_ref(ref)
         row["diffusers_compiled_step_s"] = median_time(lambda: case.run_ref(ref), *case.fast_timing)
         row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
-    if quantization == "fp8":
+    variants = [("fp8", "fp8", "auto")] if quantization == "fp8" else []
+    if attention != "auto":
+        variants.append(("fp8_attn" if quantization == "fp8" else "attn", quantization, attention))
+    if variants:
         del ref, ours, fast
+    for prefix, quant, attn in variants:
         gc.collect()
         torch._dynamo.reset()
         if device == "cuda":
             torch.cuda.empty_cache()
         ref8, fresh = case.build()  # same seed: the same weights; the probe keeps diffusers' updates
         del ref8
-        fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization="fp8"), torch.device(device))
-        row["ditserve_fp8_step_s"], out = timed_output(lambda: case.run_ours(fast8), *case.fast_timing)
-        row["fp8_rel_l2_vs_diffusers_bf16"] = rel_l2(out, expected)
-        row["fp8_rel_l2_block_update"], row["fp8_rel_l2_block_update_fp32"] = probe.compare(fast8)
-        row["fp8_guard_ok"] = (row["fp8_rel_l2_vs_diffusers_bf16"] <= case.fp8_guard
-                               and max(row["fp8_rel_l2_block_update_fp32"].values()) <= case.fp8_block_guard)
+        fast8 = accelerate_dit(fresh, AccelConfig(compile=True, quantization=quant, attention=attn),
+                               torch.device(device))
+        row[f"ditserve_{prefix}_step_s"], out = timed_output(lambda f=fast8: case.run_ours(f), *case.fast_timing)
+        row[f"{prefix}_attention"] = attn
+        row[f"{prefix}_rel_l2_vs_diffusers_bf16"] = rel_l2(out, expected)
+        row[f"{prefix}_rel_l2_block_update"], row[f"{prefix}_rel_l2_block_update_fp32"] = probe.compare(fast8)
+        row[f"{prefix}_guard_ok"] = (row[f"{prefix}_rel_l2_vs_diffusers_bf16"] <= case.fp8_guard
+                                     and max(row[f"{prefix}_rel_l2_block_update_fp32"].values())
+                                     <= case.fp8_block_guard)
+        row[f"{prefix}_speedup_vs_diffusers_compiled"] = row.get("diffusers_compiled_step_s", float("nan")) / \
+            row[f"ditserve_{prefix}_step_s"]
+        del fresh, fast8
+    if quantization == "fp8":
         row["fp8_floor_step_s"] = flops / (MATMUL_TFLOPS["fp8"] * 1e12)
-        row["fp8_speedup_vs_diffusers_compiled"] = row.get("diffusers_compiled_step_s", float("nan")) / \
-            row["ditserve_fp8_step_s"]
     log.info("%s", row)
     return row

@@ -107,7 +107,7 @@ def compile_diffusers(ref) -> None:
 @torch.no_grad()
 def bench_step(model: str = MODEL, height: int = 1024, width: int = 1024, txt_len: int = TXT_LEN,
                quantization: str | None = None, compare: bool = True, device: str = "cuda",
-               compiled: bool = True, batch: int = 2) -> dict:
+               compiled: bool = True, batch: int = 2, attention: str = "auto") -> dict:
     """One DiT forward of a CFG batch: diffusers eager and compiled vs ditserve eager and compiled
     (and compiled FP8 with `quantization="fp8"`), with the rel-L2 guards."""
     dtype = torch.bfloat16
@@ -121,4 +121,4 @@ def bench_step(model: str = MODEL, height: int = 1024, width: int = 1024, txt_le
                     block_probe=lambda r, dit: block_probe(r, dit, inp), compile_ref=compile_diffusers,
                     flops=step_flops(cfg, img_len, txt_len, batch), guard=GUARD_REL_L2,
                     fast_block_guard=FAST_BLOCK_GUARD, fp8_guard=FP8_GUARD_REL_L2, fast_timing=(3, 20))
-    return compare_step(case, row, device, quantization, compare, compiled)
+    return compare_step(case, row, device, quantization, compare, compiled, attention)

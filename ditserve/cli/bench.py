@@ -62,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if args.model.startswith("sd3") and args.end_to_end:
         raise InvalidRequest("bench for sd3.5 times the DiT step only (no --end-to-end yet)", "model")
     qwen = args.model.startswith("qwen-image")
-    if qwen and (args.end_to_end or args.quantization):
-        raise InvalidRequest("bench for qwen-image times the eager DiT step only "
-                             "(no --end-to-end, no --quantization yet)", "model")
+    if qwen and (args.end_to_end or args.quantization or args.attention_backend != "auto"):
+        raise InvalidRequest("bench for qwen-image times the bf16 DiT step only "
+                             "(no --end-to-end, --quantization or --attention-backend yet)", "model")
+    if args.end_to_end and args.attention_backend != "auto":
+        raise InvalidRequest("--attention-backend applies to the DiT step bench (not --end-to-end yet)",
+                             "attention_backend")
     if not torch.cuda.is_available():
         raise InvalidRequest("ditserve bench needs a CUDA GPU", "device")
     if args.model.startswith("wan"):
@@ -82,18 +85,20 @@ def run(args: argparse.Namespace) -> int:
 
         return _write([hunyuan_video_bench_step(args.model, args.height or 720, args.width or 1280,
                                                 args.num_frames or 129, args.quantization,
-                                                compare=args.compare == "diffusers")], args.json)
+                                                compare=args.compare == "diffusers",
+                                                attention=args.attention_backend)], args.json)
     if args.model.startswith("cogvideox"):
         from ditserve.bench.cogvideox import bench_step as cogvideox_bench_step
 
         return _write([cogvideox_bench_step(args.model, args.height or 480, args.width or 720, args.num_frames or 49,
-                                            args.quantization, compare=args.compare == "diffusers")], args.json)
+                                            args.quantization, compare=args.compare == "diffusers",
+                                            attention=args.attention_backend)], args.json)
     height, width = args.height or (1328 if qwen else 1024), args.width or (1328 if qwen else 1024)
     if args.model.startswith("sd3"):
         from ditserve.bench.sd3 import bench_step as sd3_bench_step
 
         row = sd3_bench_step(args.model, height, width, quantization=args.quantization,
-                             compare=args.compare == "diffusers")
+                             compare=args.compare == "diffusers", attention=args.attention_backend)
     elif qwen:
         from ditserve.bench.qwen_image import bench_step as qwen_bench_step
 

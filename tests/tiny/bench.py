@@ -26,14 +26,19 @@ def shrink(monkeypatch, bench_module, table: dict) -> None:
 
 def stand_in_accel(monkeypatch, spoil=None) -> None:
     """`accelerate_dit` as the benches call it, on the CPU and without compiling: fp8 linears (e4m3 through
-    `torch._scaled_mm`, which runs on the CPU, at every size) where fp8 is asked for; `spoil(dit)`, if
-    given, then breaks the accelerated DiT, as a wrong fast path would."""
+    `torch._scaled_mm`, which runs on the CPU, at every size) where fp8 is asked for, the fp8 attention
+    backend's numerics emulated in float32 where `attention="fp8"` is; `spoil(dit)`, if given, then breaks
+    the accelerated DiT, as a wrong fast path would."""
     import ditserve.accel
+    from ditserve.accel.attention import apply_attention
+    from ditserve.accel.attention8 import fp8_attention_emulated
     from ditserve.accel.fp8 import apply_fp8
 
     def accelerate(dit, accel, device):
         if accel.quantization == "fp8":
             apply_fp8(dit, min_features=0)
+        if accel.attention == "fp8":
+            apply_attention(dit, fp8_attention_emulated)
         if spoil is not None:
             spoil(dit)
         return dit

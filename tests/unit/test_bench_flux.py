@@ -71,3 +71,10 @@ def test_fast_and_fp8_blocks_are_judged_against_float32(shrunk, monkeypatch, spo
         assert all(row["rel_l2_block_update_fp32"][k] > bound[k] for k in bound)
     elif spoil is fp8_biases_lost:
         assert max(row["fp8_rel_l2_block_update_fp32"].values()) > 5 * FP8_BLOCK_GUARD
+
+
+def test_cli_refuses_attention_backend_end_to_end(capsys):
+    from ditserve.cli.main import main
+
+    assert main(["bench", "--model", "flux.1-dev", "--end-to-end", "--attention-backend", "fp8"]) == 2
+    assert "not --end-to-end" in capsys.readouterr().err

@@ -78,8 +78,9 @@ def test_step_flops_counts_the_matmuls(shrunk):
     assert expected < counter.get_total_flops() < 1.1 * expected
 
 
-@pytest.mark.parametrize("extra,needle", [([], "needs a CUDA GPU"), (["--end-to-end"], "eager DiT step only"),
-                                          (["--quantization", "fp8"], "eager DiT step only")])
+@pytest.mark.parametrize("extra,needle", [([], "needs a CUDA GPU"), (["--end-to-end"], "bf16 DiT step only"),
+                                          (["--quantization", "fp8"], "bf16 DiT step only"),
+                                          (["--attention-backend", "fp8"], "bf16 DiT step only")])
 def test_cli_dispatches_qwen_image(capsys, extra, needle):
     if torch.cuda.is_available() and not extra:
         pytest.skip("a GPU is present: the bench would really run")

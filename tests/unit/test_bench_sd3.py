@@ -127,3 +127,16 @@ def test_cli_dispatches_sd3(capsys, extra, needle):
         pytest.skip("a GPU is present: the bench would really run")
     assert main(["bench", "--model", "sd3.5-medium", *extra]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_fp8_attention_variant_is_run_and_judged(shrunk, monkeypatch):
+    """`attention="fp8"` adds a compiled variant with fp8 linears and the fp8 attention backend (here its
+    numerics emulated on the CPU): its own timing, error and guard, beside the fp8-linears-only variant."""
+    stand_in_accel(monkeypatch)
+    row = bench.bench_step("sd3.5-large", height=64, width=96, txt_len=8, device="cpu", quantization="fp8",
+                           compare=False, attention="fp8")
+    assert row["fp8_attention"] == "auto" and row["fp8_attn_attention"] == "fp8"
+    assert row["ditserve_fp8_attn_step_s"] > 0 and row["fp8_attn_guard_ok"]
+    # e4m3 q, k, v and P: not the fp8-linears-only output, but close to it
+    assert row["fp8_attn_rel_l2_vs_diffusers_bf16"] != row["fp8_rel_l2_vs_diffusers_bf16"]
+    assert row["fp8_attn_rel_l2_vs_diffusers_bf16"] < 3 * row["fp8_rel_l2_vs_diffusers_bf16"] + 1e-2
