@@ -4,9 +4,10 @@
 # enable_group_offload (block level, CUDA streams) on the same random bf16 weights at real size:
 # FLUX.1-dev 1024², Wan2.1-T2V-1.3B 480p x 81, Wan2.1-T2V-14B 720p x 81. Each part writes its JSON as
 # it goes (a part cut off by its time limit keeps what it finished) and its log beside it.
-# Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_offload.sh [all|flux|wan|wan14b|wan14b_e2e|load]
+# Usage (device `run`, carry [".whl"]): DITSERVE_COMMIT=<hash> bash benchmarks/gpu_offload.sh [all|flux|wan|wan14b|wan14b_e2e|load|load_wan14b]
 # (wan14b_e2e: Wan-14B end to end, resident and layerwise at 12 GiB, in a call of its own; load: the DiT
-# loader on a random FLUX.1-dev-size folder beside the previous reader and diffusers', in a call of its own)
+# loader on a random FLUX.1-dev-size folder beside the previous reader and diffusers', in a call of its own;
+# load_wan14b: the same on a random Wan2.1-T2V-14B folder, 26.6 GiB in 6 shards, in a call of its own)
 # Results: $OUT/offload_{flux,wan,wan14b}_h200.json (+ .log); commit them under benchmarks/results/.
 source benchmarks/gpu_part.sh
 show() { grep -E "bench_offload|^offload|^none|^layerwise|on NVIDIA|^end to end|activation peak|safetensors instead|Error|error:|Traceback" | tail -20; }
@@ -33,5 +34,11 @@ fi
 if [ "$part" = load ]; then  # writes a 22 GiB random folder (~1-2 min), then loads it in fresh processes
     timeout 580 python3 benchmarks/bench_load.py --device cuda --double 19 --single 38 --reps 2 --compare \
         --folder /tmp/bench_load_flux --out "$out/load_flux_h200.json" 2>&1 | tee "$out/load_flux_h200.log" | \
+        grep -E "^load|^  (safetensors|diffusers)|Error|error:|Traceback" | tail -20
+fi
+if [ "$part" = load_wan14b ]; then  # writes a 26.6 GiB folder (a shard at a time), then loads it in fresh processes
+    rm -rf /tmp/bench_load_flux  # the disk is 64 GiB
+    timeout 580 python3 benchmarks/bench_load.py --model wan2.1-t2v-14b --device cuda --reps 2 --compare \
+        --folder /tmp/bench_load_wan14b --out "$out/load_wan14b_h200.json" 2>&1 | tee "$out/load_wan14b_h200.log" | \
         grep -E "^load|^  (safetensors|diffusers)|Error|error:|Traceback" | tail -20
 fi
