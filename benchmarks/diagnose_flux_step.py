@@ -54,37 +54,42 @@ def random_dit(device: str, dtype: torch.dtype, scale: float = 0.5) -> FluxDiT:
     return dit.eval().requires_grad_(False)
 
 
-def trace_kernels(fn, path: str) -> list[dict]:
+def trace_kernels(fn, path: str, cpu: bool = False) -> list[dict]:
+    """The GPU kernels of one call of `fn` (after one untraced call), by start time; with `cpu`, the
+    profiler's CPU ops instead (nested: aten::linear holds aten::addmm)."""
+    sync = (lambda: None) if cpu else torch.cuda.synchronize
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CPU if cpu else ProfilerActivity.CUDA]) as prof:
         fn()
-        torch.cuda.synchronize()
+        sync()
     prof.export_chrome_trace(path)
     with open(path) as f:
         events = json.load(f)["traceEvents"]
-    return sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    kind = "cpu_op" if cpu else "kernel"
+    return sorted((e for e in events if e.get("cat") == kind), key=lambda e: e["ts"])
 
 
-def summarise(kernels: list[dict], out: str, tag: str) -> dict:
+def summarise(kernels: list[dict], out: str, tag: str, categorise=category) -> dict:
     by_cat, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
     for k in kernels:
-        by_cat[category(k["name"])] += k["dur"]
+        by_cat[categorise(k["name"])] += k["dur"]
         entry = by_name[k["name"][:110]]
         entry[0] += k["dur"]
         entry[1] += 1
     span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"] if kernels else 0.0
     busy = sum(k["dur"] for k in kernels)
     with open(f"{out}/kernels_{tag}.txt", "w") as f:
-        f.writelines(f"{us / 1000:9.3f} ms  {n:5d}x  {name}\n" for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]))
+        f.writelines(f"{us / 1000:9.3f} ms  {n:5d}x  {name}\n"
+                     for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]))
     return {"kernels": len(kernels), "span_ms": span / 1000, "kernel_sum_ms": busy / 1000,
             "gap_ms": (span - busy) / 1000, **{f"{c}_ms": v / 1000 for c, v in sorted(by_cat.items())}}
 
 
 def clocks_during(fn, seconds: float = 6.0) -> list[str]:
     """nvidia-smi samples (SM clock, power, temperature) taken while `fn` runs in a loop."""
-    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu", "--format=csv,noheader", "-lms", "500"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu",
+                             "--format=csv,noheader", "-lms", "500"], stdout=subprocess.PIPE, text=True)
     import time
     t0 = time.time()
     while time.time() - t0 < seconds:
@@ -201,9 +206,9 @@ def sustained_matmul() -> dict:
 
     res = {}
     for dtype in ("bfloat16", "fp8"):
-        res[dtype] = {"tflops": sustained_matmul_tflops(dtype),
-                      "clock": subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader"],
-                                              capture_output=True, text=True, check=False).stdout.strip()}
+        clock = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader"],
+                               capture_output=True, text=True, check=False).stdout.strip()
+        res[dtype] = {"tflops": sustained_matmul_tflops(dtype), "clock": clock}
     return res
 
 
