@@ -11,7 +11,23 @@ output is checked against the resident one (`max_abs_diff_vs_resident`: streamin
 
     python benchmarks/bench_offload.py --model flux.1-dev [--budget 12] [--out FILE]
     python benchmarks/bench_offload.py --model wan2.1-t2v-14b --budget 12 --out FILE
+    python benchmarks/bench_offload.py --model wan2.1-t2v-1.3b --compile --out FILE   # each side compiled
     python benchmarks/bench_offload.py --model flux.1-dev --tiny      # CPU smoke run at toy size
+
+`--compile` compares each side at its best rather than eager against eager: ours gets the engine's
+`--enable-torch-compile` (accel/compile.py: each block and the head compiled in place, fullgraph; the
+layerwise streaming then wraps the compiled blocks' calls, as accel/offload.py does in the engine, and
+CUDA graphs stay off as under any offload), diffusers' model `compile_repeated_blocks` (regional
+compile of its transformer blocks). diffusers' resident run is then timed too
+(`diffusers_resident_step_s`, fullgraph). Under group offload diffusers' hooks run inside each block's
+compiled call and their onload/offload are `torch.compiler.disable`d, which fullgraph refuses: there it
+compiles with `fullgraph=False`, breaking the graph at the hooks (as diffusers' own group offload +
+compile test, whose dynamo cache limit of 10000 is set here). The resident row is then the compiled
+resident step (`resident_step_s`), each layerwise row's `max_abs_diff_vs_resident` is compiled against
+compiled, every row says `"compile": true`, and the warm-up (default 3 calls) covers the compile and
+diffusers' recompile after its first call (its prefetch order is set up then). With forward chunking,
+a DiT whose chunked site is a feed-forward module (FLUX's `img_mlp`/`txt_mlp`) compiles one graph per
+block (dynamo guards on each block's own chunked `forward`); Wan's chunked sites share one graph.
 
 Under layerwise offload the DiT's per-token parts run in chunks of `--forward-chunk-size` tokens (default
 4096, as the engine's automatic setting; 0 off), and the budget keeps the estimated activation peak free
@@ -21,10 +37,11 @@ End to end, the budget is planned as the engine plans it, around the DiT's first
 (`budget_planned_activation_gib`, `resident_blocks`).
 
 Rows (one per ditserve mode): model, gpu, offload, gpu_memory_budget_gib, step_s, resident_step_s,
-diffusers_offload_step_s, diffusers_offload_peak_mem_gib, peak_mem_gib, forward_chunk_size,
-activation_est_gib, commit. With `--end-to-end`
+diffusers_offload_step_s, diffusers_offload_peak_mem_gib, diffusers_resident_step_s (`--compile`),
+peak_mem_gib, forward_chunk_size, activation_est_gib, compile, commit. With `--end-to-end`
 (Wan), "end_to_end": the WanPipeline on random weights — UMT5 for the prompt and "" , `--e2e-steps`
-CFG steps, VAE decode — resident and under `--cpu-offload layerwise --gpu-memory-budget`: e2e_s,
+CFG steps, VAE decode (eager, also under `--compile`) — resident and under `--cpu-offload layerwise
+--gpu-memory-budget`: e2e_s,
 resident_e2e_s, e2e_peak_mem_gib (the largest stage peak), the frames' difference (0 expected).
 """
 
@@ -178,11 +195,19 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+DYNAMO_CACHE_SIZE_LIMIT = 10000  # as diffusers' group offload + compile test: hooks and chunking recompile
+
+
 def bench(args) -> dict:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     case = build_case(args.model, args.tiny, str(device), dtype)
     ours, ref = case.ours, case.ref
+    if args.compile:  # as the engine under --enable-torch-compile: compiled before any offload wraps it
+        from ditserve.accel.compile import apply_compile
+
+        torch._dynamo.config.cache_size_limit = DYNAMO_CACHE_SIZE_LIMIT
+        apply_compile(ours)
     weights_gib = nbytes([ours]) / GIB
     ref.to("cpu")  # diffusers' side waits on the host while ours runs (and counts in no peak of ours)
     gc.collect()
@@ -203,12 +228,12 @@ def bench(args) -> dict:
         budget = ACTIVATION_RESERVE_GIB + (nbytes([ours]) - blocks / 10) / GIB
     modes = [("layerwise", None), ("layerwise", budget)]
     results = []
+    if chunk:  # once for both rows: compiled, each new chunked site is a guard that recompiles the block
+        apply_forward_chunking(ours, chunk)
     for offload, gib in modes:
         ours.to("cpu")
         gc.collect()
         streamer = stream_blocks(ours, device, args.group_size, gib, activation_gib=None if args.tiny else chunked_est)
-        if chunk:
-            apply_forward_chunking(ours, chunk)
         streamed = {id(t) for c in (streamer.copies if streamer else []) for t, _ in c.params}
         rest = HostCopy([ours], device.type == "cuda",
                         frozenset(i for c in (streamer.copies if streamer else []) for i in c.tensor_ids()))
@@ -219,35 +244,48 @@ def bench(args) -> dict:
                         len(streamer.copies) if streamer else 0, len(streamed)))
         if streamer is not None:
             streamer.remove()
-        disable_forward_chunking(ours)
         rest.to_host()
+    disable_forward_chunking(ours)
     ours.to("cpu")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    diffusers_s = diffusers_peak = None
+    diffusers_s = diffusers_peak = diffusers_resident_s = None
+    ref_run = lambda: ref(**case.ref_kwargs, return_dict=False)[0]  # noqa: E731
     if not args.no_diffusers:
+        if args.compile:  # diffusers' compiled resident step, beside ours
+            ref.to(device)
+            ref.compile_repeated_blocks(fullgraph=True)
+            with torch.no_grad():
+                diffusers_resident_s, _, _ = timed(ref_run, device, args.warmup, args.reps)
+            ref.to("cpu")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         ref.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
                                  use_stream=device.type == "cuda")
+        if args.compile:  # the hooks now run inside each block's call: graph breaks at their onload/offload
+            ref.compile_repeated_blocks(fullgraph=False)
         with torch.no_grad():
-            diffusers_s, diffusers_peak, _ = timed(lambda: ref(**case.ref_kwargs, return_dict=False)[0], device,
-                                                   args.warmup, args.reps)
+            diffusers_s, diffusers_peak, _ = timed(ref_run, device, args.warmup, args.reps)
     base = base_row(args.model, str(dtype).removeprefix("torch."), case.shape)
     rows = [{**base, "offload": "none", "gpu_memory_budget_gib": None, "step_s": resident_s,
              "resident_step_s": resident_s, "diffusers_offload_step_s": diffusers_s,
              "diffusers_offload_peak_mem_gib": diffusers_peak, "peak_mem_gib": resident_peak,
              "max_abs_diff_vs_resident": 0.0, "streamed_groups": 0, "forward_chunk_size": None,
-             "activation_est_gib": resident_est}]
+             "activation_est_gib": resident_est, "diffusers_resident_step_s": diffusers_resident_s,
+             "compile": args.compile}]
     for offload, gib, step_s, peak, diff, groups, _ in results:
         rows.append({**base, "offload": offload, "gpu_memory_budget_gib": gib, "step_s": step_s,
                      "resident_step_s": resident_s, "diffusers_offload_step_s": diffusers_s,
                      "diffusers_offload_peak_mem_gib": diffusers_peak, "peak_mem_gib": peak,
                      "max_abs_diff_vs_resident": diff, "streamed_groups": groups, "forward_chunk_size": chunk,
-                     "activation_est_gib": chunked_est,
+                     "activation_est_gib": chunked_est, "diffusers_resident_step_s": diffusers_resident_s,
+                     "compile": args.compile,
                      "over_diffusers": None if not diffusers_s else step_s / diffusers_s})
     return {"model": args.model, "gpu": base["gpu"], "commit": base["commit"], "shape": case.shape,
             "weights_gib": weights_gib, "group_size": args.group_size, "activation_est_resident_gib": resident_est,
-            "activation_est_gib": chunked_est, "rows": rows}
+            "activation_est_gib": chunked_est, "compile": args.compile, "rows": rows}
 
 
 TINY_E2E = {  # toy UMT5 and VAE matching _TINY_WAN's widths (text_dim 16, 16 latent channels)
@@ -341,6 +379,7 @@ def bench_end_to_end(args) -> list[dict]:
     planned = offloader.activation_gib.get("transformer")
     base = base_row(args.model, str(dtype).removeprefix("torch."), f"{width}x{height}x{frames}")
     return [{**base, "offload": "layerwise", "gpu_memory_budget_gib": budget, "e2e_steps": args.e2e_steps,
+             "compile": False,  # eager, with or without --compile
              "e2e_s": e2e_s, "resident_e2e_s": resident_s, "e2e_peak_mem_gib": peak,
              "resident_e2e_peak_mem_gib": resident_peak, "forward_chunk_size": chunk,
              "activation_est_gib": batch * chunked_est, "activation_est_resident_gib": batch * resident_est,
@@ -378,11 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--forward-chunk-size", type=int, default=4096, metavar="TOKENS",
                    help="layerwise rows: the DiT's per-token parts in chunks of this many tokens (default 4096, "
                         "the engine's automatic value under layerwise; 0 off)")
+    p.add_argument("--compile", action="store_true",
+                   help="each side compiled: ours per block as the engine's --enable-torch-compile, diffusers' "
+                        "compile_repeated_blocks; the resident row is the compiled resident (default warm-up 3)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run at toy size")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     big = args.model == "wan2.1-t2v-14b" and not args.tiny  # ≈ 12 s a step
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny or big else 2)
+    # compiling: the first call compiles, diffusers' second recompiles (its prefetch hooks change after the first)
+    default_warmup = 3 if args.compile else 1 if args.tiny or big else 2
+    args.warmup = args.warmup if args.warmup is not None else default_warmup
     args.reps = args.reps if args.reps is not None else (2 if args.tiny or big else 5)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.only_end_to_end:
@@ -399,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     if "rows" in result:
         sys.stdout.write(f"{result['model']} on {result['gpu']} at {result['commit']}, {result['shape']}, "
-                         f"{result['weights_gib']:.2f} GiB of weights\n" + table(result["rows"]))
+                         f"{result['weights_gib']:.2f} GiB of weights, "
+                         f"{'compiled' if result['compile'] else 'eager'}\n" + table(result["rows"]))
+    if "rows" in result and result["rows"][0]["diffusers_resident_step_s"] is not None:
+        sys.stdout.write(f"diffusers resident (compiled): {result['rows'][0]['diffusers_resident_step_s']:.3f} s\n")
     for row in result.get("end_to_end", []):
         sys.stdout.write(f"end to end, {row['e2e_steps']} steps: resident {row['resident_e2e_s']:.2f} s, "
                          f"layerwise at {row['gpu_memory_budget_gib']} GiB {row['e2e_s']:.2f} s, peak "

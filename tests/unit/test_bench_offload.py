@@ -1,10 +1,13 @@
 """The offload bench (GPU) runs on the CPU at toy size: resident, layerwise and budgeted layerwise
-rows beside diffusers' group offload, every mode's output equal to the resident one."""
+rows beside diffusers' group offload, every mode's output equal to the resident one; with `--compile`
+(slow) each side compiled, the streamed compiled blocks' output equal to the compiled resident one."""
 
 import importlib
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
 ROW_KEYS = {"model", "gpu", "offload", "gpu_memory_budget_gib", "step_s", "resident_step_s",
@@ -40,3 +43,29 @@ def test_tiny_wan_end_to_end_row(tmp_path):
     assert row["e2e_s"] > 0 and row["max_abs_diff_vs_resident"] == 0  # same frames under offload
     assert 0 < row["activation_est_gib"] <= row["activation_est_resident_gib"]
     assert row["budget_planned_activation_gib"] > 0 and row["resident_blocks"] == 6  # planned at the first call
+
+
+@pytest.mark.slow  # ≈ 16 s with inductor's cache warm, ≈ 31 s cold on 2 CPU cores (C++ kernels compile)
+def test_tiny_compiled_rows_match_compiled_resident(tmp_path, monkeypatch):
+    import torch
+
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    # the bench raises dynamo's cache limit and apply_compile sets inductor flags: undone after the test
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
+    for flag in ("coordinate_descent_tuning", "epilogue_fusion"):
+        monkeypatch.setattr(torch._inductor.config, flag, getattr(torch._inductor.config, flag))
+    out = tmp_path / "compiled.json"
+    try:
+        importlib.import_module("bench_offload").main(["--model", "wan2.1-t2v-1.3b", "--tiny", "--compile",
+                                                       "--reps", "1", "--out", str(out)])
+    finally:
+        torch._dynamo.reset()
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["compile"] is True and [r["offload"] for r in rows] == ["none", "layerwise", "layerwise"]
+    for row in rows:
+        assert row["compile"] is True and row["resident_step_s"] == rows[0]["step_s"]  # the compiled resident
+        assert row["max_abs_diff_vs_resident"] == 0.0  # compiled streaming against compiled resident
+        assert row["diffusers_offload_step_s"] > 0 and row["diffusers_resident_step_s"] > 0
+    assert 0 < rows[2]["streamed_groups"] < rows[1]["streamed_groups"] == 6
