@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ditserve import demo  # noqa: E402
-from ditserve.accel.attention import apply_attention  # noqa: E402
+from ditserve.accel.attention import apply_attention, backend_sites  # noqa: E402
 from ditserve.accel.attention8 import fp8_attention_emulated  # noqa: E402
 from ditserve.accel.cache import apply_cache, step_cache  # noqa: E402
 from ditserve.accel.fp8 import apply_fp8  # noqa: E402
@@ -147,9 +147,10 @@ def measure(args: argparse.Namespace) -> dict:
     fp8 = apply_fp8(copy.deepcopy(base), min_features=1) if args.fp8 else None  # a copy: it swaps in place
     fixed = [(FP8, fp8)] if fp8 is not None else []  # (label, DiT) rows without a cache
     if args.fp8_attention:
-        fixed.append((FP8_ATTENTION, apply_attention(copy.deepcopy(base), fp8_attention_emulated)))
+        fp8_sites = backend_sites(base.plan, "fp8")  # as accelerate_dit sets them: Wan's cross-attention stays SDPA
+        fixed.append((FP8_ATTENTION, apply_attention(copy.deepcopy(base), fp8_attention_emulated, fp8_sites)))
         if fp8 is not None:
-            fixed.append((FP8_BOTH, apply_attention(copy.deepcopy(fp8), fp8_attention_emulated)))
+            fixed.append((FP8_BOTH, apply_attention(copy.deepcopy(fp8), fp8_attention_emulated, fp8_sites)))
     cases = subject.cases(args.count, args.seeds)
     results = {"model": subject.label, "images": len(cases), "seeds": args.seeds, "blocks": len(base.blocks),
                "runs": []}

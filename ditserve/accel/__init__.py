@@ -22,10 +22,11 @@ def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> 
     if accel.quantization == "fp8" and not on_cuda:
         log.warning("fp8 quantization needs a CUDA GPU; running unquantised")
     if accel.attention not in ("auto", "sdpa"):
-        from ditserve.accel.attention import apply_attention, select_attention
+        from ditserve.accel.attention import apply_attention, backend_sites, select_attention
 
         try:
-            dit = apply_attention(dit, select_attention(accel.attention, device))
+            dit = apply_attention(dit, select_attention(accel.attention, device),
+                                  backend_sites(plan, accel.attention))
         except ValueError as exc:
             raise InvalidRequest(str(exc), "attention") from None
     if on_cuda and accel.fused_kernels and plan.qk_rope_site:

@@ -66,11 +66,20 @@ def select_attention(name: str, device: torch.device):
     return {"fa3": _fa3, "sage": _sage}[name]
 
 
-def apply_attention(dit: nn.Module, op) -> nn.Module:
-    """Set `op` at every attention site of every block, as the model's plan lists them (the
-    sequence-parallel wrappers do the same)."""
+def backend_sites(plan, name: str) -> tuple[str, ...]:
+    """The attention sites backend `name` takes over: all the plan's, but "fp8" leaves the
+    cross-attention sites to SDPA (see DiTPlan.cross_attention_sites)."""
+    if name == "fp8":
+        return tuple(s for s in plan.attention_sites if s not in plan.cross_attention_sites)
+    return plan.attention_sites
+
+
+def apply_attention(dit: nn.Module, op, sites: tuple[str, ...] | None = None) -> nn.Module:
+    """Set `op` at the attention `sites` (default: every one the model's plan lists) of every block
+    (the sequence-parallel wrappers do the same)."""
+    sites = dit.plan.attention_sites if sites is None else sites
     for block in dit.blocks:
-        for site in dit.plan.attention_sites:
+        for site in sites:
             set_path(block, site, op)
-    log.info("attention op: %s", getattr(op, "__name__", op))
+    log.info("attention op: %s at %s", getattr(op, "__name__", op), ", ".join(sites))
     return dit

@@ -30,7 +30,7 @@ def stand_in_accel(monkeypatch, spoil=None) -> None:
     backend's numerics emulated in float32 where `attention="fp8"` is; `spoil(dit)`, if given, then breaks
     the accelerated DiT, as a wrong fast path would."""
     import ditserve.accel
-    from ditserve.accel.attention import apply_attention
+    from ditserve.accel.attention import apply_attention, backend_sites
     from ditserve.accel.attention8 import fp8_attention_emulated
     from ditserve.accel.fp8 import apply_fp8
 
@@ -38,7 +38,7 @@ def stand_in_accel(monkeypatch, spoil=None) -> None:
         if accel.quantization == "fp8":
             apply_fp8(dit, min_features=0)
         if accel.attention == "fp8":
-            apply_attention(dit, fp8_attention_emulated)
+            apply_attention(dit, fp8_attention_emulated, backend_sites(dit.plan, "fp8"))
         if spoil is not None:
             spoil(dit)
         return dit

@@ -171,3 +171,35 @@ def test_fp8_blocks_stay_close_to_bf16_blocks():
     for e, g in zip(expected, got):
         rel = float((g.float() - e.float()).norm() / e.float().norm())
         assert 1e-2 < rel < 0.12, rel
+
+
+def test_fp8_attention_backend_leaves_wan_cross_attention_to_sdpa():
+    """accelerate_dit sets the fp8 op at Wan's self-attention only; the cross-attention (video queries,
+    text keys) keeps SDPA. Every other backend, and every site of a family without cross-attention,
+    takes them all."""
+    from ditserve.accel.attention import backend_sites
+    from ditserve.models.flux.plan import FLUX_PLAN
+    from ditserve.models.wan.plan import WAN_PLAN
+
+    assert backend_sites(WAN_PLAN, "fp8") == ("attn1.attn_op",)
+    assert backend_sites(WAN_PLAN, "sage") == WAN_PLAN.attention_sites == ("attn1.attn_op", "attn2.attn_op")
+    assert backend_sites(FLUX_PLAN, "fp8") == FLUX_PLAN.attention_sites
+
+
+def test_accelerate_dit_sets_the_fp8_op_at_wan_self_attention_only(monkeypatch):
+    import ditserve.accel.attention as attention
+    from ditserve.accel import accelerate_dit
+    from ditserve.config import AccelConfig
+    from ditserve.models.common.attention import sdpa_attention
+    from ditserve.models.wan.config import WanConfig
+    from ditserve.models.wan.model import WanDiT
+
+    def marked(q, k, v, mask=None):
+        return sdpa_attention(q, k, v, mask)
+
+    monkeypatch.setattr(attention, "select_attention", lambda name, device: marked)
+    dit = WanDiT(WanConfig.from_dict(dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                          in_channels=4, out_channels=4, text_dim=20, freq_dim=32, ffn_dim=48,
+                                          num_layers=2, cross_attn_norm=True, rope_max_seq_len=64)))
+    accelerate_dit(dit, AccelConfig(attention="fp8"), torch.device("cpu"))
+    assert all(b.attn1.attn_op is marked and b.attn2.attn_op is not marked for b in dit.blocks)

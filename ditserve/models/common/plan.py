@@ -88,7 +88,9 @@ class DiTPlan:
       `fp8_keep`: patterns that stay in high precision even when `fp8` matches (modulation layers:
       one row per sample, where FP8 saves nothing and costs accuracy).
     - `attention_sites`: block-relative paths of the attributes holding attention ops (FLUX:
-      "attn_op"; Wan: its self- and cross-attention modules' ops); a backend replaces them all.
+      "attn_op"; Wan: its self- and cross-attention modules' ops); a backend replaces them all, but
+      the fp8 backend leaves `cross_attention_sites` (queries of the video, keys of the text: 1.5 % of
+      Wan's attention FLOPs, where the kernel has nothing to gain and its quantise passes cost) to SDPA.
     - `qk_rope_site`: the block attribute holding the QK-norm + RoPE op that a fused kernel may
       replace (None: the model has no such site).
     - `teacache`: the model config -> its published TeaCache fit, or None where none is published
@@ -110,6 +112,7 @@ class DiTPlan:
     fp8: tuple[str, ...] = ("*",)
     fp8_keep: tuple[str, ...] = ()
     attention_sites: tuple[str, ...] = ("attn_op",)
+    cross_attention_sites: tuple[str, ...] = ()
     qk_rope_site: str | None = None
     teacache: Callable[[Any], TeaCacheFit | None] | None = None
     token_sites: tuple[str, ...] = ()

@@ -48,6 +48,7 @@ WAN_PLAN = DiTPlan(
     # attn1: self-attention over the video tokens (with RoPE); attn2: cross-attention, whose keys and
     # values are the text (and image) tokens, the same on every rank under sequence parallelism
     attention_sites=("attn1.attn_op", "attn2.attn_op"),
+    cross_attention_sites=("attn2.attn_op",),
     qk_rope_site=None,  # QK RMSNorm spans all heads: the fused per-head kernel does not apply
     teacache=wan_teacache,
     # everything but the self-attention maps each token on its own: the modulated norms, the rotary
