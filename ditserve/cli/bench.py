@@ -62,9 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model.startswith("sd3") and args.end_to_end:
         raise InvalidRequest("bench for sd3.5 times the DiT step only (no --end-to-end yet)", "model")
     qwen = args.model.startswith("qwen-image")
-    if qwen and (args.end_to_end or args.quantization or args.attention_backend != "auto"):
-        raise InvalidRequest("bench for qwen-image times the bf16 DiT step only "
-                             "(no --end-to-end, --quantization or --attention-backend yet)", "model")
+    if qwen and args.end_to_end:
+        raise InvalidRequest("bench for qwen-image times the DiT step only (no --end-to-end yet)", "model")
     if args.end_to_end and args.attention_backend != "auto":
         raise InvalidRequest("--attention-backend applies to the DiT step bench (not --end-to-end yet)",
                              "attention_backend")
@@ -102,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     elif qwen:
         from ditserve.bench.qwen_image import bench_step as qwen_bench_step
 
-        row = qwen_bench_step(args.model, height, width, compare=args.compare == "diffusers")
+        row = qwen_bench_step(args.model, height, width, quantization=args.quantization,
+                              compare=args.compare == "diffusers", attention=args.attention_backend)
     elif args.end_to_end:
         from ditserve.bench.flux_e2e import bench_end_to_end
 
