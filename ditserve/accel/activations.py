@@ -104,6 +104,30 @@ def _sites(dit: nn.Module, paths: tuple[str, ...] | None = None) -> list[tuple[n
 
 
 _UNCHUNKED = "_ditserve_unchunked"
+_CHUNK = "_ditserve_chunk"  # (chunk, dim, in_place) on a chunked feed-forward module
+_CHUNKED_CLASSES: dict[type, type] = {}
+
+
+def _chunked_class(cls: type) -> type:
+    """`cls` with a forward that runs over the chunk its instance holds. A feed-forward site changes
+    class rather than getting a per-instance forward: every block's module then has the same type and
+    forward, so torch.compile makes one graph for all blocks (a per-instance partial is a new object to
+    guard on in each block, which recompiles per block and fails past dynamo's recompile limit)."""
+    if cls in _CHUNKED_CLASSES.values():
+        return cls
+    if cls not in _CHUNKED_CLASSES:
+        def forward(self, x, *args, **kwargs):
+            chunk, dim, in_place = getattr(self, _CHUNK)
+            return chunked_call(functools.partial(cls.forward, self), chunk, dim, x, *args, _in_place=in_place,
+                                **kwargs)
+
+        _CHUNKED_CLASSES[cls] = type(f"Chunked{cls.__name__}", (cls,), {"forward": forward,
+                                                                         "__module__": cls.__module__})
+    return _CHUNKED_CLASSES[cls]
+
+
+def _unchunked_class(cls: type) -> type:
+    return next((base for base, sub in _CHUNKED_CLASSES.items() if sub is cls), cls)
 
 
 def apply_forward_chunking(dit: nn.Module, chunk_size: int, dim: int = 1) -> int:
@@ -118,8 +142,10 @@ def apply_forward_chunking(dit: nn.Module, chunk_size: int, dim: int = 1) -> int
     for owner, attr in sites:
         extra = {"_in_place": True} if (id(owner), attr) in in_place else {}
         target = getattr(owner, attr)
-        if isinstance(target, nn.Module):  # a feed-forward: its forward, so it stays a child module
-            owner, attr = target, "forward"
+        if isinstance(target, nn.Module):  # a feed-forward: it stays a child module, of a chunking class
+            target.__class__ = _chunked_class(type(target))
+            target.__dict__[_CHUNK] = (chunk, dim, bool(extra))
+            continue
         saved = owner.__dict__.get(_UNCHUNKED, {})
         if attr not in saved:
             saved[attr] = (owner.__dict__.get(attr), getattr(owner, attr))  # (instance value, callable)
@@ -135,7 +161,9 @@ def disable_forward_chunking(dit: nn.Module) -> None:
     for owner, attr in _sites(dit):
         target = getattr(owner, attr)
         if isinstance(target, nn.Module):
-            owner = target
+            target.__class__ = _unchunked_class(type(target))
+            target.__dict__.pop(_CHUNK, None)
+            continue
         for name, (instance_value, _) in owner.__dict__.pop(_UNCHUNKED, {}).items():
             if instance_value is None:
                 del owner.__dict__[name]
@@ -294,8 +322,11 @@ def chunk_of(dit: nn.Module) -> int | None:
     """The token chunk `dit`'s sites run with (None: not chunked)."""
     for owner, attr in _sites(dit):
         target = getattr(owner, attr)
-        holder, name = (target, "forward") if isinstance(target, nn.Module) else (owner, attr)
-        fn = holder.__dict__.get(name)
+        if isinstance(target, nn.Module):
+            if _CHUNK in target.__dict__:
+                return target.__dict__[_CHUNK][0]
+            continue
+        fn = owner.__dict__.get(attr)
         if isinstance(fn, functools.partial) and fn.func is chunked_call:
             return fn.args[1]
     return None

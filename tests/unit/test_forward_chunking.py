@@ -264,3 +264,28 @@ def test_automatic_chunk_stays_only_where_it_keeps_blocks_resident(tiny_flux_dev
     assert chunk_of(dit)  # layerwise chunks from the start (the plan waits for the first call)
     gen.generate(**request)
     assert bool(chunk_of(dit)) == chunked_after
+
+
+def test_chunked_blocks_compile_to_one_graph():
+    """Every block's chunked feed-forward has the same type and forward, so torch.compile (fullgraph, as
+    accel/compile.py compiles blocks) makes one graph for all double blocks instead of recompiling per
+    block and failing past dynamo's recompile limit (8) — FLUX.1-dev has 19. The eager backend: the
+    guards are dynamo's, whatever the backend."""
+    import torch._dynamo
+
+    from ditserve.bench import flux
+    from ditserve.models.flux.config import FluxConfig
+    from ditserve.models.flux.model import FluxDiT
+
+    cfg = FluxConfig.from_dict(arch_kwargs(dict(TINY_ARCH["flux.1-dev"], num_layers=10, num_single_layers=1)))
+    dit = _init(FluxDiT(cfg))
+    inp = flux.inputs(cfg, 16 * 19, 16 * 13, 8, "cpu", torch.float32)  # 247 image tokens: chunks 64, 64, 119
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = dit(inp)
+        apply_forward_chunking(dit, 64)
+        for block in dit.blocks:
+            block.compile(fullgraph=True, dynamic=False, backend="eager")
+        got = dit(inp)
+    torch._dynamo.reset()
+    assert torch.equal(got, expected)
