@@ -31,15 +31,15 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=28, help="denoising steps for --end-to-end")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"], help="weights and activations")
     p.add_argument("--quantization", default=None, choices=["fp8"],
-                   help="fp8: also time e4m3 linear layers (FLUX, Wan, SD3.5) (default: none)")
+                   help="fp8: also time e4m3 linear layers (every family's step; FLUX end to end) (default: none)")
     p.add_argument("--compare", default="diffusers", choices=["diffusers", "none"],
                    help="time diffusers eager and compiled on the same weights, or ditserve alone")
     p.add_argument("--end-to-end", action="store_true", help="time all stages, ditserve vs diffusers")
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="FLUX step: without the Triton QK-norm + RoPE and fp8 quantisation kernels")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "fa3", "sage", "fp8"],
-                   help="FLUX step with --quantization fp8, Wan step with or without it: also time the compiled "
-                        "step with this attention (fa3, sage: when installed; fp8: cuDNN fp8 SDPA, Hopper)")
+                   help="DiT step benches: also time the compiled step with this attention, with fp8 linears "
+                        "under --quantization fp8 (fa3, sage: when installed; fp8: cuDNN fp8 SDPA, Hopper)")
     p.add_argument("--json", default=None, help="append the result row(s) to this JSON file (default: stdout only)")
     p.set_defaults(run=run)
 
@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     qwen = args.model.startswith("qwen-image")
     if qwen and args.end_to_end:
         raise InvalidRequest("bench for qwen-image times the DiT step only (no --end-to-end yet)", "model")
+    if args.model.startswith("flux") and args.attention_backend != "auto" and not args.quantization:
+        raise InvalidRequest("the FLUX step bench times --attention-backend with fp8 linears: add --quantization fp8",
+                             "attention_backend")
     if args.end_to_end and args.attention_backend != "auto":
         raise InvalidRequest("--attention-backend applies to the DiT step bench (not --end-to-end yet)",
                              "attention_backend")

@@ -76,5 +76,8 @@ def test_fast_and_fp8_blocks_are_judged_against_float32(shrunk, monkeypatch, spo
 def test_cli_refuses_attention_backend_end_to_end(capsys):
     from ditserve.cli.main import main
 
-    assert main(["bench", "--model", "flux.1-dev", "--end-to-end", "--attention-backend", "fp8"]) == 2
+    assert main(["bench", "--model", "flux.1-dev", "--end-to-end", "--attention-backend", "fp8",
+                 "--quantization", "fp8"]) == 2
     assert "not --end-to-end" in capsys.readouterr().err
+    assert main(["bench", "--model", "flux.1-dev", "--attention-backend", "fp8"]) == 2
+    assert "add --quantization fp8" in capsys.readouterr().err
