@@ -1,5 +1,6 @@
 """Wan DiT step: ditserve vs diffusers (eager and compile_repeated_blocks), same random weights,
-at the real sizes (1.3B at 832x480x81 = 32,760 tokens; 14B at 1280x720x81 = 75,600)."""
+at the real sizes (1.3B at 832x480x81 = 32,760 tokens; 14B at 1280x720x81 = 75,600; Wan2.2-TI2V-5B at
+1280x704x121 = 27,280 tokens through its 16x VAE, with per-token timesteps)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,30 @@ from ditserve.bench.common import (MATMUL_TFLOPS, arch_kwargs, architectures, ba
 from ditserve.models.wan.config import WanConfig
 from ditserve.models.wan.model import WanDiT, WanInputs
 from ditserve.models.wan.weights import wan_key_map
+from ditserve.vae.wan import VideoLatentShape
 
 log = logging.getLogger(__name__)
 GUARD_REL_L2 = 1e-2
 FP8_GUARD_REL_L2 = 3e-2  # the issue's bound for the fp8 step against diffusers' bf16 step
 TEXT_TOKENS = 512
+DEFAULT_SIZE = (480, 832, 81)  # (height, width, frames): Wan 2.1's 480p, the CLI's default for the 2.1 rows
+# TI2V-5B is trained at 720p only (704x1280 or 1280x704) and 121 frames at 24 fps (its pipeline's defaults)
+DEFAULT_SIZES = {"wan2.2-ti2v-5b": (704, 1280, 121)}
+
+
+def default_size(model: str) -> tuple[int, int, int]:
+    """(height, width, frames) the step bench runs `model` at when the caller names none."""
+    return DEFAULT_SIZES.get(model, DEFAULT_SIZE)
+
+
+def vae_spatial(model: str) -> int:
+    """The VAE's spatial factor: 8 (Wan 2.1's VAE), 16 (Wan 2.2's, TI2V-5B)."""
+    return VideoLatentShape.from_config(architectures()[model].get("vae", {})).spatial
+
+
+def per_token_timesteps(model: str) -> bool:
+    """Whether the model's pipeline passes a timestep per token (`expand_timesteps` in model_index.json: TI2V-5B)."""
+    return bool(architectures()[model].get("pipeline", {}).get("expand_timesteps"))
 
 
 def build(model: str, device: str, dtype: torch.dtype, weight_scale: float = 0.5):
@@ -29,21 +49,32 @@ def build(model: str, device: str, dtype: torch.dtype, weight_scale: float = 0.5
     return random_pair(WanTransformer3DModel, arch, WanDiT, cfg, wan_key_map(cfg), device, dtype, weight_scale)
 
 
-def inputs(cfg: WanConfig, height: int, width: int, frames: int, device, dtype) -> WanInputs:
+def inputs(cfg: WanConfig, height: int, width: int, frames: int, device, dtype, *, spatial: int = 8,
+           per_token: bool = False) -> WanInputs:
+    """Random latents of a `frames` x height x width video through a VAE of `spatial` x (4x in time), UMT5-sized
+    text and timestep 600; with `per_token`, [1, L] timesteps as TI2V's pipeline passes them for a video
+    from an image: 0 on the first latent frame's tokens (the image), 600 on the rest."""
     gen = torch.Generator(device).manual_seed(1)
-    shape = (1, cfg.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
-    return WanInputs(latents=torch.randn(shape, generator=gen, device=device, dtype=dtype),
-                     timesteps=torch.full((1,), 600.0, device=device),
+    shape = (1, cfg.in_channels, (frames - 1) // 4 + 1, height // spatial, width // spatial)
+    timesteps = torch.full((1,), 600.0, device=device)
+    if per_token:
+        pt, ph, pw = cfg.patch_size
+        per = torch.ones(shape[2] // pt, shape[3] // ph, shape[4] // pw, device=device)
+        per[0] = 0
+        timesteps = per.flatten()[None] * timesteps[:, None]
+    return WanInputs(latents=torch.randn(shape, generator=gen, device=device, dtype=dtype), timesteps=timesteps,
                      context=torch.randn(1, TEXT_TOKENS, cfg.text_dim, generator=gen, device=device, dtype=dtype))
 
 
-def step_flops(cfg: WanConfig, tokens: int, text: int = TEXT_TOKENS) -> float:
-    """Matmul + attention FLOPs of one forward (batch 1)."""
+def step_flops(cfg: WanConfig, tokens: int, text: int = TEXT_TOKENS, per_token_time: bool = False) -> float:
+    """Matmul + attention FLOPs of one forward (batch 1); with `per_token_time` also the time embedding
+    and its six modulation vectors computed for every token (TI2V: ≈ 0.7 % more at 27k tokens)."""
     d, f = cfg.hidden_size, cfg.ffn_dim
     self_attn = 2 * tokens * d * d * 4 + 4 * tokens * tokens * d
     cross = 2 * tokens * d * d * 2 + 2 * text * d * d * 2 + 4 * tokens * text * d
     ffn = 2 * tokens * d * f * 2
-    return cfg.num_layers * (self_attn + cross + ffn)
+    time = 2 * tokens * d * (cfg.freq_dim + d + 6 * d) if per_token_time else 0
+    return cfg.num_layers * (self_attn + cross + ffn) + time
 
 
 def ref_call(ref, inp: WanInputs):
@@ -78,12 +109,14 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
 
     dtype = torch.bfloat16
     ref, ours = build(model, device, dtype)
-    inp = inputs(ours.cfg, height, width, frames, device, dtype)
+    per_token = per_token_timesteps(model)
+    inp = inputs(ours.cfg, height, width, frames, device, dtype, spatial=vae_spatial(model), per_token=per_token)
     grid = ours.grid(inp.latents.shape)
     inp = replace(inp, rope=ours.positional_tables(grid, device))
     tokens = grid[0] * grid[1] * grid[2]
-    flops = step_flops(ours.cfg, tokens)
-    row = base_row(model, "bfloat16", f"{width}x{height}x{frames}, {tokens}+{TEXT_TOKENS} tokens")
+    flops = step_flops(ours.cfg, tokens, per_token_time=per_token)
+    shape = f"{width}x{height}x{frames}, {tokens}+{TEXT_TOKENS} tokens" + (", per-token timesteps" if per_token else "")
+    row = base_row(model, "bfloat16", shape)
     row.update(step_tflop=flops / 1e12, floor_step_s=flops / (MATMUL_TFLOPS["bfloat16"] * 1e12))
     if device == "cuda":
         row["sustained_bf16_tflops"] = sustained_matmul_tflops("bfloat16", seconds=3.0)
@@ -141,18 +174,21 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
 
 
 @torch.no_grad()
-def bench_vae_decode(height: int = 480, width: int = 832, frames: int = 81, device: str = "cuda") -> dict:
-    """Wan 2.1 VAE decode of one video at real size (random weights): time and peak memory, whole and tiled."""
+def bench_vae_decode(height: int = 480, width: int = 832, frames: int = 81, device: str = "cuda",
+                     model: str = "wan2.1-t2v-1.3b") -> dict:
+    """`model`'s VAE (Wan 2.1's; Wan 2.2's for TI2V-5B) decoding one video at real size (random weights):
+    time and peak memory, whole and tiled."""
     from diffusers import AutoencoderKLWan
 
     from ditserve.vae.wan import decode_wan
 
-    arch = arch_kwargs(architectures()["wan2.1-t2v-1.3b"]["vae"])
+    arch = arch_kwargs(architectures()[model]["vae"])
     torch.manual_seed(0)
     with torch.device(device):
         vae = AutoencoderKLWan(**arch).to(torch.bfloat16).eval()
-    latents = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device=device)
-    row = base_row("wan2.1-vae", "bfloat16", f"{width}x{height}x{frames}")
+    channels, *grid = VideoLatentShape.from_config(arch).latents(frames, height, width)
+    latents = torch.randn(1, channels, *grid, device=device)
+    row = base_row(f"{model.split('-')[0]}-vae", "bfloat16", f"{width}x{height}x{frames}")  # wan2.1-vae, wan2.2-vae
     for tiled in (False, True):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
