@@ -18,8 +18,8 @@ def add_parser(sub) -> None:
                        description="Time ditserve against diffusers on this CUDA GPU with random weights at real "
                                    "size; prints JSON rows.")
     p.add_argument("--model", default="flux.1-dev",
-                   help="flux.1-dev, flux.1-schnell, qwen-image, wan2.1-t2v-1.3b, wan2.1-t2v-14b, sd3.5-large, "
-                        "sd3.5-medium, cogvideox-5b or hunyuanvideo "
+                   help="flux.1-dev, flux.1-schnell, qwen-image, wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.2-ti2v-5b, "
+                        "sd3.5-large, sd3.5-medium, cogvideox-5b or hunyuanvideo "
                         "(shapes in ditserve/bench/architectures.json)")
     p.add_argument("--height", type=int, default=None,
                    help="default: 1024 (FLUX, SD3.5), 1328 (Qwen-Image), 480 (Wan, CogVideoX)")
@@ -74,13 +74,14 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest("ditserve bench needs a CUDA GPU", "device")
     if args.model.startswith("wan"):
         from ditserve.bench.wan import bench_step as wan_bench_step
-        from ditserve.bench.wan import bench_vae_decode
+        from ditserve.bench.wan import bench_vae_decode, default_size
 
-        height, width = args.height or 480, args.width or 832
-        rows = [wan_bench_step(args.model, height, width, args.num_frames or 81, args.quantization,
+        height, width, frames = default_size(args.model)
+        height, width, frames = args.height or height, args.width or width, args.num_frames or frames
+        rows = [wan_bench_step(args.model, height, width, frames, args.quantization,
                                compare=args.compare == "diffusers", reps=args.reps, attention=args.attention_backend)]
         if args.vae:
-            rows.append(bench_vae_decode(height, width, args.num_frames or 81))
+            rows.append(bench_vae_decode(height, width, frames, model=args.model))
         return _write(rows, args.json)
     if args.model.startswith("hunyuanvideo"):
         from ditserve.bench.hunyuan_video import bench_step as hunyuan_video_bench_step
