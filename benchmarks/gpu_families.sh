@@ -9,7 +9,8 @@
 #   PART: sd3 (Large and Medium, ≈ 2 × 2.5 min), cogvideox (5B 720x480x49, ≈ 4-5 min),
 #         hunyuan544 (544x960x129, 67k tokens, ≈ 5 min), hunyuan720 (720x1280x129, 119k tokens, one timed
 #         call of each variant: a step is ≈ 20 s, ≈ 8 min; the calls are counted in hunyuan_video.bench_step),
-#         qwen (Qwen-Image 1328², 20B: bf16, fp8 and fp8 + fp8 attention, ≈ 6-8 min; issue 21's Qwen goal)
+#         qwen (Qwen-Image 1328², 20B: bf16, fp8 and fp8 + fp8 attention, ≈ 6-8 min; issue 21's Qwen goal),
+#         ti2v (Wan2.2-TI2V-5B 704x1280x121, 27,280 tokens, per-token timesteps; the same variants, ≈ 5-7 min)
 # cogvideox and hunyuan544 add a compiled variant with fp8 linears + the fp8 attention backend (`fp8_attn_*`
 # fields; ≈ 1 min more each): at 17.8k and 67k tokens the cuDNN fp8 kernel is where the step can gain.
 # Results: $OUT/<family>_step_h200.json (+ .log); commit them under benchmarks/results/.
@@ -42,6 +43,7 @@ for part in "$@"; do
         hunyuan544) hunyuan 560 hunyuanvideo_544p_step_h200 544 960 2 fp8 ;;
         hunyuan720) hunyuan 570 hunyuanvideo_720p_step_h200 720 1280 1 auto ;;
         qwen) bench 580 qwen_image_step_h200 --model qwen-image --quantization fp8 --attention-backend fp8 ;;
+        ti2v) bench 560 wan22_ti2v_5b_step_h200 --model wan2.2-ti2v-5b --quantization fp8 --attention-backend fp8 ;;
         *) echo "unknown part $part"; exit 2 ;;
     esac
 done
