@@ -70,6 +70,7 @@ from ditserve.accel.activations import (  # noqa: E402
 )
 from ditserve.accel.offload import GIB, HostCopy, nbytes, stream_blocks, to_device  # noqa: E402
 from ditserve.bench.common import arch_kwargs, architectures, base_row  # noqa: E402
+from ditserve.bench.wan_e2e import TINY_WAN, random_text_and_vae  # noqa: E402
 
 log = logging.getLogger("bench_offload")
 
@@ -79,15 +80,12 @@ SIZES = {  # height, width, frames (1: an image); text tokens
     "wan2.1-t2v-14b": ((720, 1280, 81), 512),
 }
 TINY_SIZES = {"flux.1-dev": ((64, 64, 1), 8), "wan2.1-t2v-1.3b": ((32, 32, 5), 8), "wan2.1-t2v-14b": ((32, 32, 5), 8)}
-_TINY_WAN = dict(cls="WanTransformer3DModel", attention_head_dim=16, cross_attn_norm=True, eps=1e-6, ffn_dim=64,
-                 freq_dim=32, in_channels=16, num_attention_heads=2, num_layers=6, out_channels=16,
-                 patch_size=[1, 2, 2], qk_norm="rms_norm_across_heads", rope_max_seq_len=64, text_dim=16)
 TINY_ARCH = {
     "flux.1-dev": dict(cls="FluxTransformer2DModel", patch_size=1, in_channels=16, num_layers=2, num_single_layers=4,
                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20,
                        guidance_embeds=True, axes_dims_rope=[4, 6, 6]),
-    "wan2.1-t2v-1.3b": _TINY_WAN,
-    "wan2.1-t2v-14b": _TINY_WAN,
+    "wan2.1-t2v-1.3b": TINY_WAN,
+    "wan2.1-t2v-14b": TINY_WAN,
 }
 
 
@@ -288,40 +286,21 @@ def bench(args) -> dict:
             "activation_est_gib": chunked_est, "compile": args.compile, "rows": rows}
 
 
-TINY_E2E = {  # toy UMT5 and VAE matching _TINY_WAN's widths (text_dim 16, 16 latent channels)
-    "text_encoder": dict(cls="UMT5EncoderModel", d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2,
-                         vocab_size=512, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                         relative_attention_max_distance=32),
-    "vae": dict(cls="AutoencoderKLWan", base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                temperal_downsample=[False, True, True]),
-}
-
-
 def wan_pipeline(model: str, tiny: bool, device: str, dtype: torch.dtype, folder: Path):
     """A WanPipeline (text-to-video, one DiT) of random weights at real size on `device`: UMT5, the
-    Wan 2.1 VAE, the DiT; tokenizer and scheduler written to `folder`."""
-    import diffusers
-    import transformers
-
-    from ditserve.bench.tokenizers import save_t5_tokenizer
+    Wan 2.1 VAE (ditserve/bench/wan_e2e.py's, TINY_E2E's with `tiny`), the DiT; tokenizer and scheduler
+    written to `folder`."""
     from ditserve.encoders.umt5 import UMT5Encoder
     from ditserve.pipelines.wan import WanPipeline
     from ditserve.sampling.scheduler_config import read_scheduler_config
 
     arch = architectures()[model]
-    parts = TINY_E2E if tiny else arch
     case = build_case(model, tiny, device, dtype)
     del case.ref
-    save_t5_tokenizer(folder / "tokenizer")
     scheduler = {"_class_name": arch["scheduler"]["cls"], **arch_kwargs(arch["scheduler"])}
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
-    with torch.device(device):
-        text = transformers.UMT5EncoderModel(transformers.UMT5Config(**arch_kwargs(parts["text_encoder"])))
-        vae = diffusers.AutoencoderKLWan(**arch_kwargs(parts["vae"]))
-    text = text.to(dtype).eval().requires_grad_(False)
-    vae = vae.to(dtype).eval().requires_grad_(False)
-    tokenizer = transformers.T5TokenizerFast.from_pretrained(str(folder / "tokenizer"))
+    tokenizer, text, vae = random_text_and_vae(model, tiny, device, dtype, folder)
     return WanPipeline(case.ours, None, UMT5Encoder(tokenizer, text), vae,
                        read_scheduler_config(folder / "scheduler" / "scheduler_config.json"), None, False,
                        torch.device(device), dtype)

@@ -9,6 +9,7 @@ import json
 import logging
 import statistics
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -83,6 +84,31 @@ def sustained_matmul_tflops(dtype: str = "bfloat16", seconds: float = 5.0, n: in
         end.synchronize()
         rates.append(10 * 2 * n**3 / (start.elapsed_time(end) / 1000) / 1e12)
     return statistics.median(rates[len(rates) // 2:])
+
+
+def wall_time(fn, reps: int) -> tuple[float, object]:
+    """Median wall time of `reps` calls of `fn()` (the device synchronised around each) and the last
+    call's output: for whole generations, where a host clock is what a user waits on."""
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    times, out = [], None
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two uint8 images or videos (numpy arrays of one shape); inf when equal."""
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,14 +11,12 @@ import gc
 import logging
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ditserve.api import GenerationRequest
-from ditserve.bench.common import arch_kwargs, architectures, base_row
+from ditserve.bench.common import arch_kwargs, architectures, base_row, psnr, wall_time
 from ditserve.bench.flux import build
 from ditserve.config import AccelConfig
 
@@ -40,27 +38,6 @@ def _random_encoders(arch: dict, folder: Path, device, dtype):
         t5 = transformers.T5EncoderModel(t5_cfg).to(dtype).eval().requires_grad_(False)
     return (transformers.CLIPTokenizer.from_pretrained(str(folder / "tokenizer")), clip,
             transformers.T5TokenizerFast.from_pretrained(str(folder / "tokenizer_2")), t5)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _timed(fn, reps: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(reps):
-        _sync()
-        start = time.perf_counter()
-        out = fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @torch.no_grad()
@@ -98,22 +75,22 @@ def bench_end_to_end(model: str = "flux.1-dev", height: int = 1024, width: int =
 
     row = base_row(model, "bfloat16", f"{width}x{height}, {steps} steps")
     run_ref()  # warm-up: cuDNN plans, allocator
-    row["diffusers_eager_e2e_s"], ref_img = _timed(run_ref, reps)
+    row["diffusers_eager_e2e_s"], ref_img = wall_time(run_ref, reps)
     ours.dit = accelerate_dit(ours_dit, AccelConfig(compile=compile), torch.device(device))
     ours.run([req], RunControl())  # warm-up: compile and capture
-    row["ditserve_e2e_s"], (pixels, timings) = _timed(lambda: ours.run([req], RunControl()), reps)
+    row["ditserve_e2e_s"], (pixels, timings) = wall_time(lambda: ours.run([req], RunControl()), reps)
     row["ditserve_stages_s"] = dict(timings.stages)
     row["ditserve_peak_memory_gib"] = timings.peak_memory_gib  # per stage (GPU)
     row["ditserve_mean_step_s"] = statistics.median(timings.steps)
     ref_u8 = (ref_img * 255).round().astype("uint8")
-    row["psnr_ditserve_vs_diffusers_db"] = _psnr(pixels.images, ref_u8)
+    row["psnr_ditserve_vs_diffusers_db"] = psnr(pixels.images, ref_u8)
     row["speedup_vs_diffusers_eager"] = row["diffusers_eager_e2e_s"] / row["ditserve_e2e_s"]
     log.info("e2e so far: %s", row)
 
     if compile:
         ref.transformer.compile_repeated_blocks(fullgraph=True)
         run_ref()
-        row["diffusers_compiled_e2e_s"], _ = _timed(run_ref, reps)
+        row["diffusers_compiled_e2e_s"], _ = wall_time(run_ref, reps)
         row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_e2e_s"] / row["ditserve_e2e_s"]
     if quantization == "fp8":
         ours.dit = ref.transformer = None
@@ -124,7 +101,7 @@ def bench_end_to_end(model: str = "flux.1-dev", height: int = 1024, width: int =
         _, fresh = build(model, device, dtype)  # same seed, same weights as the bf16 run
         ours.dit = accelerate_dit(fresh, AccelConfig(compile=compile, quantization="fp8"), torch.device(device))
         ours.run([req], RunControl())
-        row["ditserve_fp8_e2e_s"], (pixels8, timings8) = _timed(lambda: ours.run([req], RunControl()), reps)
+        row["ditserve_fp8_e2e_s"], (pixels8, timings8) = wall_time(lambda: ours.run([req], RunControl()), reps)
         row["ditserve_fp8_mean_step_s"] = statistics.median(timings8.steps)
-        row["fp8_psnr_vs_bf16_db"] = _psnr(pixels8.images, pixels.images)
+        row["fp8_psnr_vs_bf16_db"] = psnr(pixels8.images, pixels.images)
     return row
