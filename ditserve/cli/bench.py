@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-frames", type=int, default=None, help="video frames (default: Wan 81, CogVideoX 49)")
     p.add_argument("--vae", action="store_true", help="Wan: also time the VAE decode (whole and tiled)")
     p.add_argument("--reps", type=int, default=10, help="Wan: timed repetitions of the compiled step (eager: half)")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps for --end-to-end")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps for --end-to-end (default: FLUX 28, Wan 10 of its 50)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16"], help="weights and activations")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: also time e4m3 linear layers (every family's step; FLUX end to end) (default: none)")
@@ -72,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
                              "attention_backend")
     if not torch.cuda.is_available():
         raise InvalidRequest("ditserve bench needs a CUDA GPU", "device")
+    if args.model.startswith("wan") and args.end_to_end:
+        from ditserve.bench.wan_e2e import bench_end_to_end as wan_end_to_end
+
+        return _write([wan_end_to_end(args.model, args.height, args.width, args.num_frames, args.steps,
+                                      args.quantization)], args.json)
     if args.model.startswith("wan"):
         from ditserve.bench.wan import bench_step as wan_bench_step
         from ditserve.bench.wan import bench_vae_decode, default_size
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.end_to_end:
         from ditserve.bench.flux_e2e import bench_end_to_end
 
-        row = bench_end_to_end(args.model, height, width, args.steps, args.quantization)
+        row = bench_end_to_end(args.model, height, width, args.steps or 28, args.quantization)
     else:
         from ditserve.bench.flux import bench_step
 
