@@ -61,7 +61,7 @@ def test_help_names_every_default(command):
     if command == "generate":
         assert "(default: 1)" in flat and "(default: auto)" in flat and "demo 64" in flat
     else:
-        assert "(default: flux.1-dev)" in flat and "(default: 28)" in flat
+        assert "(default: flux.1-dev)" in flat and "(default: FLUX 28, Wan 10 of its 50)" in flat
 
 
 def test_flags_do_not_claim_a_default_of_true():
