@@ -20,12 +20,16 @@ WEIGHTS = ["transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pyt
 PROMPT = "a red circle moving right, blue background"
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+@pytest.fixture(scope="module", params=[8, 4], ids=["vae8x", "vae4x"])
+def smoke(tmp_path_factory, request):
+    """The chain with the shipped 8x VAE and with `--vae-spatial 4` (16 x 16 latents a frame)."""
     root = tmp_path_factory.mktemp("video_smoke")
     # the command sets torch's thread count; keep this process's
     cli.main(["train", "--recipe", "smoke", "--work-dir", str(root / "work"), "--out", str(root / "video_model"),
-              "--threads", str(torch.get_num_threads())])
+              "--threads", str(torch.get_num_threads()), "--vae-spatial", str(request.param)])
+    vae = json.loads((root / "video_model" / "vae" / "config.json").read_text())
+    assert vae["scale_factor_spatial"] == request.param
+    assert torch.load(root / "work" / "latents.pt")["latents"].shape[-2:] == (64 // request.param,) * 2
     return root
 
 

@@ -48,14 +48,14 @@ log = logging.getLogger(__name__)
 STAGE_VAE_LONG = STAGE_VAE + 100  # the 17-frame phase's per-step randomness
 
 
-def build_vae(seed: int) -> AutoencoderKLWan:
+def build_vae(seed: int, spatial: int = 8) -> AutoencoderKLWan:
     """A fresh VAE whose posterior starts nearly deterministic: the log-variance half of
     ``quant_conv``'s bias starts at ``config.VAE_LOGVAR_INIT``. With diffusers' init the posterior's
     std starts near 1, the sampled latent is mostly noise, and the encoder collapsed towards the prior
     instead of learning (KL 1150 -> 130 in 300 CPU steps, reconstruction stuck near 0.9)."""
     torch.manual_seed(seed)
     z = config.LATENT_CHANNELS
-    vae = AutoencoderKLWan(**config.VAE, latents_mean=[0.0] * z, latents_std=[1.0] * z)
+    vae = AutoencoderKLWan(**config.VAE_CONFIGS[spatial], latents_mean=[0.0] * z, latents_std=[1.0] * z)
     with torch.no_grad():
         vae.quant_conv.bias[z:].fill_(config.VAE_LOGVAR_INIT)
     return vae
@@ -113,7 +113,7 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, fg_weight: float) 
 def load_vae(work: Path, recipe: config.Recipe, device: torch.device) -> tuple[AutoencoderKLWan, int]:
     """The VAE as ``work``'s checkpoints hold it (the 17-frame phase's if it has begun), with its
     steps in all (the key ``encode_dataset`` caches by), not trained further."""
-    model = build_vae(recipe.seed).to(device)
+    model = build_vae(recipe.seed, recipe.vae_spatial).to(device)
     steps = 0
     for path in (work / "vae.ckpt", work / "vae_long.ckpt"):
         if (state := load_checkpoint(path)) is not None:
@@ -131,7 +131,7 @@ def train_vae(work: Path, recipe: config.Recipe, combos: list[Combo], device: to
     it on 17-frame clips for the last ``recipe.vae_long_share`` of the time, so that every chunk of
     the causal loop is trained. Stops (checkpointed) after phase one's step ``stop_after`` or past
     ``deadline`` (a ``time.monotonic()`` value); the same command without them resumes."""
-    model = build_vae(recipe.seed).to(device)
+    model = build_vae(recipe.seed, recipe.vae_spatial).to(device)
     long_ckpt = work / "vae_long.ckpt"
     long = recipe.vae_long
     if long is None or not long_ckpt.is_file():
@@ -170,8 +170,8 @@ def _train_phase(model: AutoencoderKLWan, recipe: config.Recipe, cfg: config.Vae
     bank = clip_bank(recipe, cfg, combos, device) if cfg.bank_size else None
     params = list(model.parameters())
     x = torch.zeros(cfg.batch_size, 3, cfg.frames, IMAGE_SIZE, IMAGE_SIZE, device=device)  # static inputs
-    noise = torch.zeros(cfg.batch_size, config.LATENT_CHANNELS, 1 + (cfg.frames - 1) // 4, IMAGE_SIZE // 8,
-                        IMAGE_SIZE // 8, device=device)
+    side = IMAGE_SIZE // model.config.scale_factor_spatial
+    noise = torch.zeros(cfg.batch_size, config.LATENT_CHANNELS, 1 + (cfg.frames - 1) // 4, side, side, device=device)
     out: dict[str, torch.Tensor] = {}
     stage = STAGE_VAE if cfg.frames < NUM_FRAMES else STAGE_VAE_LONG
 
