@@ -25,9 +25,9 @@ compiles with `fullgraph=False`, breaking the graph at the hooks (as diffusers' 
 compile test, whose dynamo cache limit of 10000 is set here). The resident row is then the compiled
 resident step (`resident_step_s`), each layerwise row's `max_abs_diff_vs_resident` is compiled against
 compiled, every row says `"compile": true`, and the warm-up (default 3 calls) covers the compile and
-diffusers' recompile after its first call (its prefetch order is set up then). With forward chunking,
-a DiT whose chunked site is a feed-forward module (FLUX's `img_mlp`/`txt_mlp`) compiles one graph per
-block (dynamo guards on each block's own chunked `forward`); Wan's chunked sites share one graph.
+diffusers' recompile after its first call (its prefetch order is set up then). Chunked blocks share
+one graph per block type (accel/activations.py: a chunked feed-forward changes class rather than
+getting a per-instance forward).
 
 Under layerwise offload the DiT's per-token parts run in chunks of `--forward-chunk-size` tokens (default
 4096, as the engine's automatic setting; 0 off), and the budget keeps the estimated activation peak free
