@@ -51,7 +51,6 @@ import argparse
 import gc
 import json
 import logging
-import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -69,7 +68,7 @@ from ditserve.accel.activations import (  # noqa: E402
     meta_copy,
 )
 from ditserve.accel.offload import GIB, HostCopy, nbytes, stream_blocks, to_device  # noqa: E402
-from ditserve.bench.common import arch_kwargs, architectures, base_row  # noqa: E402
+from ditserve.bench.common import arch_kwargs, architectures, base_row, wall_time  # noqa: E402
 from ditserve.bench.wan_e2e import TINY_WAN, random_text_and_vae  # noqa: E402
 
 log = logging.getLogger("bench_offload")
@@ -167,26 +166,15 @@ def activation_estimate(model: str, tiny: bool, dtype: torch.dtype, chunk: int |
 
 
 def timed(fn, device: torch.device, warmup: int, reps: int) -> tuple[float, float | None, torch.Tensor]:
-    """(median seconds, peak GiB over the calls (CUDA; None on CPU), last output)."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    out = None
+    """(median seconds, peak GiB over the timed calls (CUDA; None on CPU), last output)."""
     for _ in range(warmup):
-        out = fn()
-    sync()
+        fn()
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
+    seconds, out = wall_time(fn, reps)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return statistics.median(times), peak, out
+    return seconds, peak, out
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
