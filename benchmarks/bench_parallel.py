@@ -3,24 +3,28 @@
 For each model and GPU count, every parallel mode that fits: the step is the guidance prediction of
 one step (cond and uncond, as the pipelines run them: one batch of two on a single GPU, one branch
 per half with CFG parallelism), timed on rank 0 between barriers. `speedup` is against the 1-GPU
-step of the same run.
+step of the same run; `rel_l2` is the guided prediction's distance from the 1-GPU one (same weights and
+inputs; TP draws its weights per shard, so it has none); on several GPUs, `comm_s` is the NCCL kernels'
+time in one more, profiled step on rank 0 (waits for the other ranks included) against `kernel_s`, all kernels.
 
     python benchmarks/bench_parallel.py [--models wan2.1-t2v-14b,flux.1-dev,qwen-image] [--max-gpus 8] \
         [--reps 5] [--out benchmarks/results/parallel_h200.json]
     python benchmarks/bench_parallel.py --tiny [--models tiny-flux]   # CPU smoke run: gloo, 1 and 2 ranks
 
-Scenarios: Wan2.1-14B at 1280x720x81 (75,600 tokens) with Ulysses, Ring and USP (and CFG x
-Ulysses); FLUX.1-dev at 1024x1024 with true CFG: CFG-parallel, Ulysses, CFG x Ulysses; Qwen-Image at
+Scenarios: Wan2.1-14B at 1280x720x81 (75,600 tokens) with CFG-parallel, Ulysses, Ring and USP (and
+CFG x Ulysses); FLUX.1-dev at 1024x1024 with true CFG: CFG-parallel, Ulysses, CFG x Ulysses; Qwen-Image at
 1328x1328: CFG-parallel, Ulysses, CFG x Ulysses, USP; TP where asked (`--modes`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +49,8 @@ class Scenario:
 
 
 SCENARIOS = {
-    "wan2.1-t2v-14b": Scenario("wan", 720, 1280, frames=81, modes=("ulysses", "ring", "usp", "cfg-ulysses")),
+    "wan2.1-t2v-14b": Scenario("wan", 720, 1280, frames=81, modes=("cfg", "ulysses", "ring", "usp",
+                                                                             "cfg-ulysses")),
     "flux.1-dev": Scenario("flux", 1024, 1024, txt=512, modes=("cfg", "ulysses", "cfg-ulysses")),
     "qwen-image": Scenario("qwen", 1328, 1328, txt=128, modes=("cfg", "ulysses", "cfg-ulysses", "usp")),
 }
@@ -113,14 +118,40 @@ def build(model: str, sc: Scenario, groups, device, dtype):
     dit = apply_sequence_parallel(dit.to(dtype).eval(), groups)
     if sc.family == "wan":
         one = bench.inputs(cfg, sc.height, sc.width, sc.frames, device, dtype)
-
-        def make(batch):
-            return type(one)(one.latents.repeat(batch, 1, 1, 1, 1), one.timesteps.repeat(batch),
-                             one.context.repeat(batch, 1, 1))
+        other = torch.randn(one.context.shape, generator=gen.manual_seed(2), device=device, dtype=dtype)
+        pair = type(one)(one.latents.repeat(2, 1, 1, 1, 1), one.timesteps.repeat(2), torch.cat([one.context, other]))
     else:
-        def make(batch):
-            return bench.inputs(cfg, sc.height, sc.width, sc.txt, device, dtype, batch=batch)
-    return dit, make
+        pair = bench.inputs(cfg, sc.height, sc.width, sc.txt, device, dtype, batch=2)
+    return dit, {BOTH: pair, BOTH[:1]: half(pair, 0), BOTH[1:]: half(pair, 1)}
+
+
+BOTH = ("cond", "uncond")
+
+
+def half(pair, i: int):
+    """Branch `i` of a batch-of-two inputs dataclass: every tensor field with a batch dimension sliced
+    (position ids and other per-token tables have none)."""
+    fields = {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
+    return type(pair)(**{k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 2 else v
+                         for k, v in fields.items()})
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def kernel_times(step) -> tuple[float, float]:
+    """(NCCL kernels' seconds, all kernels' seconds) in one profiled call of `step` (CUDA)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    comm = sum(e.time_range.elapsed_us() for e in kernels if "nccl" in e.name.lower())
+    return comm / 1e6, sum(e.time_range.elapsed_us() for e in kernels) / 1e6
 
 
 def rank_run(rank: int, world: int, port: int, job: dict, out: str) -> None:
@@ -143,13 +174,12 @@ def rank_run(rank: int, world: int, port: int, job: dict, out: str) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
     groups = init_groups(ParallelConfig(num_gpus=world, **job["degrees"]), device)
     sc = job["scenario"]
-    dit, make = build(job["model"], sc, groups, device, getattr(torch, job["dtype"]))
+    dit, inputs = build(job["model"], sc, groups, device, getattr(torch, job["dtype"]))
     guidance = cfg_parallel(ClassifierFree(torch.tensor([4.0])), groups.cfg)
-    inputs = {n: make(n) for n in (1, 2)}
 
     def call(x_in, branches):
         ctx = StepContext(0, 1, 0, tuple(branches), tuple({} for _ in branches))
-        return dit(inputs[len(branches)], ctx)
+        return dit(inputs[tuple(branches)], ctx)
 
     x = torch.zeros(1, device=device)
     times = []
@@ -157,20 +187,31 @@ def rank_run(rank: int, world: int, port: int, job: dict, out: str) -> None:
         for i in range(job["warmup"] + job["reps"]):
             dist.barrier()
             start = time.perf_counter()
-            guidance.predict(call, x)
+            guided = guidance.predict(call, x)
             if cuda:
                 torch.cuda.synchronize()
             if i >= job["warmup"]:
                 times.append(time.perf_counter() - start)
+        comm = (None, None)
+        if cuda and world > 1:
+            try:
+                comm = kernel_times(lambda: guidance.predict(call, x))
+            except RuntimeError as exc:  # the profiler is a diagnostic: the timing stands without it
+                log.warning("no kernel profile: %s", exc)
     if rank == 0:
-        Path(out).write_text(json.dumps({"step_s": statistics.median(times)}))
+        result = {"step_s": statistics.median(times), "comm_s": comm[0], "kernel_s": comm[1]}
+        ref = Path(job["reference"])
+        if not job["degrees"]:
+            torch.save(guided.cpu(), ref)
+        elif ref.exists() and not groups.tp.size > 1:
+            result["rel_l2"] = rel_l2(guided.cpu(), torch.load(ref))
+        Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-def run_job(job: dict, world: int) -> float:
-    """Start `world` ranks for one configuration; the median step time rank 0 measured."""
-    import tempfile
-
+def run_job(job: dict, world: int) -> dict:
+    """Start `world` ranks for one configuration; what rank 0 measured (median step time, the
+    profiled step's kernel times, the distance from the reference output)."""
     import torch.multiprocessing as mp
     from torch.distributed import TCPStore
 
@@ -178,7 +219,7 @@ def run_job(job: dict, world: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
         mp.start_processes(rank_run, args=(world, store.port, job, out), nprocs=world, start_method="spawn")
-        return json.loads(Path(out).read_text())["step_s"]
+        return json.loads(Path(out).read_text())
 
 
 def bench_model(model: str, sc: Scenario, counts: list[int], args) -> list[dict]:
@@ -187,17 +228,23 @@ def bench_model(model: str, sc: Scenario, counts: list[int], args) -> list[dict]
     heads = (sc.arch or arch_kwargs(architectures()[model]["transformer"]))["num_attention_heads"]
     shape = f"{sc.width}x{sc.height}" + (f"x{sc.frames}" if sc.frames else "")
     rows = []
+    reference = Path(args.workdir) / f"{model}.pt"
+    reference.unlink(missing_ok=True)
     for n in counts:
         for mode in ("single", *(m for m in (args.modes or sc.modes))):
             kw = degrees(mode, n)
             if kw is None or heads % (kw.get("ulysses_degree", 1) * kw.get("tp_size", 1)):
                 continue
             job = dict(model=model, scenario=sc, degrees=kw, device=args.device, dtype=args.dtype,
-                       warmup=args.warmup, reps=args.reps)
-            step = run_job(job, n)
-            row = base_row(model, args.dtype, shape) | dict(num_gpus=n, mode=mode, step_s=round(step, 5))
+                       warmup=args.warmup, reps=args.reps, reference=str(reference))
+            got = run_job(job, n)
+            row = base_row(model, args.dtype, shape) | dict(num_gpus=n, mode=mode, step_s=round(got["step_s"], 5))
+            row |= {k: round(got[k], 5) for k in ("comm_s", "kernel_s") if got.get(k) is not None}
+            if "rel_l2" in got:
+                row["rel_l2"] = float(f"{got['rel_l2']:.3g}")
             rows.append(row)
-            log.info("%s %s x%d: %.4f s/step", model, mode, n, step)
+            log.info("%s %s x%d: %.4f s/step, %s", model, mode, n, got["step_s"],
+                     {k: v for k, v in got.items() if k != "step_s"})
     single = next((r["step_s"] for r in rows if r["mode"] == "single"), None)
     for row in rows:
         row["speedup"] = round(single / row["step_s"], 3) if single else None
@@ -225,12 +272,14 @@ def main(argv=None) -> list[dict]:
     else:
         args.device, args.max_gpus = "cuda", min(args.max_gpus, torch.cuda.device_count())
     counts = [n for n in (1, 2, 4, 8) if n <= args.max_gpus]
-    rows = [row for model, sc in scenarios.items() for row in bench_model(model, sc, counts, args)]
+    with tempfile.TemporaryDirectory() as workdir:
+        args.workdir = workdir
+        rows = [row for model, sc in scenarios.items() for row in bench_model(model, sc, counts, args)]
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     for row in rows:
-        log.info("%-16s %-12s x%d  %.4f s  speedup %s", row["model"], row["mode"], row["num_gpus"], row["step_s"],
-                 row["speedup"])
+        log.info("%-16s %-12s x%d  %.4f s  speedup %s  rel_l2 %s  comm %s s", row["model"], row["mode"],
+                 row["num_gpus"], row["step_s"], row["speedup"], row.get("rel_l2"), row.get("comm_s"))
     return rows
 
 

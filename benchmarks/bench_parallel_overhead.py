@@ -7,7 +7,11 @@ The folder is a Wan 2.1 T2V checkpoint whose transformer has Wan2.1-1.3B's real 
 weights; 832x480x81 -> 32,760 tokens) while the text encoder and VAE are the tiny test ones: the
 DiT steps are what a request spends its time on, and what the executor wraps.
 
-    python benchmarks/bench_parallel_overhead.py [--steps 10] [--reps 3] [--out benchmarks/results/parallel_overhead_h200.json]
+With `--replicas K`, also the throughput of replicas: `--requests M` submitted at once (each its own
+batch) to the one-rank group and to K one-rank replicas on K GPUs; requests a second and the ratio.
+
+    python benchmarks/bench_parallel_overhead.py [--steps 10] [--reps 3] [--replicas 2 --requests 4] \
+        [--out benchmarks/results/parallel_overhead_h200.json]
     python benchmarks/bench_parallel_overhead.py --tiny     # CPU smoke run (tiny DiT, gloo)
 """
 
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +75,16 @@ def time_engine(engine, request: GenerationRequest, reps: int) -> tuple[list[flo
     return times, out.videos[0]
 
 
+def throughput(engine, request: GenerationRequest, count: int, replicas: int) -> float:
+    """Requests a second with `count` requests submitted at once, one thread each (each its own batch:
+    the engine hands it to whichever replica is idle), after one warm-up request per replica."""
+    with ThreadPoolExecutor(max(count, replicas)) as pool:
+        list(pool.map(engine.generate, [request] * replicas))
+        start = time.perf_counter()
+        list(pool.map(engine.generate, [request] * count))
+        return count / (time.perf_counter() - start)
+
+
 def commit() -> str:
     if os.environ.get("DITSERVE_COMMIT"):  # the device's copy of the checkout may carry another .git
         return os.environ["DITSERVE_COMMIT"]
@@ -81,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--replicas", type=int, default=0, help="also measure the throughput of this many replicas")
+    p.add_argument("--requests", type=int, default=4, help="requests submitted at once for the throughput")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny DiT, small video, gloo")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -100,14 +117,26 @@ def main(argv: list[str] | None = None) -> int:
         group = ParallelEngine.start(EngineConfig(model, parallel=ParallelConfig(num_gpus=1)))
         try:
             rows["executor_s"], theirs = time_engine(group, request, args.reps)
+            if args.replicas > 1:
+                rows["throughput_1_rps"] = throughput(group, request, args.requests, 1)
         finally:
             group.close()
+        if args.replicas > 1:
+            k = args.replicas
+            group = ParallelEngine.start(EngineConfig(model, parallel=ParallelConfig(num_gpus=k, num_replicas=k)))
+            try:
+                rows[f"throughput_{k}_rps"] = throughput(group, request, args.requests, k)
+                rows["replica_batches"] = [e.batches for e in group.executors]
+            finally:
+                group.close()
+            rows[f"throughput_{k}_vs_1"] = rows[f"throughput_{k}_rps"] / rows["throughput_1_rps"]
     a, b = statistics.median(rows["in_process_s"]), statistics.median(rows["executor_s"])
     diff = int(np.abs(ours.astype(int) - theirs.astype(int)).max())
     result = {
         "model": "wan2.1-t2v-1.3b DiT (random), tiny UMT5 + VAE" if not args.tiny else "tiny wan",
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "steps": args.steps,
-        "size": f"{size['width']}x{size['height']}x{size['num_frames']}", "reps": args.reps, **rows,
+        "size": f"{size['width']}x{size['height']}x{size['num_frames']}", "reps": args.reps,
+        "requests": args.requests if args.replicas > 1 else None, **rows,
         "in_process_median_s": a, "executor_median_s": b, "overhead": b / a - 1,
         "per_step_overhead_ms": (b - a) / args.steps * 1e3, "max_pixel_diff": diff, "commit": commit(),
     }

@@ -36,6 +36,23 @@ def test_tiny_run_writes_rows(tmp_path, modes):
         assert {"model", "gpu", "num_gpus", "mode", "step_s", "speedup", "commit"} <= set(row)
         assert row["step_s"] > 0 and row["gpu"] == "cpu"
     assert rows[0]["speedup"] == 1.0
+    # each mode's guided prediction against the single process's, same weights and inputs (float32)
+    assert "rel_l2" not in rows[0] and all(r["rel_l2"] < 1e-5 for r in rows[1:])
+
+
+def test_branch_halves_slice_only_batched_fields():
+    import torch
+
+    from ditserve.bench.flux import inputs
+    from ditserve.models.flux import FluxConfig
+
+    bench = load_bench()
+    cfg = FluxConfig.from_dict(bench.TINY["tiny-flux"].arch)
+    pair = inputs(cfg, 64, 80, 7, "cpu", torch.float32, batch=2)
+    uncond = bench.half(pair, 1)
+    assert torch.equal(uncond.img, pair.img[1:]) and torch.equal(uncond.txt, pair.txt[1:])
+    assert torch.equal(uncond.img_ids, pair.img_ids) and torch.equal(uncond.txt_ids, pair.txt_ids)
+    assert not torch.equal(bench.half(pair, 0).txt, uncond.txt)  # the branches see different text
 
 
 @pytest.mark.slow
@@ -45,6 +62,9 @@ def test_degree_one_overhead_bench_runs_both_paths(tmp_path):
         sys.path.insert(0, BENCHMARKS)
     out = tmp_path / "overhead.json"
     assert importlib.import_module("bench_parallel_overhead").main(
-        ["--tiny", "--steps", "2", "--reps", "1", "--out", str(out)]) == 0
+        ["--tiny", "--steps", "2", "--reps", "1", "--replicas", "2", "--requests", "2", "--out", str(out)]) == 0
     row = json.loads(out.read_text())
     assert row["max_pixel_diff"] <= 1 and row["in_process_median_s"] > 0 and row["executor_median_s"] > 0
+    # the throughput part: requests submitted at once spread over both replicas (warm-up + one each)
+    assert sum(row["replica_batches"]) == 4 and min(row["replica_batches"]) >= 1
+    assert row["throughput_2_rps"] > 0 and row["throughput_1_rps"] > 0
