@@ -3,9 +3,11 @@
 For each model and GPU count, every parallel mode that fits: the step is the guidance prediction of
 one step (cond and uncond, as the pipelines run them: one batch of two on a single GPU, one branch
 per half with CFG parallelism), timed on rank 0 between barriers. `speedup` is against the 1-GPU
-step of the same run; `rel_l2` is the guided prediction's distance from the 1-GPU one (same weights and
-inputs; TP draws its weights per shard, so it has none); on several GPUs, `comm_s` is the NCCL kernels'
-time in one more, profiled step on rank 0 (waits for the other ranks included) against `kernel_s`, all kernels.
+step of the same run. `rel_l2` is the model's prediction's distance from the 1-GPU one for the
+branches rank 0 ran, `rel_l2_guided` the guided one's (the guidance scale 4 magnifies the difference
+of two predictions about 5x); same weights and inputs (TP draws its weights per shard, so it has
+neither). On several GPUs, `comm_s` is the NCCL kernels' time in one more, profiled step on rank 0
+(waits for the other ranks included) against `kernel_s`, all kernels.
 
     python benchmarks/bench_parallel.py [--models wan2.1-t2v-14b,flux.1-dev,qwen-image] [--max-gpus 8] \
         [--reps 5] [--out benchmarks/results/parallel_h200.json]
@@ -177,9 +179,12 @@ def rank_run(rank: int, world: int, port: int, job: dict, out: str) -> None:
     dit, inputs = build(job["model"], sc, groups, device, getattr(torch, job["dtype"]))
     guidance = cfg_parallel(ClassifierFree(torch.tensor([4.0])), groups.cfg)
 
+    last = {}
+
     def call(x_in, branches):
         ctx = StepContext(0, 1, 0, tuple(branches), tuple({} for _ in branches))
-        return dit(inputs[tuple(branches)], ctx)
+        last["branches"], last["pred"] = tuple(branches), dit(inputs[tuple(branches)], ctx)
+        return last["pred"]
 
     x = torch.zeros(1, device=device)
     times = []
@@ -201,10 +206,13 @@ def rank_run(rank: int, world: int, port: int, job: dict, out: str) -> None:
     if rank == 0:
         result = {"step_s": statistics.median(times), "comm_s": comm[0], "kernel_s": comm[1]}
         ref = Path(job["reference"])
+        pred = last["pred"].cpu()  # the branches this rank predicted, in the last timed step
         if not job["degrees"]:
-            torch.save(guided.cpu(), ref)
+            torch.save({"pred": pred, "guided": guided.cpu()}, ref)
         elif ref.exists() and not groups.tp.size > 1:
-            result["rel_l2"] = rel_l2(guided.cpu(), torch.load(ref))
+            single = torch.load(ref)
+            result["rel_l2"] = rel_l2(pred, single["pred"][[BOTH.index(b) for b in last["branches"]]])
+            result["rel_l2_guided"] = rel_l2(guided.cpu(), single["guided"])
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -240,8 +248,7 @@ def bench_model(model: str, sc: Scenario, counts: list[int], args) -> list[dict]
             got = run_job(job, n)
             row = base_row(model, args.dtype, shape) | dict(num_gpus=n, mode=mode, step_s=round(got["step_s"], 5))
             row |= {k: round(got[k], 5) for k in ("comm_s", "kernel_s") if got.get(k) is not None}
-            if "rel_l2" in got:
-                row["rel_l2"] = float(f"{got['rel_l2']:.3g}")
+            row |= {k: float(f"{got[k]:.3g}") for k in ("rel_l2", "rel_l2_guided") if k in got}
             rows.append(row)
             log.info("%s %s x%d: %.4f s/step, %s", model, mode, n, got["step_s"],
                      {k: v for k, v in got.items() if k != "step_s"})
