@@ -14,6 +14,7 @@ global shapes), so the ranks always agree on which collectives run.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ditserve.parallel.groups import Axis
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,11 +46,10 @@ class SeqState:
 def attention_lse(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over one chunk of keys: out [B, S, H, D] (float32) and the log-sum-exp of the
     scores lse [B, H, S] (float32; -inf for a query whose keys in this chunk are all masked, with
-    out 0 there). On CUDA without a mask, the flash kernel returns both; elsewhere the math path."""
+    out 0 there). On CUDA without a mask, a fused kernel returns both (cuDNN's where it runs, as
+    SDPA prefers on Hopper; else flash); elsewhere the math path."""
     if q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[:2]
-        return out.transpose(1, 2).float(), lse.float()
+        return _fused_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
     scores = qh @ kh.transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]))
     if mask is not None:
@@ -57,6 +59,23 @@ def attention_lse(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.exp(scores - torch.where(finite, lse, 0)[..., None])
     out = (probs @ vh).transpose(1, 2)
     return out, lse
+
+
+_CUDNN_LSE = [torch.backends.cudnn.is_available()]  # cleared at cuDNN's first refusal
+
+
+def _fused_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, S, D] inputs -> out [B, S, H, D] float32, lse [B, H, S] float32."""
+    b, h, s, _ = q.shape
+    if _CUDNN_LSE[0]:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+            return out.transpose(1, 2).float(), lse.reshape(b, h, s).float()
+        except RuntimeError as exc:
+            log.info("ring attention: cuDNN refused (%s); the flash kernel from now on", exc)
+            _CUDNN_LSE[0] = False
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    return out.transpose(1, 2).float(), lse.float()
 
 
 def merge_partials(out, lse, part, part_lse):
