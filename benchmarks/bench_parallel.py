@@ -6,7 +6,9 @@ per half with CFG parallelism), timed on rank 0 between barriers. `speedup` is a
 step of the same run. `rel_l2` is the model's prediction's distance from the 1-GPU one for the
 branches rank 0 ran, `rel_l2_guided` the guided one's (the guidance scale 4 magnifies the difference
 of two predictions about 5x); same weights and inputs (TP draws its weights per shard, so it has
-neither). On several GPUs, `comm_s` is the NCCL kernels' time in one more, profiled step on rank 0
+neither). The 1-GPU row's `rel_l2_batch_floor` is the distance that only running the cond branch alone
+(batch 1 instead of 2) makes: the bf16 noise a mode's `rel_l2` is to be read against. On several
+GPUs, `comm_s` is the NCCL kernels' time in one more, profiled step on rank 0
 (waits for the other ranks included) against `kernel_s`, all kernels.
 
     python benchmarks/bench_parallel.py [--models wan2.1-t2v-14b,flux.1-dev,qwen-image] [--max-gpus 8] \
@@ -209,6 +211,9 @@ def rank_run(rank: int, world: int, port: int, job: dict, out: str) -> None:
         pred = last["pred"].cpu()  # the branches this rank predicted, in the last timed step
         if not job["degrees"]:
             torch.save({"pred": pred, "guided": guided.cpu()}, ref)
+            # the floor: what changing only the batch size (2 -> 1, as CFG-parallel does) moves the prediction
+            with torch.no_grad():
+                result["rel_l2_batch_floor"] = rel_l2(call(x, BOTH[:1]).cpu(), pred[:1])
         elif ref.exists() and not groups.tp.size > 1:
             single = torch.load(ref)
             result["rel_l2"] = rel_l2(pred, single["pred"][[BOTH.index(b) for b in last["branches"]]])
@@ -248,7 +253,7 @@ def bench_model(model: str, sc: Scenario, counts: list[int], args) -> list[dict]
             got = run_job(job, n)
             row = base_row(model, args.dtype, shape) | dict(num_gpus=n, mode=mode, step_s=round(got["step_s"], 5))
             row |= {k: round(got[k], 5) for k in ("comm_s", "kernel_s") if got.get(k) is not None}
-            row |= {k: float(f"{got[k]:.3g}") for k in ("rel_l2", "rel_l2_guided") if k in got}
+            row |= {k: float(f"{got[k]:.3g}") for k in ("rel_l2", "rel_l2_guided", "rel_l2_batch_floor") if k in got}
             rows.append(row)
             log.info("%s %s x%d: %.4f s/step, %s", model, mode, n, got["step_s"],
                      {k: v for k, v in got.items() if k != "step_s"})

@@ -38,6 +38,7 @@ def test_tiny_run_writes_rows(tmp_path, modes):
     assert rows[0]["speedup"] == 1.0
     # each mode's guided prediction against the single process's, same weights and inputs (float32)
     assert "rel_l2" not in rows[0] and all(r["rel_l2"] < 1e-5 for r in rows[1:])
+    assert 0 <= rows[0]["rel_l2_batch_floor"] < 1e-5  # float32: batch 1 and 2 agree
 
 
 def test_branch_halves_slice_only_batched_fields():
