@@ -3,14 +3,20 @@
 A 832x480x81 video is 97 MB of uint8; pickled through the executor's socket it costs about half a
 second per request (measured on the H200 host: benchmarks/results/parallel_overhead_h200.json). When
 rank 0 runs on the executor's machine (ranks the executor started), rank 0 copies each video into a
-POSIX shared-memory block and sends its name; the executor copies it out and unlinks the block.
+POSIX shared-memory block and sends its name; the executor maps the block, unlinks its name at once
+and returns an array over the mapping (no second copy: the pages go back when the array is freed).
+Where shared memory is not a /dev/shm file, it copies the array out instead.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import mmap
+import os
 from dataclasses import dataclass, replace
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +56,12 @@ def collect_videos(outputs: list[GenerationOutput]) -> list[GenerationOutput]:
 
 
 def _collect(ref: SharedArray) -> np.ndarray:
+    path = Path("/dev/shm") / ref.name.lstrip("/")
+    if path.is_file():  # Linux: map the block itself
+        with open(path, "r+b") as f:
+            mapping = mmap.mmap(f.fileno(), 0)
+        os.unlink(path)  # the name goes now; the pages stay until the array (holding `mapping`) is freed
+        return np.frombuffer(mapping, np.dtype(ref.dtype), count=math.prod(ref.shape)).reshape(ref.shape)
     block = shared_memory.SharedMemory(name=ref.name)
     try:
         return np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=block.buf).copy()

@@ -35,7 +35,9 @@ def test_videos_cross_processes_and_the_blocks_are_unlinked():
     got = collect_videos(shared)[0].videos
     video = np.arange(5 * 6 * 7 * 3, dtype=np.uint8).reshape(5, 6, 7, 3)
     assert np.array_equal(got[0], video) and np.array_equal(got[1], video[::-1])
-    assert blocks() == before
+    assert blocks() == before  # unlinked at once, though the arrays still use the pages
+    got[0][0, 0, 0] = 255  # an ordinary writable array, its own memory
+    assert got[0][0, 0, 0, 0] == 255 and got[1][-1, 0, 0, 0] == 0
     with pytest.raises(FileNotFoundError):
         collect_videos(shared)
 
