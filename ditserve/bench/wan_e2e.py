@@ -10,7 +10,8 @@ uncond; ditserve batches the two into one call of batch 2).
 Timed, back to back in one process (one pipeline on the device at a time, so each peak is its own):
 diffusers eager, diffusers with `transformer.compile_repeated_blocks(fullgraph=True)`, ditserve in its
 fast configuration (`enable_torch_compile=True`: per-block compile and CUDA graphs, warmed up at the
-bench's shape) and, with `quantization="fp8"`, the same with fp8 linears. Each is warmed up with a
+bench's shape), with `quantization="fp8"` the same with fp8 linears and, with `attention` (e.g. "fp8":
+cuDNN's fp8 SDPA), once more with that attention backend (and the fp8 linears when asked). Each is warmed up with a
 2-step run at the same shape first (ditserve's engine does it while it loads when compiling).
 
 The default is 10 denoising steps (Wan's own is 50): at 480p x 81 a CFG step is ≈ 1.1-1.3 s and the
@@ -20,12 +21,12 @@ extends each total to 50 steps with its measured per-step time.
 
 Row: base_row's fields; steps, default_steps, guidance_scale, cfg, setup_s, weights_gib;
 diffusers_{eager,compiled}_{e2e_s, mean_step_s, peak_memory_gib} (a step: both CFG calls; the peak
-over the timed run); ditserve[_fp8]_{e2e_s, stages_s, mean_step_s, peak_memory_gib (per stage),
+over the timed run); ditserve[_fp8|_attn]_{e2e_s, stages_s, mean_step_s, peak_memory_gib (per stage),
 load_s (weights, setup, warm-up), start_memory_gib}; frames: frames_finite, frames_std (a flat video
 would make the PSNRs meaningless), psnr_ditserve_vs_diffusers_db and max_abs_diff_vs_diffusers (against
 diffusers' eager frames), psnr_diffusers_compiled_vs_eager_db (bf16 noise between two right pipelines),
-fp8_psnr_vs_bf16_db, fp8_psnr_vs_diffusers_db; speedup_vs_diffusers_{eager,compiled},
-fp8_speedup_vs_diffusers_compiled, est_e2e_s_at_default_steps.
+fp8_psnr_vs_bf16_db, fp8_psnr_vs_diffusers_db, attn_psnr_vs_bf16_db, attn_psnr_vs_diffusers_db;
+speedup_vs_diffusers_{eager,compiled}, {fp8,attn}_speedup_vs_diffusers_compiled, est_e2e_s_at_default_steps.
 
 `tiny=True` runs the same path at toy sizes (TINY_WAN, TINY_E2E, with sharpened weights so frames
 follow prompt and guidance) in float32, on the CPU in seconds, where ditserve's frames must equal
@@ -181,7 +182,7 @@ class _Diffusers:
 
 
 def _time_ditserve(row: dict, prefix: str, folder: Path, device: str, dtype: str, settings: dict, compile: bool,
-                   quantization: str | None, reps: int) -> np.ndarray:
+                   quantization: str | None, reps: int, attention: str = "auto") -> np.ndarray:
     """ditserve's Generator on the saved folder in its fast configuration: load (compiling, warmed up
     at the bench's shape), time `reps` runs; the last run's frames, uint8 [F, H, W, 3]."""
     from ditserve.api import GenerationRequest
@@ -189,8 +190,8 @@ def _time_ditserve(row: dict, prefix: str, folder: Path, device: str, dtype: str
     from ditserve.runtime.engine import Engine
     from ditserve.runtime.generator import Generator
 
-    cfg = EngineConfig(ModelConfig(str(folder), device, dtype), accel=AccelConfig(compile=compile,
-                                                                                  quantization=quantization))
+    cfg = EngineConfig(ModelConfig(str(folder), device, dtype),
+                       accel=AccelConfig(compile=compile, quantization=quantization, attention=attention))
     cuda = device.startswith("cuda")  # what an earlier pipeline left behind would count in every peak: ≈ 0
     row[f"{prefix}_start_memory_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else None
     # compiling, the engine warms up (2 steps) at the bench's shape while it loads
@@ -211,9 +212,10 @@ def _time_ditserve(row: dict, prefix: str, folder: Path, device: str, dtype: str
 def bench_end_to_end(model: str = "wan2.1-t2v-1.3b", height: int | None = None, width: int | None = None,
                      num_frames: int | None = None, steps: int | None = None, quantization: str | None = None,
                      device: str = "cuda", tiny: bool = False, compile: bool = True, reps: int = 1,
-                     folder: str | Path | None = None) -> dict:
+                     folder: str | Path | None = None, attention: str = "auto") -> dict:
     """One row: diffusers' WanPipeline (eager; compiled with `compile`) vs ditserve's Generator (compiled
-    with `compile`; fp8 too with `quantization="fp8"`) end to end on the same random weights.
+    with `compile`; fp8 too with `quantization="fp8"`; with `attention` other than "auto", that backend
+    too) end to end on the same random weights.
 
     Sizes default to 480x832x81 (`tiny`: 32x32x5, float32; otherwise bfloat16); `steps` to
     DEFAULT_STEPS (None: that too). `reps` timed runs each (median). `folder`: where the weights are
@@ -235,7 +237,7 @@ def bench_end_to_end(model: str = "wan2.1-t2v-1.3b", height: int | None = None, 
     row = base_row(model, dtype_name, f"{width}x{height}x{num_frames}, {steps} steps (Wan's default "
                                       f"{default_steps}), CFG {GUIDANCE}" + (" (tiny)" if tiny else ""))
     row |= {"steps": steps, "default_steps": default_steps, "guidance_scale": GUIDANCE, "tiny": tiny,
-            "compile": compile, "quantization": quantization, "reps": reps,
+            "compile": compile, "quantization": quantization, "attention_backend": attention, "reps": reps,
             "cfg": "diffusers: cond and uncond as two DiT calls a step; ditserve: one batched call of 2"}
     try:
         start = time.perf_counter()
@@ -268,6 +270,12 @@ def bench_end_to_end(model: str = "wan2.1-t2v-1.3b", height: int | None = None, 
             _free(device)
             row["fp8_psnr_vs_bf16_db"] = psnr(frames8, frames)
             row["fp8_psnr_vs_diffusers_db"] = psnr(frames8, ref_u8)
+        if attention != "auto":
+            frames_a = _time_ditserve(row, "ditserve_attn", folder, device, dtype_name, settings, compile,
+                                      quantization, reps, attention)
+            _free(device)
+            row["attn_psnr_vs_bf16_db"] = psnr(frames_a, frames)
+            row["attn_psnr_vs_diffusers_db"] = psnr(frames_a, ref_u8)
     finally:
         if own_folder:
             shutil.rmtree(folder, ignore_errors=True)
@@ -281,8 +289,11 @@ def _ratios(row: dict, steps: int, default_steps: int) -> None:
     for name in ("eager", "compiled"):
         if f"diffusers_{name}_e2e_s" in row:
             row[f"speedup_vs_diffusers_{name}"] = row[f"diffusers_{name}_e2e_s"] / row["ditserve_e2e_s"]
-    if "ditserve_fp8_e2e_s" in row and "diffusers_compiled_e2e_s" in row:
-        row["fp8_speedup_vs_diffusers_compiled"] = row["diffusers_compiled_e2e_s"] / row["ditserve_fp8_e2e_s"]
+    for variant in ("fp8", "attn"):
+        if f"ditserve_{variant}_e2e_s" in row and "diffusers_compiled_e2e_s" in row:
+            row[f"{variant}_speedup_vs_diffusers_compiled"] = (row["diffusers_compiled_e2e_s"]
+                                                               / row[f"ditserve_{variant}_e2e_s"])
     row["est_e2e_s_at_default_steps"] = {
         side: row[f"{side}_e2e_s"] + (default_steps - steps) * row[f"{side}_mean_step_s"]
-        for side in ("diffusers_eager", "diffusers_compiled", "ditserve", "ditserve_fp8") if f"{side}_e2e_s" in row}
+        for side in ("diffusers_eager", "diffusers_compiled", "ditserve", "ditserve_fp8", "ditserve_attn")
+        if f"{side}_e2e_s" in row}

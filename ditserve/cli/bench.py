@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model.startswith("flux") and args.attention_backend != "auto" and not args.quantization:
         raise InvalidRequest("the FLUX step bench times --attention-backend with fp8 linears: add --quantization fp8",
                              "attention_backend")
-    if args.end_to_end and args.attention_backend != "auto":
-        raise InvalidRequest("--attention-backend applies to the DiT step bench (not --end-to-end yet)",
+    if args.end_to_end and args.attention_backend != "auto" and not args.model.startswith("wan"):
+        raise InvalidRequest("--attention-backend applies to the DiT step bench (and Wan's --end-to-end)",
                              "attention_backend")
     if not torch.cuda.is_available():
         raise InvalidRequest("ditserve bench needs a CUDA GPU", "device")
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         from ditserve.bench.wan_e2e import bench_end_to_end as wan_end_to_end
 
         return _write([wan_end_to_end(args.model, args.height, args.width, args.num_frames, args.steps,
-                                      args.quantization)], args.json)
+                                      args.quantization, attention=args.attention_backend)], args.json)
     if args.model.startswith("wan"):
         from ditserve.bench.wan import bench_step as wan_bench_step
         from ditserve.bench.wan import bench_vae_decode, default_size

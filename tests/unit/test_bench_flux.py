@@ -78,6 +78,6 @@ def test_cli_refuses_attention_backend_end_to_end(capsys):
 
     assert main(["bench", "--model", "flux.1-dev", "--end-to-end", "--attention-backend", "fp8",
                  "--quantization", "fp8"]) == 2
-    assert "not --end-to-end" in capsys.readouterr().err
+    assert "and Wan's --end-to-end" in capsys.readouterr().err
     assert main(["bench", "--model", "flux.1-dev", "--attention-backend", "fp8"]) == 2
     assert "add --quantization fp8" in capsys.readouterr().err

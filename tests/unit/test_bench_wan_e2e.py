@@ -14,7 +14,8 @@ ROW_KEYS = {"model", "gpu", "shape", "commit", "steps", "default_steps", "guidan
             "ditserve_e2e_s", "ditserve_stages_s", "ditserve_mean_step_s", "ditserve_peak_memory_gib",
             "ditserve_load_s", "psnr_ditserve_vs_diffusers_db", "max_abs_diff_vs_diffusers", "frames_std",
             "speedup_vs_diffusers_eager", "est_e2e_s_at_default_steps",
-            "ditserve_fp8_e2e_s", "ditserve_fp8_stages_s", "fp8_psnr_vs_bf16_db", "fp8_psnr_vs_diffusers_db"}
+            "ditserve_fp8_e2e_s", "ditserve_fp8_stages_s", "fp8_psnr_vs_bf16_db", "fp8_psnr_vs_diffusers_db",
+            "ditserve_attn_e2e_s", "ditserve_attn_stages_s", "attn_psnr_vs_bf16_db", "attn_psnr_vs_diffusers_db"}
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,8 @@ def _run(**kw) -> dict:
 
 
 def test_tiny_frames_match_diffusers():
-    row = _run(quantization="fp8")  # on the CPU the fp8 engine runs unquantised: the row's fields only
+    # on the CPU the fp8 engine runs unquantised and the fp8 attention backend leaves SDPA: the fields only
+    row = _run(quantization="fp8", attention="fp8")
     assert ROW_KEYS <= set(row) and row["gpu"] == "cpu" and row["dtype"] == "float32"
     assert row["shape"].startswith("32x32x5, 3 steps") and row["steps"] == 3 and row["default_steps"] == 50
     assert row["frames_finite"] and row["frames_std"] > 10  # not a flat video: the agreement means something
@@ -41,6 +43,7 @@ def test_tiny_frames_match_diffusers():
     assert row["diffusers_eager_e2e_s"] > 0 and row["ditserve_e2e_s"] > 0 and row["ditserve_mean_step_s"] > 0
     assert row["diffusers_eager_mean_step_s"] > 0
     assert row["est_e2e_s_at_default_steps"]["ditserve"] > row["ditserve_e2e_s"]
+    assert row["attention_backend"] == "fp8" and row["attn_psnr_vs_bf16_db"] >= 45
     assert "diffusers_compiled_e2e_s" not in row  # compile=False
 
 
