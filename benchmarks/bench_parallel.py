@@ -9,7 +9,9 @@ of two predictions about 5x); same weights and inputs (TP draws its weights per 
 neither). The 1-GPU row's `rel_l2_batch_floor` is the distance that only running the cond branch alone
 (batch 1 instead of 2) makes: the bf16 noise a mode's `rel_l2` is to be read against. On several
 GPUs, `comm_s` is the NCCL kernels' time in one more, profiled step on rank 0
-(waits for the other ranks included) against `kernel_s`, all kernels.
+(waits for the other ranks included) against `kernel_s`, all kernels, and `comm_alone_s` the same
+step's `collectives` (recorded: which, sizes, groups) replayed alone, back to back: the transfer time a
+step cannot go below without overlapping it with compute.
 
     python benchmarks/bench_parallel.py [--models wan2.1-t2v-14b,flux.1-dev,qwen-image] [--max-gpus 8] \
         [--reps 5] [--out benchmarks/results/parallel_h200.json]
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -145,6 +148,76 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+class Collectives:
+    """Records the collectives one call of a step issues (which, sizes, groups) and replays them alone,
+    back to back: the time the transfers take without the waits for compute that the NCCL kernels of a
+    real step include."""
+
+    NAMES = ("all_to_all_single", "all_gather", "batch_isend_irecv", "all_reduce")
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def record(self, step) -> None:
+        real = {name: getattr(dist, name) for name in self.NAMES}
+
+        def a2a(output, input, *args, group=None, **kw):
+            self.calls.append(("a2a", input.shape, input.dtype, group))
+            return real["all_to_all_single"](output, input, *args, group=group, **kw)
+
+        def gather(tensor_list, tensor, group=None, **kw):
+            self.calls.append(("gather", tensor.shape, tensor.dtype, group, len(tensor_list)))
+            return real["all_gather"](tensor_list, tensor, group=group, **kw)
+
+        def reduce(tensor, *args, group=None, **kw):
+            self.calls.append(("reduce", tensor.shape, tensor.dtype, group))
+            return real["all_reduce"](tensor, *args, group=group, **kw)
+
+        def p2p(ops):
+            self.calls.append(("p2p", [(op.op, op.tensor.shape, op.tensor.dtype, op.peer, op.group) for op in ops]))
+            return real["batch_isend_irecv"](ops)
+
+        for name, fake in zip(self.NAMES, (a2a, gather, p2p, reduce)):
+            setattr(dist, name, fake)
+        try:
+            step()
+        finally:
+            for name, fn in real.items():
+                setattr(dist, name, fn)
+
+    def replay(self, device: torch.device) -> float:
+        def new(shape, dtype):
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        bufs = []
+        for call in self.calls:  # buffers first: the timing is the transfers only
+            if call[0] == "a2a":
+                bufs.append((new(call[1], call[2]), new(call[1], call[2])))
+            elif call[0] == "gather":
+                bufs.append(([new(call[1], call[2]) for _ in range(call[4])], new(call[1], call[2])))
+            elif call[0] == "reduce":
+                bufs.append(torch.zeros(call[1], dtype=call[2], device=device))
+            else:
+                bufs.append([dist.P2POp(op, new(shape, dtype), peer, group) for op, shape, dtype, peer, group
+                             in call[1]])
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        dist.barrier()
+        sync()
+        start = time.perf_counter()
+        for call, buf in zip(self.calls, bufs):
+            if call[0] == "a2a":
+                dist.all_to_all_single(buf[0], buf[1], group=call[3])
+            elif call[0] == "gather":
+                dist.all_gather(buf[0], buf[1], group=call[3])
+            elif call[0] == "reduce":
+                dist.all_reduce(buf, group=call[3])
+            else:
+                for work in dist.batch_isend_irecv(buf):
+                    work.wait()
+        sync()
+        return time.perf_counter() - start
+
+
 def kernel_times(step) -> tuple[float, float]:
     """(NCCL kernels' seconds, all kernels' seconds) in one profiled call of `step` (CUDA)."""
     from torch.autograd import DeviceType
@@ -160,7 +233,6 @@ def kernel_times(step) -> tuple[float, float]:
 
 def rank_run(rank: int, world: int, port: int, job: dict, out: str) -> None:
     """One rank of one configuration: build, warm up, time `reps` steps; rank 0 writes the median."""
-    import torch.distributed as dist
 
     from ditserve.config import ParallelConfig
     from ditserve.models.common.dit import StepContext
@@ -199,14 +271,19 @@ def rank_run(rank: int, world: int, port: int, job: dict, out: str) -> None:
                 torch.cuda.synchronize()
             if i >= job["warmup"]:
                 times.append(time.perf_counter() - start)
-        comm = (None, None)
-        if cuda and world > 1:
-            try:
-                comm = kernel_times(lambda: guidance.predict(call, x))
-            except RuntimeError as exc:  # the profiler is a diagnostic: the timing stands without it
-                log.warning("no kernel profile: %s", exc)
+        comm, alone = (None, None), None
+        if world > 1:
+            collectives = Collectives()
+            collectives.record(lambda: guidance.predict(call, x))
+            alone = collectives.replay(device)
+            if cuda:
+                try:
+                    comm = kernel_times(lambda: guidance.predict(call, x))
+                except RuntimeError as exc:  # the profiler is a diagnostic: the timing stands without it
+                    log.warning("no kernel profile: %s", exc)
     if rank == 0:
-        result = {"step_s": statistics.median(times), "comm_s": comm[0], "kernel_s": comm[1]}
+        result = {"step_s": statistics.median(times), "comm_s": comm[0], "kernel_s": comm[1],
+                  "comm_alone_s": alone, "collectives": len(collectives.calls) if world > 1 else 0}
         ref = Path(job["reference"])
         pred = last["pred"].cpu()  # the branches this rank predicted, in the last timed step
         if not job["degrees"]:
@@ -252,7 +329,8 @@ def bench_model(model: str, sc: Scenario, counts: list[int], args) -> list[dict]
                        warmup=args.warmup, reps=args.reps, reference=str(reference))
             got = run_job(job, n)
             row = base_row(model, args.dtype, shape) | dict(num_gpus=n, mode=mode, step_s=round(got["step_s"], 5))
-            row |= {k: round(got[k], 5) for k in ("comm_s", "kernel_s") if got.get(k) is not None}
+            row |= {k: round(got[k], 5) for k in ("comm_s", "kernel_s", "comm_alone_s") if got.get(k) is not None}
+            row["collectives"] = got["collectives"]
             row |= {k: float(f"{got[k]:.3g}") for k in ("rel_l2", "rel_l2_guided", "rel_l2_batch_floor") if k in got}
             rows.append(row)
             log.info("%s %s x%d: %.4f s/step, %s", model, mode, n, got["step_s"],

@@ -39,6 +39,8 @@ def test_tiny_run_writes_rows(tmp_path, modes):
     # each mode's guided prediction against the single process's, same weights and inputs (float32)
     assert "rel_l2" not in rows[0] and all(r["rel_l2"] < 1e-5 for r in rows[1:])
     assert 0 <= rows[0]["rel_l2_batch_floor"] < 1e-5  # float32: batch 1 and 2 agree
+    # the step's collectives, recorded and replayed alone (CFG-parallel: the one all-gather of the branches)
+    assert rows[0]["collectives"] == 0 and all(r["collectives"] >= 1 and r["comm_alone_s"] > 0 for r in rows[1:])
 
 
 def test_branch_halves_slice_only_batched_fields():
