@@ -14,7 +14,7 @@ step's `collectives` (recorded: which, sizes, groups) replayed alone, back to ba
 step cannot go below without overlapping it with compute.
 
     python benchmarks/bench_parallel.py [--models wan2.1-t2v-14b,flux.1-dev,qwen-image] [--max-gpus 8] \
-        [--reps 5] [--out benchmarks/results/parallel_h200.json]
+        [--counts 1,2,4,8] [--reps 5] [--out benchmarks/results/parallel_h200.json]   # rows written as they come
     python benchmarks/bench_parallel.py --tiny [--models tiny-flux]   # CPU smoke run: gloo, 1 and 2 ranks
 
 Scenarios: Wan2.1-14B at 1280x720x81 (75,600 tokens) with CFG-parallel, Ulysses, Ring and USP (and
@@ -312,7 +312,8 @@ def run_job(job: dict, world: int) -> dict:
         return json.loads(Path(out).read_text())
 
 
-def bench_model(model: str, sc: Scenario, counts: list[int], args) -> list[dict]:
+def bench_model(model: str, sc: Scenario, counts: list[int], args, save=lambda rows: None) -> list[dict]:
+    """Every configuration of `model` that fits `counts` (1 first: the reference); `save(rows)` after each."""
     from ditserve.bench.common import arch_kwargs, architectures, base_row
 
     heads = (sc.arch or arch_kwargs(architectures()[model]["transformer"]))["num_attention_heads"]
@@ -332,12 +333,11 @@ def bench_model(model: str, sc: Scenario, counts: list[int], args) -> list[dict]
             row |= {k: round(got[k], 5) for k in ("comm_s", "kernel_s", "comm_alone_s") if got.get(k) is not None}
             row["collectives"] = got["collectives"]
             row |= {k: float(f"{got[k]:.3g}") for k in ("rel_l2", "rel_l2_guided", "rel_l2_batch_floor") if k in got}
-            rows.append(row)
+            single = rows[0]["step_s"] if rows else row["step_s"]
+            rows.append(row | {"speedup": round(single / row["step_s"], 3)})
+            save(rows)
             log.info("%s %s x%d: %.4f s/step, %s", model, mode, n, got["step_s"],
                      {k: v for k, v in got.items() if k != "step_s"})
-    single = next((r["step_s"] for r in rows if r["mode"] == "single"), None)
-    for row in rows:
-        row["speedup"] = round(single / row["step_s"], 3) if single else None
     return rows
 
 
@@ -345,6 +345,8 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=None, help=f"comma-separated, of {', '.join(SCENARIOS)} (default all)")
     p.add_argument("--max-gpus", type=int, default=8)
+    p.add_argument("--counts", default="1,2,4,8", help="GPU counts to run (up to --max-gpus; 1, the reference, "
+                                                         "always runs)")
     p.add_argument("--modes", default=None, help="comma-separated modes instead of each scenario's")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -361,12 +363,18 @@ def main(argv=None) -> list[dict]:
         args.reps, args.warmup = min(args.reps, 2), min(args.warmup, 1)
     else:
         args.device, args.max_gpus = "cuda", min(args.max_gpus, torch.cuda.device_count())
-    counts = [n for n in (1, 2, 4, 8) if n <= args.max_gpus]
+    counts = sorted({1} | {int(n) for n in args.counts.split(",") if int(n) <= args.max_gpus})
+    done: list[dict] = []
+
+    def save(rows: list[dict]) -> None:  # after every configuration: a run cut short keeps what it finished
+        if args.out:
+            Path(args.out).write_text(json.dumps(done + rows, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory() as workdir:
         args.workdir = workdir
-        rows = [row for model, sc in scenarios.items() for row in bench_model(model, sc, counts, args)]
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        for model, sc in scenarios.items():
+            done += bench_model(model, sc, counts, args, save)
+    rows = done
     for row in rows:
         log.info("%-16s %-12s x%d  %.4f s  speedup %s  rel_l2 %s  comm %s s", row["model"], row["mode"],
                  row["num_gpus"], row["step_s"], row["speedup"], row.get("rel_l2"), row.get("comm_s"))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 26's runs on a machine of 2 GPUs (device kind nvidia-h200-x2), one part per call (under 10 min):
+# Issue 26's runs on a machine of 2 GPUs (device kind nvidia-h200-x2), one part per call (under 10 min);
+# on 4 or 8 GPUs set COUNTS (e.g. COUNTS=1,4 then COUNTS=8: the 1-GPU reference runs in every call):
 #   images:   FLUX.1-dev 1024² true CFG and Qwen-Image 1328² on 1 and 2 GPUs (CFG-parallel, Ulysses), then
 #             the degree-1 executor cost and the throughput of 2 replicas (Wan2.1-1.3B-size DiT, 10 steps)
 #   wan14b:   Wan2.1-T2V-14B 720p x 81 (75,600 tokens) on 1 and 2 GPUs (CFG-parallel, Ulysses, Ring)
@@ -14,12 +15,12 @@ python3 -c 'import torch; print(torch.cuda.device_count(), "GPUs:", torch.cuda.g
 nvidia-smi topo -m 2>/dev/null | head -4
 
 if [ "$part" = images ]; then
-    timeout 240 python3 benchmarks/bench_parallel.py --models flux.1-dev,qwen-image --max-gpus 2 --reps 5 \
+    timeout 240 python3 benchmarks/bench_parallel.py --models flux.1-dev,qwen-image --counts "${COUNTS:-1,2}" --reps 5 \
         --out "$out/parallel_images_h200x2.json" 2>&1 | tee "$out/parallel_images_h200x2.log" | show
     timeout 320 python3 benchmarks/bench_parallel_overhead.py --steps 10 --reps 2 --replicas 2 --requests 4 \
         --out "$out/parallel_overhead_h200.json" 2>&1 | tee "$out/parallel_overhead_h200.log" | show
 fi
 if [ "$part" = wan14b ]; then  # a 1-GPU CFG step (batch of two) is ≈ 24 s: 1 warm-up + 2 timed per mode
-    timeout 580 python3 benchmarks/bench_parallel.py --models wan2.1-t2v-14b --max-gpus 2 --reps 2 --warmup 1 \
+    timeout 580 python3 benchmarks/bench_parallel.py --models wan2.1-t2v-14b --counts "${COUNTS:-1,2}" --reps 2 --warmup 1 \
         --out "$out/parallel_wan14b_h200x2.json" 2>&1 | tee "$out/parallel_wan14b_h200x2.log" | show
 fi
