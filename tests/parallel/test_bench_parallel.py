@@ -44,6 +44,12 @@ def test_tiny_run_writes_rows(tmp_path, modes):
     assert rows[0]["collectives"] == 0 and all(r["collectives"] >= 1 and r["comm_alone_s"] > 0 for r in rows[1:])
 
 
+def test_counts_pick_the_gpu_counts(tmp_path):
+    out = tmp_path / "rows.json"
+    load_bench().main(["--tiny", "--models", "tiny-flux", "--modes", "cfg", "--counts", "1", "--out", str(out)])
+    assert [(r["mode"], r["num_gpus"]) for r in json.loads(out.read_text())] == [("single", 1)]
+
+
 def test_branch_halves_slice_only_batched_fields():
     import torch
 

@@ -2,6 +2,7 @@
 ditserve's Generator on the same saved random weights give the same frames (DESIGN.md: within 1/255),
 the row has its fields, and the agreement it reports drops when ditserve's guidance is wrong."""
 
+import logging
 import math
 
 import pytest
@@ -32,9 +33,12 @@ def _run(**kw) -> dict:
     return wan_e2e.bench_end_to_end(tiny=True, device="cpu", compile=False, steps=3, **kw)
 
 
-def test_tiny_frames_match_diffusers():
-    # on the CPU the fp8 engine runs unquantised and the fp8 attention backend leaves SDPA: the fields only
-    row = _run(quantization="fp8", attention="fp8")
+def test_tiny_frames_match_diffusers(caplog):
+    # on the CPU the fp8 engine runs unquantised and the fp8 attention backend leaves SDPA: the fields, and
+    # that the backend reached the engine (it says it falls back)
+    with caplog.at_level(logging.INFO, logger="ditserve.accel.attention"):
+        row = _run(quantization="fp8", attention="fp8")
+    assert any("attention backend fp8 needs a CUDA GPU" in r.getMessage() for r in caplog.records)
     assert ROW_KEYS <= set(row) and row["gpu"] == "cpu" and row["dtype"] == "float32"
     assert row["shape"].startswith("32x32x5, 3 steps") and row["steps"] == 3 and row["default_steps"] == 50
     assert row["frames_finite"] and row["frames_std"] > 10  # not a flat video: the agreement means something
