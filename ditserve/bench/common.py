@@ -259,7 +259,7 @@ class StepCase:
 
 
 def compare_step(case: StepCase, row: dict, device: str, quantization: str | None = None, compare: bool = True,
-                 compiled: bool = True, attention: str = "auto") -> dict:
+                 compiled: bool = True, attention: str = "auto", fp8_alone: bool = True) -> dict:
     """Fill `row`: ditserve eager and compiled (and compiled FP8 with `quantization="fp8"`) vs diffusers
     eager and compiled, on the same weights and inputs, with the rel-L2 guards and the floors.
 
@@ -268,7 +268,8 @@ def compare_step(case: StepCase, row: dict, device: str, quantization: str | Non
     (`fast_block_bound`) and fp8 (`fp8_block_guard`) blocks; `block_update_floor`: diffusers' own bf16
     error. With `attention` other than "auto" (e.g. "fp8"), one more compiled variant runs that attention
     backend, with fp8 linears when `quantization="fp8"` (fields `fp8_attn_*`) or bf16 ones (`attn_*`),
-    judged by the fp8 step guard.
+    judged by the fp8 step guard. `fp8_alone=False` skips the fp8-linears-only variant when that attention
+    variant runs (the longest sequences, where a call's time does not allow both).
 
     Model calls (the guards judge the output of the last timed call): ours eager `sum(eager_timing)`;
     diffusers eager `sum(eager_timing) - 1` with `compare` (ours warmed the GPU; its last timed call is the
@@ -315,7 +316,7 @@ def compare_step(case: StepCase, row: dict, device: str, quantization: str | Non
         case.compile_ref(ref)
         row["diffusers_compiled_step_s"] = median_time(lambda: case.run_ref(ref), *case.fast_timing)
         row["speedup_vs_diffusers_compiled"] = row["diffusers_compiled_step_s"] / row["ditserve_step_s"]
-    variants = [("fp8", "fp8", "auto")] if quantization == "fp8" else []
+    variants = [("fp8", "fp8", "auto")] if quantization == "fp8" and (fp8_alone or attention == "auto") else []
     if attention != "auto":
         variants.append(("fp8_attn" if quantization == "fp8" else "attn", quantization, attention))
     if variants:

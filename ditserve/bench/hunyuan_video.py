@@ -114,7 +114,8 @@ def compile_diffusers(ref) -> None:
 @torch.no_grad()
 def bench_step(model: str = MODEL, height: int = 720, width: int = 1280, num_frames: int = 129,
                quantization: str | None = None, compare: bool = True, device: str = "cuda",
-               compiled: bool = True, txt_len: int = 64, reps: int = 5, attention: str = "auto") -> dict:
+               compiled: bool = True, txt_len: int = 64, reps: int = 5, attention: str = "auto",
+               fp8_alone: bool = True) -> dict:
     """One DiT forward: diffusers eager and compiled vs ditserve eager and compiled (and compiled FP8 with
     `quantization="fp8"`), with the rel-L2 guards.
 
@@ -144,4 +145,4 @@ def bench_step(model: str = MODEL, height: int = 720, width: int = 1280, num_fra
                     fast_block_guard=FAST_BLOCK_GUARD, fp8_guard=FP8_GUARD_REL_L2, eager_timing=(1, reps),
                     fast_timing=(1, reps))
     del ours
-    return compare_step(step, row, device, quantization, compare, compiled, attention)
+    return compare_step(step, row, device, quantization, compare, compiled, attention, fp8_alone)

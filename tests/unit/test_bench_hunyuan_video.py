@@ -97,9 +97,8 @@ def test_probe_catches_wrong_positions(shrunk):
     assert min(vs_bf16.values()) > bench.GUARD_REL_L2 and all(vs_fp32[k] > bound[k] for k in bound)
 
 
-def test_each_dit_is_called_as_documented(shrunk, monkeypatch):
-    """At 720p a call is ≈ 20 s: with `reps=1`, ours 2 calls per variant (eager, compiled, fp8), diffusers
-    1 eager (its timed call gives the reference output) and 2 compiled; every guard still judged."""
+def count_calls(monkeypatch) -> dict:
+    """Stand-ins for the accelerations, the timer and diffusers' compile; counts each side's DiT calls."""
     from ditserve.bench import common
 
     stand_in_accel(monkeypatch)
@@ -117,6 +116,25 @@ def test_each_dit_is_called_as_documented(shrunk, monkeypatch):
 
     monkeypatch.setattr(bench.Case, "run", count("ours", run))
     monkeypatch.setattr(bench.Case, "ref", count("ref", ref))
+    return calls
+
+
+def test_720p_call_skips_the_fp8_linears_alone(shrunk, monkeypatch):
+    """`fp8_alone=False` with `attention="fp8"` (the 720p call): fp8 linears + fp8 attention replaces the
+    fp8-linears-only variant, so ours makes 6 calls, not 8, and that variant's fields are absent."""
+    calls = count_calls(monkeypatch)
+    row = bench.bench_step(height=64, width=96, num_frames=9, device="cpu", txt_len=7, quantization="fp8", reps=1,
+                           attention="fp8", fp8_alone=False)
+    assert calls == {"ours": 6, "ref": 3}
+    assert "ditserve_fp8_step_s" not in row and row["fp8_attn_attention"] == "fp8"
+    assert row["ditserve_fp8_attn_step_s"] > 0 and row["fp8_attn_guard_ok"]
+    assert "fp8_floor_step_s" in row
+
+
+def test_each_dit_is_called_as_documented(shrunk, monkeypatch):
+    """At 720p a call is ≈ 20 s: with `reps=1`, ours 2 calls per variant (eager, compiled, fp8), diffusers
+    1 eager (its timed call gives the reference output) and 2 compiled; every guard still judged."""
+    calls = count_calls(monkeypatch)
     row = bench.bench_step(height=64, width=96, num_frames=9, device="cpu", txt_len=7, quantization="fp8", reps=1)
     assert calls == {"ours": 6, "ref": 3}
     assert row["guard_ok"] and row["fp8_guard_ok"]
