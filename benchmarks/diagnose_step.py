@@ -4,7 +4,8 @@ top kernels, the gaps between kernels, the step time the kernels do not account 
 attention call (Wan: self then cross) and the block's kernels in order.
 
 The DiT is built with random weights and accelerated exactly as the step bench does it
-(ditserve/bench/<family>.py: `build`, `inputs`, `accelerate_dit(AccelConfig(compile=True, ...))`).
+(ditserve/bench/<family>.py: `build`, `inputs`, `accelerate_dit(AccelConfig(compile=True, ...))`; Wan 1.3B/14B,
+FLUX.1-dev, CogVideoX-5B).
 Variants: `bf16`, `fp8` (fp8 linears), `attn8` (the fp8 attention backend), `fp8+attn8`.
 Writes <out>/diagnose_<model>.json (after every variant), kernels_<model>_<variant>.txt and the
 profiler traces; prints a short summary last.
@@ -54,6 +55,11 @@ TINY_WAN = {"cls": "WanTransformer3DModel", "attention_head_dim": 32, "cross_att
             "ffn_dim": 96, "freq_dim": 64, "in_channels": 16, "num_attention_heads": 2, "num_layers": 2,
             "out_channels": 16, "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 256,
             "text_dim": 48}
+# CogVideoX's (tests/unit/test_bench_cogvideox.py's): 2 blocks, 2 heads of 16, a 64x96 video of 9 frames
+TINY_COGVIDEOX = {"cls": "CogVideoXTransformer3DModel", "num_attention_heads": 2, "attention_head_dim": 16,
+                  "in_channels": 4, "out_channels": 4, "num_layers": 2, "text_embed_dim": 24, "time_embed_dim": 16,
+                  "use_rotary_positional_embeddings": True, "sample_width": 12, "sample_height": 8,
+                  "sample_frames": 9, "patch_size": 2, "max_text_seq_length": 10}
 
 
 def kernel_category(name: str) -> str:
@@ -101,7 +107,7 @@ def flux_setup(model: str, device: str, tiny: bool):
     from ditserve.bench import flux as bench
 
     if tiny:
-        raise SystemExit("--tiny is Wan's only")
+        raise SystemExit("--tiny is Wan's and CogVideoX's only")
     ref, dit = bench.build(model, device, DTYPE)
     del ref
     inp = bench.inputs(dit.cfg, 1024, 1024, 512, device, DTYPE)
@@ -109,7 +115,21 @@ def flux_setup(model: str, device: str, tiny: bool):
     return dit, inp, f"1024x1024, {inp.img.shape[1]}+512 tokens"
 
 
-MODELS = {"wan2.1-t2v-1.3b": wan_setup, "wan2.1-t2v-14b": wan_setup, "flux.1-dev": flux_setup}
+def cogvideox_setup(model: str, device: str, tiny: bool):
+    """CogVideoX-5B's step as its bench times it: 720x480x49, cond and uncond as one batch of two."""
+    from ditserve.bench import cogvideox as bench
+
+    with _architectures(bench, {model: {"transformer": TINY_COGVIDEOX}} if tiny else None):
+        ref, dit = bench.build(model, device, DTYPE)
+    del ref
+    height, width, frames = (64, 96, 9) if tiny else (480, 720, 49)
+    inp = bench.inputs(dit, height, width, frames, device, DTYPE)
+    f, gh, gw = dit.grid(inp.latents.shape)
+    return dit, inp, f"{width}x{height}x{frames}, {f * gh * gw}+{inp.context.shape[1]} tokens, batch 2 (CFG)"
+
+
+MODELS = {"wan2.1-t2v-1.3b": wan_setup, "wan2.1-t2v-14b": wan_setup, "flux.1-dev": flux_setup,
+          "cogvideox-5b": cogvideox_setup}
 
 
 def parse_variant(variant: str) -> tuple[str | None, str]:
@@ -285,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", choices=("none", "fp8"), help="with --attention-backend: one variant")
     p.add_argument("--attention-backend", choices=("sdpa", "fp8"), help="with --quantization: one variant")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--tiny", action="store_true", help="a tiny Wan architecture (the CPU smoke run)")
+    p.add_argument("--tiny", action="store_true", help="a tiny architecture (the CPU smoke run; Wan, CogVideoX)")
     p.add_argument("--reps", type=int, default=None, help="timed steps per variant (default 10; 2 on the CPU)")
     p.add_argument("--clocks", type=float, default=3.0, help="seconds of nvidia-smi samples per variant (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
