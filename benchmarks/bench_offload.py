@@ -30,9 +30,12 @@ one graph per block type (accel/activations.py: a chunked feed-forward changes c
 getting a per-instance forward).
 
 Under layerwise offload the DiT's per-token parts run in chunks of `--forward-chunk-size` tokens (default
-4096, as the engine's automatic setting; 0 off), and the budget keeps the estimated activation peak free
-(accel/activations.py's estimate on a meta copy at the same size: `activation_est_gib`, beside the
-resident `activation_est_resident_gib`; the measured peak minus the resident weights shows how close it is).
+4096, as the engine's automatic setting; 0 off): every block streamed chunked (the least memory) and, when
+chunking, unchunked (what streaming alone costs); at the budget the chunk is dropped as the engine drops its
+automatic one, when the unchunked activations leave as many blocks resident. The budget keeps the
+estimated activation peak free (accel/activations.py's estimate on a meta copy at the same size:
+`activation_est_gib`, beside the resident `activation_est_resident_gib`; the measured peak minus the
+resident weights shows how close it is).
 End to end, the budget is planned as the engine plans it, around the DiT's first call's estimate
 (`budget_planned_activation_gib`, `resident_blocks`).
 
@@ -67,7 +70,7 @@ from ditserve.accel.activations import (  # noqa: E402
     estimate_activation_peak,
     meta_copy,
 )
-from ditserve.accel.offload import GIB, HostCopy, nbytes, stream_blocks, to_device  # noqa: E402
+from ditserve.accel.offload import GIB, HostCopy, nbytes, resident_blocks, stream_blocks, to_device  # noqa: E402
 from ditserve.bench.common import arch_kwargs, architectures, base_row, wall_time  # noqa: E402
 from ditserve.bench.wan_e2e import TINY_WAN, random_text_and_vae  # noqa: E402
 
@@ -184,6 +187,23 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 DYNAMO_CACHE_SIZE_LIMIT = 10000  # as diffusers' group offload + compile test: hooks and chunking recompile
 
 
+def plan_rows(dit, group_size: int, budget: float, chunk: int | None, whole_gib: float, chunked_gib: float,
+              tiny: bool) -> list[tuple[str, float | None, int | None]]:
+    """The layerwise rows, as (offload, budget GiB, forward chunk), chunked ones first: every block streamed
+    with `chunk` (the least memory) and, when chunking, unchunked too (streaming's own cost); at the budget
+    as the engine plans it with the automatic chunk, which it drops when the unchunked activations leave
+    as many blocks resident (accel/offload.py's first-call plan; the toy model always keeps `chunk`)."""
+    budget_chunk = chunk
+    if chunk and not tiny:
+        kept = resident_blocks(dit, group_size, budget, whole_gib)
+        if kept and kept >= resident_blocks(dit, group_size, budget, chunked_gib):
+            budget_chunk = None
+    rows = [("layerwise", None, chunk), ("layerwise", budget, budget_chunk)]
+    if chunk:
+        rows.append(("layerwise", None, None))
+    return sorted(rows, key=lambda r: r[2] is None)  # stable: the chunked rows first
+
+
 def bench(args) -> dict:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -212,22 +232,26 @@ def bench(args) -> dict:
 
         blocks = nbytes(list(ours.blocks))
         budget = ACTIVATION_RESERVE_GIB + (nbytes([ours]) - blocks / 10) / GIB
-    modes = [("layerwise", None), ("layerwise", budget)]
+    modes = plan_rows(ours, args.group_size, budget, chunk, resident_est, chunked_est, args.tiny)
     results = []
-    if chunk:  # once for both rows: compiled, each new chunked site is a guard that recompiles the block
-        apply_forward_chunking(ours, chunk)
-    for offload, gib in modes:
+    applied = None
+    for offload, gib, row_chunk in modes:
+        if row_chunk != applied:  # chunked rows first: compiled, each change of chunking recompiles the blocks
+            disable_forward_chunking(ours)
+            if row_chunk:
+                apply_forward_chunking(ours, row_chunk)
+            applied = row_chunk
+        est = chunked_est if row_chunk else resident_est
         ours.to("cpu")
         gc.collect()
-        streamer = stream_blocks(ours, device, args.group_size, gib, activation_gib=None if args.tiny else chunked_est)
-        streamed = {id(t) for c in (streamer.copies if streamer else []) for t, _ in c.params}
+        streamer = stream_blocks(ours, device, args.group_size, gib, activation_gib=None if args.tiny else est)
         rest = HostCopy([ours], device.type == "cuda",
                         frozenset(i for c in (streamer.copies if streamer else []) for i in c.tensor_ids()))
         rest.to_device(device)  # embed, head and the resident blocks
         with torch.no_grad():
             step_s, peak, out = timed(run, device, args.warmup, args.reps)
-        results.append((offload, gib, step_s, peak, _diff(out, expected),
-                        len(streamer.copies) if streamer else 0, len(streamed)))
+        results.append((offload, gib, row_chunk, est, step_s, peak, _diff(out, expected),
+                        len(streamer.copies) if streamer else 0))
         if streamer is not None:
             streamer.remove()
         rest.to_host()
@@ -261,12 +285,12 @@ def bench(args) -> dict:
              "max_abs_diff_vs_resident": 0.0, "streamed_groups": 0, "forward_chunk_size": None,
              "activation_est_gib": resident_est, "diffusers_resident_step_s": diffusers_resident_s,
              "compile": args.compile}]
-    for offload, gib, step_s, peak, diff, groups, _ in results:
+    for offload, gib, row_chunk, est, step_s, peak, diff, groups in results:
         rows.append({**base, "offload": offload, "gpu_memory_budget_gib": gib, "step_s": step_s,
                      "resident_step_s": resident_s, "diffusers_offload_step_s": diffusers_s,
                      "diffusers_offload_peak_mem_gib": diffusers_peak, "peak_mem_gib": peak,
-                     "max_abs_diff_vs_resident": diff, "streamed_groups": groups, "forward_chunk_size": chunk,
-                     "activation_est_gib": chunked_est, "diffusers_resident_step_s": diffusers_resident_s,
+                     "max_abs_diff_vs_resident": diff, "streamed_groups": groups, "forward_chunk_size": row_chunk,
+                     "activation_est_gib": est, "diffusers_resident_step_s": diffusers_resident_s,
                      "compile": args.compile,
                      "over_diffusers": None if not diffusers_s else step_s / diffusers_s})
     return {"model": args.model, "gpu": base["gpu"], "commit": base["commit"], "shape": case.shape,

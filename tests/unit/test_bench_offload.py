@@ -1,5 +1,5 @@
-"""The offload bench (GPU) runs on the CPU at toy size: resident, layerwise and budgeted layerwise
-rows beside diffusers' group offload, every mode's output equal to the resident one; with `--compile`
+"""The offload bench (GPU) runs on the CPU at toy size: resident, layerwise (chunked and not) and budgeted
+layerwise rows beside diffusers' group offload, every mode's output equal to the resident one; with `--compile`
 (slow) each side compiled, the streamed compiled blocks' output equal to the compiled resident one."""
 
 import importlib
@@ -22,14 +22,38 @@ def test_tiny_run_writes_rows(tmp_path):
     bench.main(["--model", "flux.1-dev", "--tiny", "--warmup", "1", "--reps", "1", "--out", str(out)])
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert [(r["offload"], r["gpu_memory_budget_gib"] is not None) for r in rows] == [
-        ("none", False), ("layerwise", False), ("layerwise", True)]
+    assert [(r["offload"], r["gpu_memory_budget_gib"] is not None, r["forward_chunk_size"]) for r in rows] == [
+        ("none", False, None), ("layerwise", False, 4096), ("layerwise", True, 4096), ("layerwise", False, None)]
     for row in rows:
         assert ROW_KEYS <= set(row) and row["gpu"] == "cpu" and row["peak_mem_gib"] is None
         assert row["max_abs_diff_vs_resident"] == 0.0 and row["diffusers_offload_step_s"] > 0
-    assert 0 < rows[2]["streamed_groups"] < rows[1]["streamed_groups"] == 6  # the budget keeps some resident
-    assert rows[0]["forward_chunk_size"] is None and rows[1]["forward_chunk_size"] == 4096
+    assert 0 < rows[2]["streamed_groups"] < rows[1]["streamed_groups"] == rows[3]["streamed_groups"] == 6
+    assert rows[3]["activation_est_gib"] == result["activation_est_resident_gib"]  # the unchunked row's estimate
     assert 0 < result["activation_est_gib"] <= result["activation_est_resident_gib"] < 0.01  # the toy model
+
+
+def test_budget_row_drops_the_chunk_as_the_engine_does():
+    """At the budget the automatic chunk stays only where it keeps more blocks resident (accel/offload.py's
+    first-call plan); the all-streamed rows come chunked and unchunked, chunked first."""
+    from torch import nn
+
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    bench = importlib.import_module("bench_offload")
+    from ditserve.accel.offload import GIB, reserve_for
+
+    dit = nn.Module()
+    dit.blocks = nn.ModuleList(nn.Linear(512, 512, bias=False) for _ in range(8))  # 1 MiB each in float32
+    block = 512 * 512 * 4 / GIB
+    whole, chunked = 0.5, 0.1
+    roomy = reserve_for(whole) + 11 * block  # 8 resident + 2 streamed groups' window, either way
+    tight = reserve_for(chunked) + 6 * block  # chunked: 4 resident (+ window); unchunked: none
+    assert bench.plan_rows(dit, 1, roomy, 4096, whole, chunked, tiny=False) == [
+        ("layerwise", None, 4096), ("layerwise", roomy, None), ("layerwise", None, None)]
+    assert bench.plan_rows(dit, 1, tight, 4096, whole, chunked, tiny=False) == [
+        ("layerwise", None, 4096), ("layerwise", tight, 4096), ("layerwise", None, None)]
+    assert bench.plan_rows(dit, 1, tight, None, whole, whole, tiny=False) == [
+        ("layerwise", None, None), ("layerwise", tight, None)]
 
 
 def test_tiny_wan_end_to_end_row(tmp_path):
@@ -63,7 +87,7 @@ def test_tiny_compiled_rows_match_compiled_resident(tmp_path, monkeypatch):
         torch._dynamo.reset()
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert result["compile"] is True and [r["offload"] for r in rows] == ["none", "layerwise", "layerwise"]
+    assert result["compile"] is True and [r["offload"] for r in rows] == ["none"] + ["layerwise"] * 3
     for row in rows:
         assert row["compile"] is True and row["resident_step_s"] == rows[0]["step_s"]  # the compiled resident
         assert row["max_abs_diff_vs_resident"] == 0.0  # compiled streaming against compiled resident
