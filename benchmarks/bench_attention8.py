@@ -6,7 +6,10 @@ as a CUDA graph (launch gaps out), the parts alone (quantise q, k, v; the cuDNN 
 epilogue), TFLOP/s (4·B·H·S²·D), and rel L2 against bf16 SDPA for i.i.d. Gaussian inputs (the
 2026-12-03 measurement's, per-tensor fp8 6.0e-2 there) and DiT-like ones (RMS-normed q, k with uneven
 weights, a shared component in k and v). The FLUX row also checks the CPU emulation
-(`attention_reference`) against cuDNN on the device. Writes JSON.
+(`attention_reference`) against cuDNN on the device. Beside them, every other attention kernel this
+machine can run, timed the same way with its rel L2 on the DiT-like inputs (`others`): SDPA pinned to
+its flash and memory-efficient kernels (SDPA's own choice on Hopper is cuDNN), and the "sage" / "fa3"
+backends (ditserve/accel/attention.py) where installed. Writes JSON.
 
 On the device machine (wheels in .whl/: nvidia-cudnn-frontend cp312):
     source benchmarks/gpu_setup.sh && python3 benchmarks/bench_attention8.py $OUT/attention8_h200.json
@@ -29,12 +32,12 @@ SHAPES = {"flux": (1, 4608, 24, 128), "qwen-image": (1, 7017, 24, 128),
           "wan-1.3b": (1, 32760, 12, 128), "wan-14b": (1, 75600, 40, 128)}  # [B, S, H, D]
 
 
-def dit_like(shape, gen) -> tuple[torch.Tensor, ...]:
+def dit_like(shape, gen, device: str = "cuda") -> tuple[torch.Tensor, ...]:
     """q, k RMS-normed with uneven weights (logit std ~1-2), a shared component in k and v."""
     b, s, h, d = shape
 
     def randn(*size):
-        return torch.randn(*size, device="cuda", generator=gen)
+        return torch.randn(*size, device=device, generator=gen)
 
     def normed(bias):
         x = randn(b, s, h, d) + bias * randn(1, 1, h, d)
@@ -57,6 +60,40 @@ def graph_time(fn) -> float:
     with torch.cuda.graph(graph):
         fn()
     return median_time(graph.replay, 3, 20)
+
+
+def other_kernels(device: str = "cuda") -> dict:
+    """name -> attention op (q, k, v [B, S, H, D] -> out) for the kernels besides cuDNN SDPA and fp8."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ditserve.accel.attention import available, select_attention
+
+    def pinned(backend):
+        def op(q, k, v):
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v)
+        return op
+
+    ops = {"sdpa_flash": pinned(SDPBackend.FLASH_ATTENTION), "sdpa_efficient": pinned(SDPBackend.EFFICIENT_ATTENTION)}
+    for name in ("sage", "fa3"):
+        if available(name) and device == "cuda":
+            ops[name] = select_attention(name, torch.device(device))
+    return ops
+
+
+def measure_others(shape, tflop: float, gen, device: str = "cuda") -> dict:
+    """Time (eager) and rel L2 against SDPA on DiT-like inputs of each `other_kernels` op; a kernel that
+    refuses the shape records its error."""
+    qd, kd, vd = dit_like(shape, gen, device)
+    ref = sdpa(qd, kd, vd)
+    out = {}
+    for name, op in other_kernels(device).items():
+        try:
+            ms = median_time(lambda op=op: op(qd, kd, vd), 3, 10) * 1e3
+            out[name] = {"ms": ms, "tflops": tflop / (ms / 1e3), "rel_l2_dit_like": rel_l2(op(qd, kd, vd), ref)}
+        except Exception as exc:  # noqa: BLE001 - a kernel refusing a shape is a result here
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return out
 
 
 @torch.no_grad()
@@ -98,6 +135,7 @@ def measure(name: str, shape) -> dict:
         row[key.replace("_ms", "_tflops")] = tflop / (row[key] / 1e3)
     if "fp8_graph_ms" in row:
         row["speedup_graph"] = row["sdpa_bf16_graph_ms"] / row["fp8_graph_ms"]
+    row["others"] = measure_others(shape, tflop, gen)
     return row
 
 
