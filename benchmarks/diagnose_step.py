@@ -5,7 +5,7 @@ attention call (Wan: self then cross) and the block's kernels in order.
 
 The DiT is built with random weights and accelerated exactly as the step bench does it
 (ditserve/bench/<family>.py: `build`, `inputs`, `accelerate_dit(AccelConfig(compile=True, ...))`; Wan 1.3B/14B,
-FLUX.1-dev, CogVideoX-5B).
+FLUX.1-dev, CogVideoX-5B, SD3.5 Large/Medium).
 Variants: `bf16`, `fp8` (fp8 linears), `attn8` (the fp8 attention backend), `fp8+attn8`.
 Writes <out>/diagnose_<model>.json (after every variant), kernels_<model>_<variant>.txt and the
 profiler traces; prints a short summary last.
@@ -61,6 +61,12 @@ TINY_COGVIDEOX = {"cls": "CogVideoXTransformer3DModel", "num_attention_heads": 2
                   "use_rotary_positional_embeddings": True, "sample_width": 12, "sample_height": 8,
                   "sample_frames": 9, "patch_size": 2, "max_text_seq_length": 10}
 
+# SD3.5's (tests/unit/test_bench_sd3.py's): 3 joint blocks, 2 heads of 16, QK RMSNorm
+TINY_SD3 = {"cls": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 2, "in_channels": 16, "num_layers": 3,
+            "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 48,
+            "caption_projection_dim": 32, "pooled_projection_dim": 40, "out_channels": 16, "pos_embed_max_size": 16,
+            "qk_norm": "rms_norm"}
+
 
 def kernel_category(name: str) -> str:
     """`category` refined: our quantisers by name, inductor's kernels by kind, cuDNN's
@@ -107,7 +113,7 @@ def flux_setup(model: str, device: str, tiny: bool):
     from ditserve.bench import flux as bench
 
     if tiny:
-        raise SystemExit("--tiny is Wan's and CogVideoX's only")
+        raise SystemExit("--tiny is not FLUX's")
     ref, dit = bench.build(model, device, DTYPE)
     del ref
     inp = bench.inputs(dit.cfg, 1024, 1024, 512, device, DTYPE)
@@ -128,8 +134,21 @@ def cogvideox_setup(model: str, device: str, tiny: bool):
     return dit, inp, f"{width}x{height}x{frames}, {f * gh * gw}+{inp.context.shape[1]} tokens, batch 2 (CFG)"
 
 
+def sd3_setup(model: str, device: str, tiny: bool):
+    """SD3.5's step as its bench times it: 1024², 77 + 256 text tokens, cond and uncond as one batch of two."""
+    from ditserve.bench import sd3 as bench
+
+    with _architectures(bench, {model: {"transformer": TINY_SD3}} if tiny else None):
+        ref, dit = bench.build(model, device, DTYPE)
+    del ref
+    size, txt_len = (64, 7) if tiny else (1024, bench.TXT_LEN)
+    inp = bench.inputs(dit.cfg, size, size, txt_len, device, DTYPE)
+    img_len = (size // 8 // dit.cfg.patch_size) ** 2
+    return dit, inp, f"{size}x{size}, {img_len}+{txt_len} tokens, batch 2 (CFG)"
+
+
 MODELS = {"wan2.1-t2v-1.3b": wan_setup, "wan2.1-t2v-14b": wan_setup, "flux.1-dev": flux_setup,
-          "cogvideox-5b": cogvideox_setup}
+          "cogvideox-5b": cogvideox_setup, "sd3.5-large": sd3_setup, "sd3.5-medium": sd3_setup}
 
 
 def parse_variant(variant: str) -> tuple[str | None, str]:
@@ -305,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", choices=("none", "fp8"), help="with --attention-backend: one variant")
     p.add_argument("--attention-backend", choices=("sdpa", "fp8"), help="with --quantization: one variant")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--tiny", action="store_true", help="a tiny architecture (the CPU smoke run; Wan, CogVideoX)")
+    p.add_argument("--tiny", action="store_true", help="a tiny architecture (the CPU smoke run; not FLUX)")
     p.add_argument("--reps", type=int, default=None, help="timed steps per variant (default 10; 2 on the CPU)")
     p.add_argument("--clocks", type=float, default=3.0, help="seconds of nvidia-smi samples per variant (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))

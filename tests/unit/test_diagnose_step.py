@@ -50,6 +50,16 @@ def test_tiny_cogvideox_run_has_one_joint_attention_per_block(diagnose, tmp_path
     assert [s["count"] for s in row["attention_slots"]] == [2]  # text and video attend jointly: one call a block
 
 
+def test_tiny_sd3_run(diagnose, tmp_path):
+    assert diagnose.main(["--device", "cpu", "--tiny", "--model", "sd3.5-large", "--variants", "bf16",
+                          "--reps", "1", "--clocks", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "diagnose_sd3.5-large.json").read_text())
+    assert report["shape"] == "64x64, 16+7 tokens, batch 2 (CFG)"
+    row = report["variants"]["bf16"]
+    assert row["finite"] and row["blocks"] == 3
+    assert [s["count"] for s in row["attention_slots"]] == [3]  # one joint attention a block
+
+
 def test_kernel_categories(diagnose):
     cat = diagnose.kernel_category
     assert cat("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128") == "attention"
