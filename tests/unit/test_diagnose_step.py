@@ -40,24 +40,19 @@ def test_tiny_cpu_run_writes_per_variant_tables(diagnose, tmp_path, capsys):
     assert "fp8+attn8" in out and "attention per block slot" in out
 
 
-def test_tiny_cogvideox_run_has_one_joint_attention_per_block(diagnose, tmp_path):
-    assert diagnose.main(["--device", "cpu", "--tiny", "--model", "cogvideox-5b", "--variants", "bf16",
+@pytest.mark.parametrize("model, shape, blocks", [
+    ("cogvideox-5b", "96x64x9, 72+10 tokens, batch 2 (CFG)", 2),
+    ("sd3.5-large", "64x64, 16+7 tokens, batch 2 (CFG)", 3),
+])
+def test_tiny_joint_attention_models(diagnose, tmp_path, model, shape, blocks):
+    """Text and image/video tokens attend jointly: one attention call a block."""
+    assert diagnose.main(["--device", "cpu", "--tiny", "--model", model, "--variants", "bf16",
                           "--reps", "1", "--clocks", "0", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "diagnose_cogvideox-5b.json").read_text())
-    assert report["shape"] == "96x64x9, 72+10 tokens, batch 2 (CFG)"
+    report = json.loads((tmp_path / f"diagnose_{model}.json").read_text())
+    assert report["shape"] == shape
     row = report["variants"]["bf16"]
-    assert row["finite"] and row["blocks"] == 2
-    assert [s["count"] for s in row["attention_slots"]] == [2]  # text and video attend jointly: one call a block
-
-
-def test_tiny_sd3_run(diagnose, tmp_path):
-    assert diagnose.main(["--device", "cpu", "--tiny", "--model", "sd3.5-large", "--variants", "bf16",
-                          "--reps", "1", "--clocks", "0", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "diagnose_sd3.5-large.json").read_text())
-    assert report["shape"] == "64x64, 16+7 tokens, batch 2 (CFG)"
-    row = report["variants"]["bf16"]
-    assert row["finite"] and row["blocks"] == 3
-    assert [s["count"] for s in row["attention_slots"]] == [3]  # one joint attention a block
+    assert row["finite"] and row["blocks"] == blocks
+    assert [s["count"] for s in row["attention_slots"]] == [blocks]
 
 
 def test_kernel_categories(diagnose):
