@@ -33,12 +33,16 @@ def pretrained_loading(loader: PretrainedLoader) -> Iterator[None]:
         _LOADER.reset(token)
 
 
-def load_pretrained(cls, folder: Path, device, dtype: torch.dtype):
-    """Load a transformers model from `folder` in `dtype`, on `device`, in eval mode."""
+def load_pretrained(cls, folder: Path, device, dtype: torch.dtype,
+                    prune: Callable[[torch.nn.Module], None] | None = None):
+    """Load a transformers model from `folder` in `dtype`, on `device`, in eval mode; `prune(model)`, if
+    given, drops the parts the caller never runs before the model moves to `device`."""
     loader = _LOADER.get()
     model = loader(cls, folder, device, dtype) if loader is not None else None
     if model is None:
         model = cls.from_pretrained(str(folder), **{_DTYPE_KW: dtype})
+    if prune is not None:
+        prune(model)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -104,7 +104,8 @@ class QwenImagePipeline(Pipeline):
         processor = path / "processor" if cls.vision_prompt else None
         return cls(
             dit=load_qwen_image_dit(path / "transformer", device, dtype),
-            text=QwenPromptEncoder.load(path / "text_encoder", path / "tokenizer", device, dtype, processor),
+            text=QwenPromptEncoder.load(path / "text_encoder", path / "tokenizer", device, dtype, processor,
+                                        text_only=not (cls.vision_prompt or cls.limits.captions)),
             vae=load_qwen_vae(path / "vae", device, dtype),
             scheduler_spec=read_scheduler_config(path / "scheduler" / "scheduler_config.json"),
             device=device,

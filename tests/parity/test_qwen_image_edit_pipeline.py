@@ -169,3 +169,8 @@ def test_edit_2511_zero_cond_t_matches_diffusers(plus_2511, plus, small_area):
     # the same weights without zero_cond_t (the Edit Plus folder) give a clearly different picture
     without = ours(small_area(plus[1]), images, prompt, negative, h, w, 2, 4.0, seed)
     assert np.abs(without.astype(int) - expected.astype(int)).max() > 8
+
+
+def test_edit_encoder_keeps_its_vision_tower(edit):
+    model = edit[1].engine.pipeline.text.model
+    assert model.model.visual is not None and model.lm_head is not None

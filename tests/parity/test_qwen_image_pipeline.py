@@ -81,3 +81,12 @@ def test_defaults_follow_diffusers(pipes):
     ref = pipes[0]
     assert (req.height, req.width) == (ref.default_sample_size * ref.vae_scale_factor,) * 2
     assert (req.num_inference_steps, req.true_cfg_scale, req.max_sequence_length) == (50, 4.0, 512)
+
+
+def test_text_to_image_encoder_keeps_only_the_language_model(pipes):
+    """Text-to-image reads the language model's hidden states alone: the vision tower and the LM head are
+    not loaded onto the device (the images above match diffusers' without them; the edit pipelines, which
+    read images, keep both)."""
+    model = pipes[1].engine.pipeline.text.model
+    assert model.model.visual is None and model.lm_head is None
+    assert isinstance(model.model.language_model, torch.nn.Module)
