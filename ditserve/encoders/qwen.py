@@ -103,6 +103,8 @@ class PromptEmbeds:
 def _text_only(model) -> None:
     """Text-to-image reads only the language model's hidden states: the vision tower and the LM head
     (0.68 B and 0.55 B of Qwen2.5-VL-7B's 8.3 B parameters) go before the model reaches the device."""
+    if not hasattr(model.model, "language_model"):  # transformers < 4.52 lays the model out otherwise: kept whole
+        return
     model.model.visual = None
     model.lm_head = None
 
@@ -151,8 +153,10 @@ class QwenPromptEncoder:
         vision = {k: v.to(device) for k, v in vision.items()}
         # exactly as the diffusers pipelines call it (e.g. no mm_token_type_ids: in transformers 5
         # that means 1-D text positions), so the hidden states match across transformers versions
-        out = self.model.model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                               use_cache=False, **vision)  # the language model's states: no LM head
+        # without its LM head (text-to-image) the model's inner part gives the same hidden states
+        run = self.model if self.model.lm_head is not None else self.model.model
+        out = run(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                  use_cache=False, **vision)
         return out.hidden_states[-1]
 
     @torch.no_grad()
