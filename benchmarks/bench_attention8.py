@@ -1,5 +1,6 @@
 """bf16 SDPA vs the "fp8" attention backend (ditserve/accel/attention8.py: Triton quantisation with
-K and V smoothing + cuDNN's fp8 SDPA + Triton epilogue) at FLUX, Qwen-Image and Wan shapes.
+K and V smoothing + cuDNN's fp8 SDPA + Triton epilogue) at FLUX, Qwen-Image, Wan, SD3.5-Large and
+CogVideoX-5B shapes (the last two with 64-wide heads, as a CFG batch of two).
 
 Per shape: time of bf16 SDPA and of the whole fp8 op (quantisation included), eager and replayed
 as a CUDA graph (launch gaps out), the parts alone (quantise q, k, v; the cuDNN kernel; the
@@ -29,7 +30,9 @@ from ditserve.models.common.attention import sdpa_attention as sdpa
 
 log = logging.getLogger("bench_attention8")
 SHAPES = {"flux": (1, 4608, 24, 128), "qwen-image": (1, 7017, 24, 128),
-          "wan-1.3b": (1, 32760, 12, 128), "wan-14b": (1, 75600, 40, 128)}  # [B, S, H, D]
+          "wan-1.3b": (1, 32760, 12, 128), "wan-14b": (1, 75600, 40, 128),
+          # 64-wide heads, where cuDNN's bf16 kernel runs at ≈ 381 TFLOP/s (CogVideoX's step profile)
+          "sd3.5-large": (2, 4429, 38, 64), "cogvideox-5b": (2, 17776, 48, 64)}  # [B, S, H, D]
 
 
 def dit_like(shape, gen, device: str = "cuda") -> tuple[torch.Tensor, ...]:
