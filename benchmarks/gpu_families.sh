@@ -12,8 +12,9 @@
 #         hunyuan_video.bench_step; fp8 linears run only together with the fp8 attention backend, to fit),
 #         qwen (Qwen-Image 1328², 20B: bf16, fp8 and fp8 + fp8 attention, ≈ 6-8 min; issue 21's Qwen goal),
 #         ti2v (Wan2.2-TI2V-5B 704x1280x121, 27,280 tokens, per-token timesteps; the same variants, ≈ 5-7 min)
-# cogvideox and hunyuan544 add a compiled variant with fp8 linears + the fp8 attention backend (`fp8_attn_*`
-# fields; ≈ 1 min more each): at 17.8k and 67k tokens the cuDNN fp8 kernel is where the step can gain.
+# cogvideox, hunyuan544 and hunyuan720 add a compiled variant with fp8 linears + the fp8 attention backend
+# (`fp8_attn_*` fields; ≈ 1 min more each; hunyuan720 runs it instead of fp8 linears alone): at 17.8k-119k
+# tokens the cuDNN fp8 kernel is where the step can gain.
 # Results: $OUT/<family>_step_h200.json (+ .log); commit them under benchmarks/results/.
 source benchmarks/gpu_part.sh
 show() { grep -E "speedup|_step_s|guard_ok|Error|error:|Traceback" | tail -40; }
