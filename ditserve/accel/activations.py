@@ -174,7 +174,7 @@ def disable_forward_chunking(dit: nn.Module) -> None:
 def forward_chunk_size(chunk_size: int | None, cpu_offload: str) -> int | None:
     """The chunk the memory flags ask for (`--forward-chunk-size`): `chunk_size` tokens, 0 off, None
     automatic: AUTO_CHUNK_TOKENS under layerwise offload (where activations are what is left to
-    fit), else off."""
+    fit; accel/offload.py drops it at the DiT's first call where the whole activations fit), else off."""
     if chunk_size is None:
         return AUTO_CHUNK_TOKENS if cpu_offload == "layerwise" else None
     return chunk_size or None

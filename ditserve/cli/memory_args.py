@@ -29,7 +29,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run each DiT block's per-token parts (feed-forward, norms, residuals) over this many "
                         "tokens at a time: a lower activation peak, the same output; 0: off (default: 4096 "
                         "with --cpu-offload layerwise, dropped at the first step when a --gpu-memory-budget "
-                        "keeps as many blocks resident without it; else off)")
+                        "keeps as many blocks resident without it, or, without a budget, when the unchunked "
+                        "activations fit the free GPU memory; else off)")
 
 
 def memory_config_from_args(args: argparse.Namespace) -> MemoryConfig:

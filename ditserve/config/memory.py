@@ -29,8 +29,8 @@ class MemoryConfig:
       feed-forward, and where the model's plan allows the norms, residuals and projections around it)
       over this many tokens at a time (diffusers' `enable_forward_chunking`): the activation peak of a
       long video drops to about 0.6x, the output is unchanged. 0: off; None: automatic (4096 tokens
-      under `cpu_offload="layerwise"`, else off; with a budget, dropped at the DiT's first call when
-      the unchunked activations leave as many blocks resident).
+      under `cpu_offload="layerwise"`, else off; dropped at the DiT's first call when the unchunked
+      activations leave as many blocks resident under a budget, or, without one, fit the free memory).
     """
 
     cpu_offload: str = "none"

@@ -252,6 +252,8 @@ def test_budget_is_planned_at_the_first_call_around_its_activations(tiny_flux_de
     ({"gpu_memory_budget_gib": 0.3}, False),  # every block fits unchunked: the automatic chunk goes
     ({"gpu_memory_budget_gib": 0.3, "forward_chunk_size": 64}, True),  # asked for: it stays
     ({"gpu_memory_budget_gib": 0.25}, True),  # nothing fits beside the reserve: keep the smaller peak
+    ({}, False),  # no budget: everything streams, and the unchunked activations fit what is free
+    ({"forward_chunk_size": 64}, True),
 ])
 def test_automatic_chunk_stays_only_where_it_keeps_blocks_resident(tiny_flux_dev, memory, chunked_after):
     from ditserve import Generator
@@ -264,6 +266,25 @@ def test_automatic_chunk_stays_only_where_it_keeps_blocks_resident(tiny_flux_dev
     assert chunk_of(dit)  # layerwise chunks from the start (the plan waits for the first call)
     gen.generate(**request)
     assert bool(chunk_of(dit)) == chunked_after
+
+
+def test_automatic_chunk_stays_where_free_memory_is_short(tiny_flux_dev, monkeypatch):
+    """Layerwise without a budget keeps the automatic chunk when the unchunked activations would not fit
+    what the device has free at the DiT's first call (here: a device with 1 MiB free); the image is the
+    same either way."""
+    from ditserve import Generator
+    from ditserve.accel import offload
+    from ditserve.accel.activations import chunk_of
+
+    request = dict(prompt="a red fox", height=32, width=48, num_inference_steps=2, seed=3, max_sequence_length=16)
+    images = []
+    for free_gib in (None, 2**-10):
+        if free_gib is not None:
+            monkeypatch.setattr(offload, "free_device_gib", lambda _device: free_gib)
+        gen = Generator.from_pretrained(tiny_flux_dev, device="cpu", dtype=torch.float32, cpu_offload="layerwise")
+        images.append(np.asarray(gen.generate(**request).images[0]))
+        assert bool(chunk_of(gen.engine.pipeline.dit)) == (free_gib is not None)
+    assert np.array_equal(images[0], images[1])
 
 
 def test_chunked_blocks_compile_to_one_graph():
