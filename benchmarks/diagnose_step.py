@@ -6,7 +6,9 @@ attention call (Wan: self then cross) and the block's kernels in order.
 The DiT is built with random weights and accelerated exactly as the step bench does it
 (ditserve/bench/<family>.py: `build`, `inputs`, `accelerate_dit(AccelConfig(compile=True, ...))`; Wan 1.3B/14B,
 FLUX.1-dev, CogVideoX-5B, SD3.5 Large/Medium).
-Variants: `bf16`, `fp8` (fp8 linears), `attn8` (the fp8 attention backend), `fp8+attn8`.
+Variants: `bf16`, `fp8` (fp8 linears), `attn8` (the fp8 attention backend), `fp8+attn8`; `+rows` with any of
+them: AccelConfig.row_fusion (norms and fp8 quantisers as persistent reductions inside inductor's producer
+kernels, which then count as `inductor_reduction`: compare the step and the reduction/quantiser totals).
 Writes <out>/diagnose_<model>.json (after every variant), kernels_<model>_<variant>.txt and the
 profiler traces; prints a short summary last.
 
@@ -151,12 +153,14 @@ MODELS = {"wan2.1-t2v-1.3b": wan_setup, "wan2.1-t2v-14b": wan_setup, "flux.1-dev
           "cogvideox-5b": cogvideox_setup, "sd3.5-large": sd3_setup, "sd3.5-medium": sd3_setup}
 
 
-def parse_variant(variant: str) -> tuple[str | None, str]:
-    """"bf16" | "fp8" | "attn8" | "fp8+attn8" -> (quantization, attention backend) as AccelConfig takes them."""
+def parse_variant(variant: str) -> dict:
+    """"bf16" | "fp8" | "attn8" | "fp8+attn8", each optionally "+rows" -> AccelConfig's quantization,
+    attention backend and row_fusion (the fp8 quantiser inside inductor's wide-row producer kernels)."""
     parts = set(variant.split("+"))
-    if not parts <= {"bf16", "fp8", "attn8", "sdpa"}:
-        raise SystemExit(f"unknown variant {variant!r}: join bf16 | fp8 with attn8 | sdpa by '+'")
-    return ("fp8" if "fp8" in parts else None), ("fp8" if "attn8" in parts else "auto")
+    if not parts <= {"bf16", "fp8", "attn8", "sdpa", "rows"}:
+        raise SystemExit(f"unknown variant {variant!r}: join bf16 | fp8 with attn8 | sdpa | rows by '+'")
+    return {"quantization": "fp8" if "fp8" in parts else None, "attention": "fp8" if "attn8" in parts else "auto",
+            "row_fusion": "rows" in parts}
 
 
 # ---------------------------------------------------------------- analysis
@@ -268,7 +272,8 @@ def run_variant(args, variant: str, reference: torch.Tensor | None) -> tuple[dic
     from ditserve.config import AccelConfig
 
     on_cuda = args.device == "cuda"
-    quant, attn = parse_variant(variant)
+    chosen = parse_variant(variant)
+    quant, attn = chosen["quantization"], chosen["attention"]
     gc.collect()
     torch._dynamo.reset()
     if on_cuda:
@@ -276,7 +281,7 @@ def run_variant(args, variant: str, reference: torch.Tensor | None) -> tuple[dic
     dit, inp, shape = MODELS[args.model](args.model, args.device, args.tiny)
     blocks = len(dit.blocks)
     # the bench's compiled rows: compile + CUDA graphs per segment (on CUDA); on the CPU no compile
-    accel = AccelConfig(compile=on_cuda, quantization=quant, attention=attn)
+    accel = AccelConfig(compile=on_cuda, **chosen)
     fast = accelerate_dit(dit, accel, torch.device(args.device))
     fn = lambda: fast(inp)  # noqa: E731
     step = median_time(fn, warmup=3, reps=args.reps) if on_cuda else cpu_median_time(fn, 1, args.reps)
@@ -285,7 +290,7 @@ def run_variant(args, variant: str, reference: torch.Tensor | None) -> tuple[dic
     kernels = trace_kernels(fn, f"{args.out}/trace_{tag}.json", cpu=not on_cuda)
     if not on_cuda:
         kernels = outer_ops(kernels)
-    row = {"quantization": quant, "attention": attn, "compile": accel.compile,
+    row = {"quantization": quant, "attention": attn, "row_fusion": accel.row_fusion, "compile": accel.compile,
            "cuda_graphs": on_cuda and accel.cuda_graphs, "blocks": blocks,
            "step_s": step, "step_ms": step * 1e3, "finite": bool(torch.isfinite(result).all()),
            **analyse(kernels, step, blocks, args.out, tag)}
@@ -320,7 +325,7 @@ def summary_lines(report: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="wan2.1-t2v-1.3b", choices=sorted(MODELS))
-    p.add_argument("--variants", default="bf16,fp8,fp8+attn8", help="comma-separated: bf16, fp8, attn8, fp8+attn8")
+    p.add_argument("--variants", default="bf16,fp8,fp8+attn8", help="comma-separated: bf16, fp8, attn8, fp8+attn8, each optionally +rows")
     p.add_argument("--quantization", choices=("none", "fp8"), help="with --attention-backend: one variant")
     p.add_argument("--attention-backend", choices=("sdpa", "fp8"), help="with --quantization: one variant")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

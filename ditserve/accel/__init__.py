@@ -39,11 +39,12 @@ def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> 
     if on_cuda and accel.quantization == "fp8":
         from ditserve.accel.fp8 import apply_fp8
 
-        dit = apply_fp8(dit, triton_quant=accel.fused_kernels)
+        # row fusion: the quantiser as torch ops, which inductor folds into the kernel producing its input
+        dit = apply_fp8(dit, triton_quant=accel.fused_kernels and not (accel.compile and accel.row_fusion))
     if accel.compile:
         from ditserve.accel.compile import apply_compile
 
-        dit = apply_compile(dit)
+        dit = apply_compile(dit, wide=accel.row_fusion)
         if on_cuda and accel.cuda_graphs:
             from ditserve.accel.segments import SegmentedDiT
 

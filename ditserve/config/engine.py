@@ -137,6 +137,10 @@ class AccelConfig:
     # Triton QK-norm + RoPE and fp8 activation quantisation (CUDA with Triton; elsewhere the
     # reference ops run). tests/gpu checks them against the reference on the device.
     fused_kernels: bool = True
+    # with compile: norms and the fp8 activation quantiser as one-pass reductions inside inductor's
+    # producing kernels (accel/compile.py `wide_rows`) instead of a separate quantise pass; off until the
+    # GPU profile shows it faster (benchmarks/diagnose_step.py's `+rows` variants)
+    row_fusion: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)  # step caching (none by default)
 
     def __post_init__(self):

@@ -61,11 +61,15 @@ def _flux_blocks(dh=128, heads=4):
 
 
 @pytest.mark.parametrize("quantization", [None, "fp8"])
-@pytest.mark.parametrize("compile_, fused", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("compile_, fused, rows", [(False, True, False), (True, False, False), (True, True, False),
+                                                  (True, True, True)])
 @pytest.mark.parametrize("dh, heads", [(128, 4), (32, 4)])
-def test_compiled_blocks_with_fused_kernels_match_eager(quantization, compile_, fused, dh, heads):
+def test_compiled_blocks_with_fused_kernels_match_eager(quantization, compile_, fused, rows, dh, heads, monkeypatch):
     """What the bench's block guard flagged on 2026-11-21: the fast paths (fused kernels, compile,
-    both) against the eager reference blocks, update by update; each path alone tells which breaks."""
+    both, and row fusion: the fp8 quantiser inside inductor's persistent producer kernels) against the
+    eager reference blocks, update by update; each path alone tells which breaks."""
+    import torch._inductor.config as inductor
+
     from ditserve.accel import accelerate_dit
     from ditserve.accel.fp8 import apply_fp8
     from ditserve.config import AccelConfig
@@ -81,10 +85,14 @@ def test_compiled_blocks_with_fused_kernels_match_eager(quantization, compile_, 
     vec = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
     ids = torch.cat([torch.zeros(128, 3, device="cuda"), image_ids(32, 32, "cuda", torch.float32)])
     pe = ref.positional_tables(ids[128:], ids[:128])
+    if hasattr(inductor, "inductor_choices_class"):  # row fusion sets it for the process: restored after
+        monkeypatch.setattr(inductor, "inductor_choices_class", None)
+    torch._dynamo.reset()
     with torch.no_grad():
         expected = [block(img, txt, vec, pe)[0] - img for block in ref.blocks]
         fast = accelerate_dit(_flux_blocks(dh, heads), AccelConfig(compile=compile_, cuda_graphs=False,
-                                                                   quantization=quantization, fused_kernels=fused),
+                                                                   quantization=quantization, fused_kernels=fused,
+                                                                   row_fusion=rows),
                               torch.device("cuda"))
         got = [block(img, txt, vec, pe)[0] - img for block in fast.blocks]
     # compiled vs eager bf16: ≈ 7e-3 on the CPU. fp8: a last-bit bf16 difference before quantising
@@ -92,7 +100,7 @@ def test_compiled_blocks_with_fused_kernels_match_eager(quantization, compile_, 
     # (H200, 2026-11-21: 2.6e-3..4.5e-2; eager fp8 vs eager bf16: 6.5e-2); wrong math gives O(1)
     bound = 2e-2 if quantization is None else 6e-2
     rels = [float((g.float() - e.float()).norm() / e.float().norm()) for e, g in zip(expected, got)]
-    print(f"blocks dh={dh} quant={quantization} compile={compile_} fused={fused}: update rel L2 {rels}")
+    print(f"blocks dh={dh} quant={quantization} compile={compile_} fused={fused} rows={rows}: update rel L2 {rels}")
     assert max(rels) < bound, rels
 
 

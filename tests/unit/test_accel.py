@@ -203,3 +203,26 @@ def test_accelerate_dit_sets_the_fp8_op_at_wan_self_attention_only(monkeypatch):
                                           num_layers=2, cross_attn_norm=True, rope_max_seq_len=64)))
     accelerate_dit(dit, AccelConfig(attention="fp8"), torch.device("cpu"))
     assert all(b.attn1.attn_op is marked and b.attn2.attn_op is not marked for b in dit.blocks)
+
+
+def test_wide_row_compile_is_accepted_by_inductor_and_keeps_the_output(monkeypatch):
+    """`row_fusion` compiles with the wide-row heuristic (accel/compile.py): inductor takes it as its
+    choices class (its cache key asks for the class's uuid) and the compiled blocks equal eager's within
+    float32 compile noise. Which reductions become persistent shows only on the GPU (tests/gpu)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    from ditserve.accel.compile import WIDE_ROW
+
+    monkeypatch.setattr(inductor, "inductor_choices_class", None)  # restored after the test
+    monkeypatch.setattr(inductor, "coordinate_descent_tuning", inductor.coordinate_descent_tuning)
+    monkeypatch.setattr(inductor, "epilogue_fusion", inductor.epilogue_fusion)
+    dit, inp = tiny_dit(), tiny_inputs()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = dit(inp)
+        fast = accelerate_dit(dit, AccelConfig(compile=True, row_fusion=True), torch.device("cpu"))
+        got = fast(inp)
+    torch._dynamo.reset()
+    assert inductor.inductor_choices_class().uuid() == f"ditserve-wide-rows-{WIDE_ROW}"
+    assert float((got - expected).norm() / expected.norm()) < 1e-5

@@ -77,10 +77,12 @@ def test_own_kernel_names_are_the_kernels(diagnose):
 
 
 def test_variants_parse(diagnose):
-    assert diagnose.parse_variant("bf16") == (None, "auto")
-    assert diagnose.parse_variant("fp8") == ("fp8", "auto")
-    assert diagnose.parse_variant("fp8+attn8") == ("fp8", "fp8")
-    assert diagnose.parse_variant("attn8") == (None, "fp8")
+    as_tuple = lambda v: tuple(diagnose.parse_variant(v).values())  # noqa: E731
+    assert as_tuple("bf16") == (None, "auto", False)
+    assert as_tuple("fp8") == ("fp8", "auto", False)
+    assert as_tuple("fp8+attn8") == ("fp8", "fp8", False)
+    assert as_tuple("attn8") == (None, "fp8", False)
+    assert as_tuple("fp8+rows") == ("fp8", "auto", True)
     with pytest.raises(SystemExit):
         diagnose.parse_variant("int4")
 
