@@ -41,8 +41,8 @@ EOF
 nvidia-smi --query-gpu=name,clocks.sm,power.draw --format=csv,noheader
 for part in "$@"; do
     case "$part" in
-        sd3) bench 270 sd35_large_step_h200 --model sd3.5-large --quantization fp8
-             bench 270 sd35_medium_step_h200 --model sd3.5-medium --quantization fp8 ;;
+        sd3) bench 270 sd35_large_step_h200 --model sd3.5-large --quantization fp8  # ≈ 3 min
+             bench 300 sd35_medium_step_h200 --model sd3.5-medium --quantization fp8 ;;  # ≈ 3.2 min alone
         cogvideox) bench 560 cogvideox_5b_step_h200 --model cogvideox-5b --quantization fp8 --attention-backend fp8 ;;
         hunyuan544) hunyuan 560 hunyuanvideo_544p_step_h200 544 960 2 fp8 1 ;;
         hunyuan720) hunyuan 570 hunyuanvideo_720p_step_h200 720 1280 1 fp8 0 ;;

@@ -37,17 +37,26 @@ def _wide_row_choices():
     return WideRowChoices()
 
 
-def wide_rows() -> None:
-    """Use the wide-row heuristic for every compile from now on in this process."""
+def wide_rows(on: bool = True) -> None:
+    """Use the wide-row heuristic for every compile from now on in this process (`on`), or stop using it."""
     import torch._inductor.config as inductor
 
     if hasattr(inductor, "inductor_choices_class"):  # a config key: part of the FX graph cache's key
-        inductor.inductor_choices_class = _wide_row_choices
-    else:  # older torch: the handler is per thread, and the cache could not tell the graphs apart
-        from torch._inductor.virtualized import V
+        if on:
+            inductor.inductor_choices_class = _wide_row_choices
+        elif inductor.inductor_choices_class is _wide_row_choices:
+            inductor.inductor_choices_class = None
+        return
+    # older torch: the handler is per thread, and the FX graph cache could not tell the graphs apart
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
 
+    ours = type(V.choices).__name__ == "WideRowChoices"
+    if on and not ours:
         V.set_choices_handler(_wide_row_choices())
         inductor.fx_graph_cache = False
+    elif not on and ours:
+        V.set_choices_handler(InductorChoices())
 
 
 def apply_compile(dit: nn.Module, mode: str | None = None, wide: bool = False) -> nn.Module:
@@ -61,8 +70,7 @@ def apply_compile(dit: nn.Module, mode: str | None = None, wide: bool = False) -
 
     inductor.coordinate_descent_tuning = True
     inductor.epilogue_fusion = True
-    if wide:
-        wide_rows()
+    wide_rows(wide)
     for block in dit.blocks:
         block.compile(fullgraph=True, dynamic=False, mode=mode)
     getattr(dit, dit.plan.head).compile(fullgraph=True, dynamic=False, mode=mode)
