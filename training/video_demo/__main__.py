@@ -155,6 +155,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _sharpen(args: argparse.Namespace) -> None:
     from .sharpen import sharpen_decoder
 
+    common_cli.use_tensor_cores(torch.device(args.device))
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     result = sharpen_decoder(args.model_path, config.SEED, args.steps, args.batch_size, args.lr, deadline=deadline,
                              num_check=args.check_clips, device=torch.device(args.device))
