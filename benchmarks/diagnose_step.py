@@ -8,7 +8,8 @@ The DiT is built with random weights and accelerated exactly as the step bench d
 FLUX.1-dev, CogVideoX-5B, SD3.5 Large/Medium).
 Variants: `bf16`, `fp8` (fp8 linears), `attn8` (the fp8 attention backend), `fp8+attn8`; `+rows` with any of
 them: AccelConfig.row_fusion (norms and fp8 quantisers as persistent reductions inside inductor's producer
-kernels, which then count as `inductor_reduction`: compare the step and the reduction/quantiser totals).
+kernels, which then count as `inductor_reduction`: compare the step and the reduction/quantiser totals);
+`+fastacc`: AccelConfig.fp8_fast_accum (cuBLASLt's fp8 fast accumulation).
 Writes <out>/diagnose_<model>.json (after every variant), kernels_<model>_<variant>.txt and the
 profiler traces; prints a short summary last.
 
@@ -154,13 +155,14 @@ MODELS = {"wan2.1-t2v-1.3b": wan_setup, "wan2.1-t2v-14b": wan_setup, "flux.1-dev
 
 
 def parse_variant(variant: str) -> dict:
-    """"bf16" | "fp8" | "attn8" | "fp8+attn8", each optionally "+rows" -> AccelConfig's quantization,
-    attention backend and row_fusion (the fp8 quantiser inside inductor's wide-row producer kernels)."""
+    """"bf16" | "fp8" | "attn8" | "fp8+attn8", each optionally "+rows", "+fastacc" -> AccelConfig's
+    quantization, attention backend, row_fusion (the fp8 quantiser inside inductor's wide-row producer
+    kernels) and fp8_fast_accum."""
     parts = set(variant.split("+"))
-    if not parts <= {"bf16", "fp8", "attn8", "sdpa", "rows"}:
-        raise SystemExit(f"unknown variant {variant!r}: join bf16 | fp8 with attn8 | sdpa | rows by '+'")
+    if not parts <= {"bf16", "fp8", "attn8", "sdpa", "rows", "fastacc"}:
+        raise SystemExit(f"unknown variant {variant!r}: join bf16 | fp8 with attn8 | sdpa | rows | fastacc by '+'")
     return {"quantization": "fp8" if "fp8" in parts else None, "attention": "fp8" if "attn8" in parts else "auto",
-            "row_fusion": "rows" in parts}
+            "row_fusion": "rows" in parts, "fp8_fast_accum": "fastacc" in parts}
 
 
 # ---------------------------------------------------------------- analysis
@@ -290,7 +292,8 @@ def run_variant(args, variant: str, reference: torch.Tensor | None) -> tuple[dic
     kernels = trace_kernels(fn, f"{args.out}/trace_{tag}.json", cpu=not on_cuda)
     if not on_cuda:
         kernels = outer_ops(kernels)
-    row = {"quantization": quant, "attention": attn, "row_fusion": accel.row_fusion, "compile": accel.compile,
+    row = {"quantization": quant, "attention": attn, "row_fusion": accel.row_fusion,
+           "fp8_fast_accum": accel.fp8_fast_accum, "compile": accel.compile,
            "cuda_graphs": on_cuda and accel.cuda_graphs, "blocks": blocks,
            "step_s": step, "step_ms": step * 1e3, "finite": bool(torch.isfinite(result).all()),
            **analyse(kernels, step, blocks, args.out, tag)}
@@ -325,7 +328,8 @@ def summary_lines(report: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="wan2.1-t2v-1.3b", choices=sorted(MODELS))
-    p.add_argument("--variants", default="bf16,fp8,fp8+attn8", help="comma-separated: bf16, fp8, attn8, fp8+attn8, each optionally +rows")
+    p.add_argument("--variants", default="bf16,fp8,fp8+attn8",
+                   help="comma-separated: bf16, fp8, attn8, fp8+attn8, each optionally +rows, +fastacc")
     p.add_argument("--quantization", choices=("none", "fp8"), help="with --attention-backend: one variant")
     p.add_argument("--attention-backend", choices=("sdpa", "fp8"), help="with --quantization: one variant")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

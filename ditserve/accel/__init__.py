@@ -40,7 +40,8 @@ def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> 
         from ditserve.accel.fp8 import apply_fp8
 
         # row fusion: the quantiser as torch ops, which inductor folds into the kernel producing its input
-        dit = apply_fp8(dit, triton_quant=accel.fused_kernels and not (accel.compile and accel.row_fusion))
+        dit = apply_fp8(dit, triton_quant=accel.fused_kernels and not (accel.compile and accel.row_fusion),
+                        fast_accum=accel.fp8_fast_accum)
     if accel.compile:
         from ditserve.accel.compile import apply_compile
 

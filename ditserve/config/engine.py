@@ -141,6 +141,9 @@ class AccelConfig:
     # producing kernels (accel/compile.py `wide_rows`) instead of a separate quantise pass; off until the
     # GPU profile shows it faster (benchmarks/diagnose_step.py's `+rows` variants)
     row_fusion: bool = False
+    # fp8 linears with cuBLASLt's fast accumulation (partial sums not promoted to float32 along K); off
+    # until the GPU profile and the step guard show it (diagnose_step.py's `+fastacc` variants)
+    fp8_fast_accum: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)  # step caching (none by default)
 
     def __post_init__(self):

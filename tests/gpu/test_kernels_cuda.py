@@ -117,6 +117,31 @@ def test_triton_fp8_quantisation_equals_torch():
         assert differ == 0, (k, differ, x.numel())
 
 
+@pytest.mark.parametrize("k", [3072, 12288])
+def test_fp8_fast_accumulation_stays_near_the_promoted_sum(k):
+    """FP8Linear with cuBLASLt's fast accumulation against the same layer with promotion, at FLUX's widths
+    (the feed-forward's second GEMM sums 12,288 products): both against the float32 product of the same
+    e4m3 operands, so only the accumulation differs."""
+    from torch import nn
+
+    from ditserve.accel.fp8 import FP8Linear, quantize_rows
+
+    torch.manual_seed(0)
+    linear = nn.Linear(k, 3072, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        x_q, x_s = quantize_rows(x)
+        w_q, w_s = quantize_rows(linear.weight)
+        exact = (x_q.float() * x_s) @ (w_q.float() * w_s).t() + linear.bias.float()
+        errors = {}
+        for fast in (False, True):
+            out = FP8Linear(linear, fast_accum=fast)(x).float()
+            errors[fast] = float((out - exact).norm() / exact.norm())
+    print(f"k={k}: rel L2 against the float32 sum: promoted {errors[False]:.2e}, fast {errors[True]:.2e}")
+    assert errors[False] < 4e-3  # bf16 output rounding (2^-9) dominates
+    assert errors[True] < 1e-2
+
+
 @pytest.mark.parametrize("group_size", [None, 1])
 def test_segment_graphs_replay_the_eager_forward(group_size):
     """Embed, block groups and head replayed from CUDA graphs equal the eager forward, at two input

@@ -78,11 +78,11 @@ def test_own_kernel_names_are_the_kernels(diagnose):
 
 def test_variants_parse(diagnose):
     as_tuple = lambda v: tuple(diagnose.parse_variant(v).values())  # noqa: E731
-    assert as_tuple("bf16") == (None, "auto", False)
-    assert as_tuple("fp8") == ("fp8", "auto", False)
-    assert as_tuple("fp8+attn8") == ("fp8", "fp8", False)
-    assert as_tuple("attn8") == (None, "fp8", False)
-    assert as_tuple("fp8+rows") == ("fp8", "auto", True)
+    assert as_tuple("bf16") == (None, "auto", False, False)
+    assert as_tuple("fp8") == ("fp8", "auto", False, False)
+    assert as_tuple("fp8+attn8") == ("fp8", "fp8", False, False)
+    assert as_tuple("attn8") == (None, "fp8", False, False)
+    assert as_tuple("fp8+rows+fastacc") == ("fp8", "auto", True, True)
     with pytest.raises(SystemExit):
         diagnose.parse_variant("int4")
 
