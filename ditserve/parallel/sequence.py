@@ -107,15 +107,20 @@ class SequenceParallelDiT(DiTWrapper):
             raise InvalidRequest(f"{type(dit).__name__} has no sequence-parallel layout: --ulysses-degree and "
                              "--ring-degree are not supported for it", "ulysses_degree")
         self.dit, self.layout, self.axis = dit, layout, groups.sp
-        self.state = SeqState()
+        self.state = SeqState()  # the joint sequence's padding
+        # attention over some streams only: each stream set its own padding
+        self.stream_states = {streams: SeqState() for _, streams in layout.stream_attention_sites}
         self._full: tuple | None = None  # (consts, lengths) of the forward in flight, for the head
+        sites = [(site, self.state) for site in layout.self_attention_sites]
+        sites += [(site, self.stream_states[streams]) for site, streams in layout.stream_attention_sites]
         ops = {}
         for block in dit.blocks:
-            for site in layout.self_attention_sites:
+            for site, state in sites:
                 inner = _get_path(block, site)
-                if id(inner) not in ops:  # one op per distinct inner op (they are stateless)
-                    ops[id(inner)] = build_attention_op(inner, groups, self.state)
-                _set_path(block, site, ops[id(inner)])
+                key = (id(inner), id(state))
+                if key not in ops:  # one op per distinct inner op and padding (they are stateless)
+                    ops[key] = build_attention_op(inner, groups, state)
+                _set_path(block, site, ops[key])
         log.info("sequence parallel over %d ranks (ring %d x ulysses %d): %s", groups.sp.size, groups.ring.size,
                  groups.ulysses.size, ", ".join(sorted({op.__name__ for op in ops.values()})))
 
@@ -125,11 +130,13 @@ class SequenceParallelDiT(DiTWrapper):
         rank, size = self.axis.rank, self.axis.size
         stream_splits = [Split(s.shape[1], size) for s in h.streams]
         joint = [stream_splits[i] for i in self.layout.joint_order]
-        padded = any(s.n % size for s in stream_splits)
-        self.state.pad_mask = None
-        if padded:
-            device = h.streams[0].device
-            self.state.pad_mask = torch.cat([torch.arange(s.chunk, device=device) < s.valid(rank) for s in joint])
+        device = h.streams[0].device
+        states = [(self.state, self.layout.joint_order), *((st, order) for order, st in self.stream_states.items())]
+        for state, order in states:  # each attention's padded keys masked (decided from global shapes)
+            splits = [stream_splits[i] for i in order]
+            padded = any(s.n % size for s in splits)
+            state.pad_mask = torch.cat([torch.arange(s.chunk, device=device) < s.valid(rank) for s in splits]) \
+                if padded else None
         if len(self.layout.consts) != len(h.consts):
             raise ValueError(f"sequence layout names {len(self.layout.consts)} consts, the model has {len(h.consts)}")
         consts = tuple(shard_const(kind, c, joint, stream_splits, rank) for kind, c in zip(self.layout.consts, h.consts))

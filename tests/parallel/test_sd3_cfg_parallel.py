@@ -1,7 +1,7 @@
 """SD3 on gloo CPU ranks gives the single-process pixels within 1/255: classifier-free guidance split
 over two CFG ranks, blocks split over two tensor-parallel ranks (with skip-layer guidance; the ranks
-hold a shard), Ulysses over padded sequences (Ring and USP use the same layout); with MMDiT-X dual
-attention, sequence parallelism is refused in one line."""
+hold a shard), Ulysses over padded sequences, and on SD3.5-Medium (MMDiT-X: a second, image-only
+attention with its own padding) Ulysses and Ring."""
 
 import numpy as np
 import pytest
@@ -19,14 +19,16 @@ def world2(tiny_sd3, tmp_path_factory):
     folder = tiny_sd3("sd35m")
     cases = [("sd3-cfg", folder, dict(cfg_parallel=True), CFG, {}),
              ("sd3-tp", folder, dict(tp_size=2), SLG, {}),
-             # SD3-Medium style: no dual attention, so sequence parallel
-             ("sd3-ulysses", tiny_sd3("sd3"), dict(ulysses_degree=2), SP, {})]
+             ("sd3-ulysses", tiny_sd3("sd3"), dict(ulysses_degree=2), SP, {}),
+             ("sd35m-ulysses", folder, dict(ulysses_degree=2), SP, {}),
+             ("sd35m-ring", folder, dict(ring_degree=2), SP, {})]
     work = tmp_path_factory.mktemp("sd3_world2")
     return run_cases(cases, 2, work), work
 
 
 @pytest.mark.parametrize("name,variant,request_kwargs", [
-    ("sd3-cfg", "sd35m", CFG), ("sd3-tp", "sd35m", SLG), ("sd3-ulysses", "sd3", SP)])
+    ("sd3-cfg", "sd35m", CFG), ("sd3-tp", "sd35m", SLG), ("sd3-ulysses", "sd3", SP), ("sd35m-ulysses", "sd35m", SP),
+    ("sd35m-ring", "sd35m", SP)])
 def test_parallel_matches_single_process(world2, tiny_sd3, reference, name, variant, request_kwargs):
     expected = reference(tiny_sd3(variant), request_kwargs)
     assert expected.std() > 10
@@ -42,16 +44,3 @@ def test_tensor_parallel_ranks_hold_a_shard(world2, tiny_sd3):
     full = sum(p.numel() for p in whole.parameters())
     held = held_parameters(world2[1], "sd3-tp", 2)
     assert held[0] == held[1] < full < sum(held) < 2 * full
-
-
-def test_sequence_parallel_is_refused_with_dual_attention(tiny_sd3):
-    """What --ulysses-degree / --ring-degree meet on an SD3.5-Medium folder (before any collective)."""
-    import torch
-
-    from ditserve.api import InvalidRequest
-    from ditserve.parallel.sequence import SequenceParallelDiT
-    from ditserve.runtime.loader import inspect_model, load_pipeline
-
-    pipe = load_pipeline(inspect_model(tiny_sd3("sd35m")), torch.device("cpu"), torch.float32)
-    with pytest.raises(InvalidRequest, match="SD3DiT has no sequence-parallel layout"):
-        SequenceParallelDiT(pipe.dit, groups=None)

@@ -44,12 +44,16 @@ class SequenceLayout:
       replicated).
     - `self_attention_sites`: attention sites over the sharded sequence (they communicate); other
       sites of `attention_sites` (cross-attention to replicated text) attend locally, unchanged.
+    - `stream_attention_sites`: (site, streams) for self-attention over some streams only, joined in
+      that order (SD3.5-Medium's image-only second attention: ("attn2_op", (0,))); they communicate
+      too, with those streams' own padding.
     - `head_streams`: the streams the head reads (only these are gathered back).
     """
 
     joint_order: tuple[int, ...] = (0,)
     consts: tuple[str, ...] = ()
     self_attention_sites: tuple[str, ...] = ("attn_op",)
+    stream_attention_sites: tuple[tuple[str, tuple[int, ...]], ...] = ()
     head_streams: tuple[int, ...] = (0,)
 
 

@@ -15,7 +15,7 @@ image-only self-attention from the same normalised input; SD3.5 normalises queri
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +112,6 @@ class SD3DiT(DiT):
     def __init__(self, cfg: SD3Config):
         super().__init__()
         self.cfg = cfg
-        if cfg.dual_attention_layers:  # no sequence-parallel layout for MMDiT-X yet (plan.py)
-            self.plan = replace(SD3_PLAN, sequence=None)
         dim, heads, p = cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size
         self.x_embedder = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p)
         self.pos_table = nn.Parameter(torch.empty(1, cfg.pos_embed_max_size**2, dim))

@@ -16,8 +16,8 @@ SD3_PLAN = DiTPlan(
     # heads split across ranks: q/k/v and the MLP input by output, the projections back by input; the
     # blocks count heads from the projection width and the QK norm is per head, so nothing else changes
     tensor=TensorLayout(column=("*attn.qkv", "attn2.qkv", "*_mlp.0"), row=("*attn.proj", "attn2.proj", "*_mlp.2")),
-    # streams (img, txt), joined as (img, txt) for attention; consts (vec, grid). MMDiT-X's image-only
-    # attention would need a padding mask of its own: models with dual attention drop this layout
+    # streams (img, txt), joined as (img, txt) for attention; consts (vec, grid); MMDiT-X's second
+    # attention runs over the image stream alone, with that stream's padding masked
     sequence=SequenceLayout(joint_order=(0, 1), consts=("same", "same"), self_attention_sites=("attn_op",),
-                            head_streams=(0,)),
+                            stream_attention_sites=(("attn2_op", (0,)),), head_streams=(0,)),
 )
