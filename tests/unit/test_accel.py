@@ -44,6 +44,15 @@ def test_apply_fp8_swaps_only_large_block_projections():
     assert isinstance(dit.img_in, nn.Linear)
 
 
+def test_apply_fp8_carries_fast_accumulation_to_every_layer():
+    """AccelConfig.fp8_fast_accum reaches `_scaled_mm` through each FP8Linear (the GEMM itself runs on
+    the GPU: tests/gpu compares it with the promoted sum)."""
+    for fast in (False, True):
+        layers = [m for m in apply_fp8(tiny_dit(), min_features=256, fast_accum=fast).modules()
+                  if isinstance(m, FP8Linear)]
+        assert layers and all(m.fast_accum is fast for m in layers)
+
+
 def test_cpu_accelerate_is_a_no_op_without_compile():
     dit = tiny_dit()
     assert accelerate_dit(dit, AccelConfig(quantization="fp8"), torch.device("cpu")) is dit
