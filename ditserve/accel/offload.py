@@ -470,13 +470,24 @@ def free_device_gib(device: torch.device) -> float:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
+def _unchunked_gib(dit: nn.Module, chunk: int, args: tuple, kwargs: dict) -> float:
+    """The activation peak (GiB) of the call `dit(*args, **kwargs)` without forward chunking; `dit` keeps
+    its `chunk` afterwards, whatever happens."""
+    from ditserve.accel.activations import apply_forward_chunking, disable_forward_chunking, estimate_call
+
+    disable_forward_chunking(dit)
+    try:
+        return estimate_call(dit, args, kwargs).peak_bytes / GIB
+    finally:
+        apply_forward_chunking(dit, chunk)
+
+
 def _unchunk_if_it_fits(name: str, dit: nn.Module, memory: MemoryConfig, device: torch.device) -> None:
     """Layerwise offload without a budget streams every block and chunks the per-token parts by default;
     at `dit`'s first call the chunk goes when that call's unchunked activations (estimated, with the
     budget's margin) and two streamed groups fit what the device has free. Chunking costs 4-11 % of a
     Wan2.1-1.3B 480p step (H200, 2026-12-04: all streamed 0.635 s chunked, 0.603 s whole, eager)."""
-    from ditserve.accel.activations import GIB as _GIB
-    from ditserve.accel.activations import apply_forward_chunking, chunk_of, disable_forward_chunking, estimate_call
+    from ditserve.accel.activations import chunk_of, disable_forward_chunking
 
     handle = None
 
@@ -485,20 +496,18 @@ def _unchunk_if_it_fits(name: str, dit: nn.Module, memory: MemoryConfig, device:
         chunk = chunk_of(dit)
         if not chunk:
             return
-        disable_forward_chunking(dit)
         try:
-            whole = estimate_call(dit, args, kwargs).peak_bytes / _GIB
+            whole = _unchunked_gib(dit, chunk, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - the estimate is an aid: keep the smaller peak
             log.warning("%s: no activation estimate (%s: %s); forward chunking stays", name, type(exc).__name__, exc)
-            apply_forward_chunking(dit, chunk)
             return
         window = 2 * memory.offload_group_size * max(nbytes([b]) for b in dit.blocks) / GIB
         free = free_device_gib(device)
         if reserve_for(whole) + window <= free:
+            disable_forward_chunking(dit)
             log.info("%s: unchunked activations (%.2f GiB) fit the %.1f GiB free: forward chunking off", name,
                      whole, free)
         else:
-            apply_forward_chunking(dit, chunk)
             log.info("%s: unchunked activations (%.2f GiB) do not fit the %.1f GiB free: forward chunks of %d "
                      "tokens", name, whole, free, chunk)
 
@@ -512,25 +521,17 @@ def _plan_at_first_call(offloader: Offloader, name: str, dit: nn.Module, memory:
     (a larger request later may need more). The automatic forward chunk (no `--forward-chunk-size`)
     stays only where it keeps more blocks resident: chunking costs a few percent of the step (Wan2.1-1.3B
     480p x 81 on an H200, 2026-12-04: 0.619 s chunked against 0.594 s with every block resident)."""
-    from ditserve.accel.activations import GIB as _GIB
-    from ditserve.accel.activations import apply_forward_chunking, chunk_of, disable_forward_chunking, estimate_call
+    from ditserve.accel.activations import chunk_of, disable_forward_chunking, estimate_call
 
     handle = None
-
-    def estimate(args, kwargs) -> float:
-        return estimate_call(dit, args, kwargs).peak_bytes / _GIB
 
     def plan(_module, args, kwargs):
         handle.remove()
         try:
-            gib = estimate(args, kwargs)
+            gib = estimate_call(dit, args, kwargs).peak_bytes / GIB
             chunk = chunk_of(dit) if memory.forward_chunk_size is None else None
             if chunk:
-                disable_forward_chunking(dit)
-                try:
-                    whole = estimate(args, kwargs)
-                finally:
-                    apply_forward_chunking(dit, chunk)
+                whole = _unchunked_gib(dit, chunk, args, kwargs)
                 budget, group = memory.gpu_memory_budget_gib, memory.offload_group_size
                 kept = resident_blocks(dit, group, budget, whole)
                 if kept and kept >= resident_blocks(dit, group, budget, gib):  # (0 kept: it may not fit at all)
