@@ -310,3 +310,37 @@ def test_chunked_blocks_compile_to_one_graph():
         got = dit(inp)
     torch._dynamo.reset()
     assert torch.equal(got, expected)
+
+
+def test_single_stream_block_holds_only_its_projections_at_its_peak():
+    """FLUX.1-dev's single-stream block at full width on the meta device, 4,608 tokens: at its peak it
+    holds linear1's output (q, k, v and the MLP input: 7 model widths a token) and linear2's input
+    (attention + MLP: 5), beside x and the attention output. Not a second MLP-wide GELU output, nor q
+    and k kept alive through the MLP half: holding either (as the block once did) breaks the bound."""
+    from ditserve.models.common.mmdit import SingleStreamBlock
+    from ditserve.models.common.rope import Rotary
+
+    dim, tokens = 3072, 4608
+    with torch.device("meta"):
+        block = SingleStreamBlock(dim, 24, 4.0).to(torch.bfloat16).eval()
+        img = torch.empty(1, tokens - 512, dim, dtype=torch.bfloat16)
+        txt = torch.empty(1, 512, dim, dtype=torch.bfloat16)
+        vec = torch.empty(1, dim, dtype=torch.bfloat16)
+        rope = Rotary(torch.empty(tokens, 128), torch.empty(tokens, 128))
+    block.attn_op = A._flash_like
+    meter = LiveBytes()
+    with torch.no_grad(), A._FusedAsOnGPU(), meter:
+        block(img, txt, vec, rope)
+    row = tokens * dim * 2  # one bf16 tensor of the model width
+    assert meter.peak <= (7 + 5 + 2) * row + 2**20
+
+
+def test_rope_leaves_a_float32_input_alone():
+    from ditserve.models.common.rope import Rotary, apply_rope
+
+    x = torch.randn(1, 6, 2, 8)
+    before = x.clone()
+    angles = torch.rand(6, 8)
+    out = apply_rope(x, Rotary(angles.cos(), angles.sin()))
+    assert torch.equal(x, before)
+    assert not torch.equal(out, before)

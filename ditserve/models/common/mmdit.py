@@ -1,5 +1,11 @@
-"""MMDiT pieces shared by the dual-stream families (FLUX, Qwen-Image): adaptive LayerNorm
-modulation, QK-normed projections, the double-stream block and the modulated output layer.
+"""MMDiT pieces shared by the dual-stream families (FLUX, Qwen-Image, HunyuanVideo): adaptive
+LayerNorm modulation, QK-normed projections, the double- and single-stream blocks and the modulated
+output layer.
+
+Blocks let go of each tensor once nothing below needs it (q, k and v once attention has run; the
+attention output once both streams have projected it), and the single-stream block applies its GELU
+in place: under a streamed (offloaded) DiT the activation peak sits in these blocks' MLP halves, and
+what they hold there is what the peak is made of. The values are the same either way.
 
 Shapes: img [B, L, D], txt [B, T, D], vec [B, D]. `rope` is the joint (txt, img) `Rotary` table
 [T + L, head_dim]; `mask` an optional key mask [B, T + L] (bool, True = attend) when some text
@@ -108,7 +114,10 @@ def norm_rope_qkv(parts, rope: Rotary, heads: int):
         ks.append(k)
         vs.append(v)
     q, k, v = (t[0] if len(t) == 1 else torch.cat(t, dim=1) for t in (qs, ks, vs))
-    return apply_rope(q, rope), apply_rope(k, rope), v
+    del qs, ks, vs
+    q = apply_rope(q, rope)  # one at a time: the normalised q is gone before k's float32 copy is made
+    k = apply_rope(k, rope)
+    return q, k, v
 
 
 def attend(op, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,13 +151,43 @@ class DoubleStreamBlock(nn.Module):
                                (self.img_attn.qkv(modulate(img, i_shift1, i_scale1)), self.img_attn.norm)],
                               rope, self.heads)
         attn = attend(self.attn_op, q, k, v, mask)
+        del q, k, v
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
-
         img = img + _tokens(i_gate1) * self.img_attn.proj(img_attn)
-        img = img + _tokens(i_gate2) * self.img_mlp(modulate(img, i_shift2, i_scale2))
         txt = txt + t_gate1[:, None] * self.txt_attn.proj(txt_attn)
+        del attn, txt_attn, img_attn
+        img = img + _tokens(i_gate2) * self.img_mlp(modulate(img, i_shift2, i_scale2))
         txt = txt + t_gate2[:, None] * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
         return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over (txt, img) (FLUX, HunyuanVideo): attention and MLP in parallel from one input
+    projection, joined again by one output projection; an optional key mask hides text padding."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.modulation = Modulation(dim, 1)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.norm = QKNorm(dim // heads)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.qkv_op = norm_rope_qkv
+        self.attn_op = sdpa_attention
+
+    def forward(self, img, txt, vec, rope: Rotary, mask: torch.Tensor | None = None):
+        shift, scale, gate = self.modulation(vec)
+        x = torch.cat([txt, img], dim=1)
+        qkv, hidden = self.linear1(modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
+        q, k, v = self.qkv_op([(qkv, self.norm)], rope, self.heads)
+        attn = attend(self.attn_op, q, k, v, mask)
+        del q, k, v, qkv
+        torch._C._nn.gelu_(hidden, approximate="tanh")  # F.gelu in place: no second MLP-wide tensor
+        joined = torch.cat([attn, hidden], dim=-1)
+        del attn, hidden  # linear1's output goes before linear2's is made
+        x = x + gate[:, None] * self.linear2(joined)
+        return x[:, txt.shape[1]:], x[:, : txt.shape[1]]
 
 
 class LastLayer(nn.Module):

@@ -36,15 +36,19 @@ def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> R
 def apply_rope(x_BSHD: torch.Tensor, rope: Rotary) -> torch.Tensor:
     """Rotate consecutive (real, imag) pairs of the head dim by the position's angle, in float32.
 
-    Eager, as one complex multiply: three passes over x instead of eight separate elementwise
-    kernels (2.4x faster; the same bits). Under torch.compile, the real form, which inductor fuses
-    (it generates no code for complex operators).
+    Eager, as one complex multiply, in place on the float32 copy: three passes over x instead of
+    eight separate elementwise kernels (2.4x faster; the same bits), and one float32 temporary, not
+    two. Under torch.compile, the real form, which inductor fuses (it generates no code for complex
+    operators).
     """
     cos, sin = rope.cos, rope.sin
     if not torch.compiler.is_compiling():
         freqs = torch.complex(cos[:, ::2], sin[:, ::2])[None, :, None, :]
-        x = torch.view_as_complex(x_BSHD.float().contiguous().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(x * freqs).flatten(3).to(x_BSHD.dtype)
+        x = x_BSHD.float().contiguous()
+        if x is x_BSHD:  # already float32 and contiguous: the caller's tensor, not a copy to rotate in place
+            x = x.clone()
+        rotated = torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(freqs)
+        return torch.view_as_real(rotated).flatten(3).to(x_BSHD.dtype)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     real, imag = x_BSHD.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)

@@ -3,7 +3,8 @@
 Forward = embed -> blocks -> head (models/common/dit.py). Every block maps (img, txt, vec, rope) ->
 (img, txt), so caching, offload, sequence sharding and compilation can wrap the list from outside.
 Shapes: img [B, L, D], txt [B, T, D], vec [B, D]; rope: a Rotary table [T + L, head_dim].
-The double-stream block and the modulation layers are shared with Qwen-Image (models/common/mmdit.py).
+The double-stream block and the modulation layers are shared with Qwen-Image and HunyuanVideo, the
+single-stream block with HunyuanVideo (models/common/mmdit.py).
 """
 
 from __future__ import annotations
@@ -11,41 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ditserve.models.common.attention import sdpa_attention
 from ditserve.models.common.dit import DiT, Hidden
 from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
-from ditserve.models.common.mmdit import (DoubleStreamBlock, LastLayer, Modulation, QKNorm, attend, modulate,
-                                          norm_rope_qkv)
+from ditserve.models.common.mmdit import DoubleStreamBlock, LastLayer, SingleStreamBlock
 from ditserve.models.common.rope import Rotary, rope_tables
 from ditserve.models.flux.config import FluxConfig
 from ditserve.models.flux.plan import FLUX_PLAN
-
-
-class SingleStreamBlock(nn.Module):
-    """One stream over (txt, img); attention and MLP run in parallel from one input projection."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.dim, self.heads = dim, heads
-        self.mlp_hidden = int(dim * mlp_ratio)
-        self.modulation = Modulation(dim, 1)
-        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
-        self.norm = QKNorm(dim // heads)
-        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
-        self.qkv_op = norm_rope_qkv
-        self.attn_op = sdpa_attention
-
-    def forward(self, img, txt, vec, rope: Rotary):
-        shift, scale, gate = self.modulation(vec)
-        x = torch.cat([txt, img], dim=1)
-        qkv, mlp_in = self.linear1(modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
-        q, k, v = self.qkv_op([(qkv, self.norm)], rope, self.heads)
-        attn = attend(self.attn_op, q, k, v)
-        x = x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))
-        return x[:, txt.shape[1]:], x[:, : txt.shape[1]]
 
 
 @dataclass

@@ -8,7 +8,7 @@ the timestep and the masked mean of the prompt), then every block maps
 (img, txt, vec, rope, mask) -> (img, txt): img [B, L, D], txt [B, T, D], vec [B, D]; rope a Rotary
 table over the joint (txt, img) sequence whose text rows do not rotate; mask a key mask [B, T + L]
 that hides the text padding (None when there is none).
-The dual-stream block and the modulation layers are models/common/mmdit.py's (as FLUX, Qwen-Image).
+The dual- and single-stream blocks and the modulation layers are models/common/mmdit.py's (as FLUX).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from torch import nn
 from ditserve.models.common.attention import sdpa_attention
 from ditserve.models.common.dit import DiT, Hidden
 from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
-from ditserve.models.common.mmdit import (DoubleStreamBlock, LastLayer, Modulation, QKNorm, attend, modulate,
-                                          norm_rope_qkv)
+from ditserve.models.common.mmdit import DoubleStreamBlock, LastLayer, SingleStreamBlock, attend
 from ditserve.models.common.rope import Rotary
 from ditserve.models.hunyuan_video.config import HunyuanVideoConfig
 from ditserve.models.hunyuan_video.plan import HUNYUAN_VIDEO_PLAN
@@ -132,31 +131,6 @@ class TokenRefiner(nn.Module):
         for block in self.blocks:
             x = block(x, c, key_mask)
         return x
-
-
-class SingleStreamBlock(nn.Module):
-    """One stream over (txt, img); attention and MLP in parallel from one input projection; a key
-    mask hides the text padding."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.dim, self.heads = dim, heads
-        self.mlp_hidden = int(dim * mlp_ratio)
-        self.modulation = Modulation(dim, 1)
-        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
-        self.norm = QKNorm(dim // heads)
-        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
-        self.qkv_op = norm_rope_qkv
-        self.attn_op = sdpa_attention
-
-    def forward(self, img, txt, vec, rope: Rotary, mask: torch.Tensor | None = None):
-        shift, scale, gate = self.modulation(vec)
-        x = torch.cat([txt, img], dim=1)
-        qkv, mlp_in = self.linear1(modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
-        q, k, v = self.qkv_op([(qkv, self.norm)], rope, self.heads)
-        attn = attend(self.attn_op, q, k, v, mask)
-        x = x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))
-        return x[:, txt.shape[1]:], x[:, : txt.shape[1]]
 
 
 @dataclass
