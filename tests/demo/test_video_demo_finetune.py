@@ -68,3 +68,44 @@ def test_train_dit_init_and_lr_reach_the_exported_weights(tmp_path):
     exported = WanTransformer3DModel.from_pretrained(tmp_path / "out" / "transformer").state_dict()
     assert shipped.keys() == exported.keys()
     assert all(torch.equal(exported[k], shipped[k]) for k in shipped)
+
+
+def test_widened_decoder_decodes_the_same_pixels():
+    """`sharpen --widen`: twice the decoder channels, the encoder untouched, the same frames from the
+    same latents (the copies' split input weights sum to the original; the mid-block attention's
+    queries rescaled for its twice-as-wide head: without that the frames differ)."""
+    from training.video_demo.widen import widen_decoder
+
+    vae = AutoencoderKLWan(**config.VAE).eval()
+    with torch.no_grad():  # diffusers' init leaves the mid-block attention's projection at zero
+        for p in vae.decoder.mid_block.attentions[0].parameters():
+            p.normal_(0, 0.2)
+    wide = widen_decoder(vae).eval()
+    assert wide.config.decoder_base_dim == 2 * config.VAE["base_dim"]
+    assert wide.decoder.conv_in.weight.shape[0] == 2 * vae.decoder.conv_in.weight.shape[0]
+    for name, value in vae.state_dict().items():
+        if not name.startswith("decoder."):
+            assert torch.equal(wide.state_dict()[name], value), name
+    z = torch.randn(1, config.LATENT_CHANNELS, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        narrow_frames, wide_frames = vae.decode(z).sample, wide.decode(z).sample
+    assert narrow_frames.shape == wide_frames.shape == (1, 3, 9, 64, 64)
+    assert (narrow_frames - wide_frames).abs().max() < 1e-4
+    assert narrow_frames.abs().mean() > 0.05  # a decoder that draws something, not a clamp to zero
+
+
+def test_generated_latents_come_back_in_the_vaes_units():
+    """`probe --generated` scores the DiT's latents with a probe fitted on the encoder's: they must be in
+    the same units (the pipeline's normalised latents mapped back by latents_std and latents_mean), or
+    the probe reads noise. The shipped DiT's frames spread per channel as real clips' do."""
+    from training.video_demo.probe import generated_latent_frames, latent_frames
+    from training.video_demo.scenes import sample_clips, split_combos
+
+    vae = AutoencoderKLWan.from_pretrained(MODEL / "vae").float().eval()
+    frames, labels = generated_latent_frames(MODEL, vae, (0,), prompts=4)
+    assert frames.shape == (4 * 5, config.LATENT_CHANNELS, 8, 8) and labels.shape == (20,)
+    held = split_combos(config.SEED, config.NUM_HELD_OUT)[1]
+    real, _ = latent_frames(vae, sample_clips(config.SEED + 1, 16, held))
+    ratio = frames.std((0, 2, 3)) / real.std((0, 2, 3))
+    assert ((ratio > 0.5) & (ratio < 2)).all(), ratio
+    assert (frames.mean((0, 2, 3)) - real.mean((0, 2, 3))).abs().max() < 0.5

@@ -65,6 +65,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     h.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after about this long")
     h.add_argument("--check-clips", type=int, default=48,
                    help="held-out clips whose reconstructions are scored before, every 100 steps and after")
+    h.add_argument("--widen", action="store_true", help="double the decoder's channels first (same pixels to start)")
     h.add_argument("--device", default="cpu")
     h.add_argument("--threads", type=int, default=2)
     e = sub.add_parser("evaluate")
@@ -158,7 +159,7 @@ def _sharpen(args: argparse.Namespace) -> None:
     common_cli.use_tensor_cores(torch.device(args.device))
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     result = sharpen_decoder(args.model_path, config.SEED, args.steps, args.batch_size, args.lr, deadline=deadline,
-                             num_check=args.check_clips, device=torch.device(args.device))
+                             num_check=args.check_clips, widen=args.widen, device=torch.device(args.device))
     print(json.dumps(result))
 
 

@@ -34,7 +34,31 @@ def latent_frames(vae: AutoencoderKLWan, clips, batch: int = 16) -> tuple[torch.
     return z.transpose(1, 2).flatten(0, 1), labels
 
 
-def probe(model_path: Path, num_clips: int, steps: int = 1500, seed: int = 0) -> dict:
+@torch.no_grad()
+def generated_latent_frames(model_path: Path, vae: AutoencoderKLWan, seeds: tuple[int, ...],
+                            prompts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every latent frame the folder's pipeline generates for each held-out prompt (the first
+    ``prompts`` of them) and seed, in the VAE's latent units (as `latent_frames`), and its prompt's
+    shape index."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(model_path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    request = {k: v for k, v in config.REQUEST_DEFAULTS.items() if k != "fps"}
+    frames, labels = [], []
+    for combo in split_combos(config.SEED, config.NUM_HELD_OUT)[1][:prompts]:
+        for seed in seeds:
+            z = pipe(combo.caption, generator=torch.Generator().manual_seed(seed), output_type="latent",
+                     **request).frames * std + mean
+            frames.append(z.transpose(1, 2).flatten(0, 1))
+            labels += [SHAPES.index(combo.shape)] * z.shape[2]
+    return torch.cat(frames), torch.tensor(labels)
+
+
+def probe(model_path: Path, num_clips: int, steps: int = 1500, seed: int = 0,
+          generated_seeds: tuple[int, ...] = ()) -> dict:
     torch.manual_seed(seed)
     vae = AutoencoderKLWan.from_pretrained(model_path / "vae").float().eval()
     train_combos, held = split_combos(config.SEED, config.NUM_HELD_OUT)
@@ -57,6 +81,13 @@ def probe(model_path: Path, num_clips: int, steps: int = 1500, seed: int = 0) ->
               **{s: float(right[y_test == i].mean()) for i, s in enumerate(SHAPES)}}
     log.info("shape from the latents, held-out clips: %.1f%% (%s)", 100 * result["held_out_accuracy"],
              ", ".join(f"{s} {100 * result[s]:.1f}%" for s in SHAPES))
+    if generated_seeds:
+        x_gen, y_gen = generated_latent_frames(model_path, vae, generated_seeds)
+        with torch.no_grad():
+            right = (net((x_gen - mean) / std).argmax(1) == y_gen).float()
+        result["generated_accuracy"] = float(right.mean())
+        log.info("shape from the DiT's latents, held-out prompts x seeds %s: %.1f%%", list(generated_seeds),
+                 100 * result["generated_accuracy"])
     return result
 
 
@@ -65,9 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model-path", type=Path, default=Path(__file__).resolve().parents[2] / "ditserve/demo/video_model")
     p.add_argument("--clips", type=int, default=1200, help="training-combo clips to fit the probe on")
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--generated", action="store_true", help="also score the latents the folder's DiT generates")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="with --generated: seeds per held-out prompt")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return probe(args.model_path, args.clips, args.steps)
+    return probe(args.model_path, args.clips, args.steps, generated_seeds=tuple(args.seeds) if args.generated else ())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@
 # VIDEO_DEMO_STAGE=sharpen trains nothing new: it copies a finished folder (VIDEO_DEMO_SHARPEN_FROM, default
 # the shipped ditserve/demo/video_model), fine-tunes its VAE decoder on the GPU (`sharpen`: the encoder, the
 # latent space and the DiT unchanged; batch VIDEO_DEMO_SHARPEN_BATCH, default 64, lr VIDEO_DEMO_SHARPEN_LR,
-# default 2e-4) until the deadline, then packs and scores the folder as after training.
+# default 2e-4; VIDEO_DEMO_SHARPEN_ARGS more `sharpen` flags, e.g. "--widen" for twice the decoder's channels)
+# until the deadline, then packs and scores the folder as after training.
 #
 # Two sittings (the issue allows ~20 minutes; a device call is at most 10): VIDEO_DEMO_STAGE=vae
 # trains only the VAE for all of MINUTES and leaves its checkpoints in OUT_DIR/vae/; then, with
@@ -54,7 +55,7 @@ if [ "$stage" = sharpen ]; then
     chmod -R u+w "$work/video_model"
     python3 -m training.video_demo sharpen --model-path "$work/video_model" --device "$device" --threads 8 \
         --batch-size "${VIDEO_DEMO_SHARPEN_BATCH:-64}" --lr "${VIDEO_DEMO_SHARPEN_LR:-2e-4}" --steps 1000000 \
-        --max-minutes "$(left "$eval_reserve")" >>"$out/train.log" 2>&1
+        --max-minutes "$(left "$eval_reserve")" ${VIDEO_DEMO_SHARPEN_ARGS:-} >>"$out/train.log" 2>&1
 else
     python3 -m training.video_demo train --recipe "$recipe" --device "$device" --threads 8 --work-dir "$work" \
         --out "$work/video_model" --max-minutes "$(left "$eval_reserve")" --stage "$stage" \

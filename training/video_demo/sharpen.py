@@ -29,6 +29,7 @@ from .checker import check_clip
 from .common import lr_now, make_adamw, set_lr
 from .scenes import NUM_FRAMES, render_clips, sample_clip, sample_clips, split_combos
 from .vae import background_mask, clips_to_tensor, decode_unclamped
+from .widen import widen_decoder
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +67,23 @@ def reconstruction_shape_accuracy(vae: AutoencoderKLWan, clips, batch: int = 8) 
 
 def sharpen_decoder(model_path: Path, seed: int, steps: int, batch_size: int = 4, lr: float = 1e-4,
                     fg_weight: float = 10.0, edge_weight: float = 20.0, deadline: float | None = None,
-                    check_every: int = 100, num_check: int = 48,
+                    check_every: int = 100, num_check: int = 48, widen: bool = False,
                     device: torch.device | None = None) -> dict:
     """Fine-tune ``model_path``/vae's decoder for ``steps`` steps (or until ``deadline``, a
     ``time.monotonic()`` value) and save it back in place; returns the reconstruction shape accuracy
-    on ``num_check`` held-out clips before and after."""
+    on ``num_check`` held-out clips before and after. ``widen`` first doubles the decoder's channels
+    (``widen.widen_decoder``: the same pixels to start from, twice the width to learn with)."""
     folder = model_path / "vae"
     device = device or torch.device("cpu")
-    vae = AutoencoderKLWan.from_pretrained(folder).float().to(device)
+    vae = AutoencoderKLWan.from_pretrained(folder).float()
+    vae = (widen_decoder(vae, seed) if widen else vae).to(device)
     train_combos, held = split_combos(seed, config.NUM_HELD_OUT)
     check_clips = sample_clips(seed + 1, num_check, held)
     vae.eval().requires_grad_(False)
     params = decoder_parameters(vae)
     before = reconstruction_shape_accuracy(vae, check_clips)
-    log.info("decoder fine-tune: %d steps at batch %d; reconstructions show the shape in %.1f%% of frames",
-             steps, batch_size, 100 * before)
+    log.info("decoder fine-tune: %d steps at batch %d, decoder width %d; reconstructions show the shape in "
+             "%.1f%% of frames", steps, batch_size, vae.config.decoder_base_dim or vae.config.base_dim, 100 * before)
     for p in params:
         p.requires_grad_(True)
     opt = make_adamw(params, lr, device)
