@@ -67,8 +67,13 @@ class Attention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, -1))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope: Rotary | None = None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope: Rotary | None = None,
+                pre=None):
+        """`pre`: a transform of `x` applied here rather than by the caller (the block's modulation), so
+        that the transformed tokens are freed once projected instead of living through the attention."""
         image = None
+        if pre is not None:
+            x = pre(x)
         if context is None:
             context = x
         elif self.add_k_proj is not None:
@@ -77,6 +82,7 @@ class Attention(nn.Module):
         q = self._heads(self.norm_q(self.to_q(x)))
         k = self._heads(self.norm_k(self.to_k(context)))
         v = self._heads(self.to_v(context))
+        del x, context
         if rope is not None:  # one at a time: the unrotated query is freed before the key's turn
             q = self.rope_op(q, rope)
             k = self.rope_op(k, rope)
@@ -107,7 +113,7 @@ class WanBlock(nn.Module):
         # Only the self-attention mixes tokens; the pieces around it map each token on its own (their
         # tensors in float32 are the largest of a long video: the plan lets them run in chunks)
         shift, scale, gate, c_shift, c_scale, c_gate = modulation(self.scale_shift_table.float(), mod)
-        x = self.attn_residual(x, self.attn1(self.modulate(x, scale, shift), rope=rope), gate)
+        x = self.attn_residual(x, self.attn1(x, rope=rope, pre=lambda t: self.modulate(t, scale, shift)), gate)
         x = self.cross_attention(x, context=context)
         return self.ffn_residual(x, c_scale, c_shift, c_gate)
 
