@@ -3,9 +3,11 @@ LayerNorm modulation, QK-normed projections, the double- and single-stream block
 output layer.
 
 Blocks let go of each tensor once nothing below needs it (q, k and v once attention has run; the
-attention output once both streams have projected it), and the single-stream block applies its GELU
-in place: under a streamed (offloaded) DiT the activation peak sits in these blocks' MLP halves, and
-what they hold there is what the peak is made of. The values are the same either way.
+attention output once both streams have projected it), and the single-stream block works inside its
+input projection's output: GELU in place on the MLP part, the attention output written over v, and
+that [attention | MLP] slice is the output projection's input (no concatenation). Under a streamed
+(offloaded) DiT the activation peak sits in these blocks' MLP halves, and what they hold there is what
+the peak is made of. The values are the same either way.
 
 Shapes: img [B, L, D], txt [B, T, D], vec [B, D]. `rope` is the joint (txt, img) `Rotary` table
 [T + L, head_dim]; `mask` an optional key mask [B, T + L] (bool, True = attend) when some text
@@ -179,13 +181,15 @@ class SingleStreamBlock(nn.Module):
     def forward(self, img, txt, vec, rope: Rotary, mask: torch.Tensor | None = None):
         shift, scale, gate = self.modulation(vec)
         x = torch.cat([txt, img], dim=1)
-        qkv, hidden = self.linear1(modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
+        fused = self.linear1(modulate(x, shift, scale))  # [q | k | v | MLP input] per token
+        qkv, hidden = fused.split([3 * self.dim, self.mlp_hidden], dim=-1)
         q, k, v = self.qkv_op([(qkv, self.norm)], rope, self.heads)
         attn = attend(self.attn_op, q, k, v, mask)
         del q, k, v, qkv
         torch._C._nn.gelu_(hidden, approximate="tanh")  # F.gelu in place: no second MLP-wide tensor
-        joined = torch.cat([attn, hidden], dim=-1)
-        del attn, hidden  # linear1's output goes before linear2's is made
+        joined = fused[..., 2 * self.dim:]  # [v | MLP]: the attention output takes v's place, no concatenation
+        joined[..., : self.dim].copy_(attn)
+        del attn, hidden, fused
         x = x + gate[:, None] * self.linear2(joined)
         return x[:, txt.shape[1]:], x[:, : txt.shape[1]]
 
