@@ -165,7 +165,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """One stream over (txt, img) (FLUX, HunyuanVideo): attention and MLP in parallel from one input
-    projection, joined again by one output projection; an optional key mask hides text padding."""
+    projection, joined again by one output projection; an optional key mask hides text padding.
+    For inference: the forward writes over v after the attention (autograd would still need it)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
