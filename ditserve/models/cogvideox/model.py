@@ -26,6 +26,7 @@ from ditserve.models.cogvideox.plan import COGVIDEOX_PLAN
 from ditserve.models.common.attention import sdpa_attention
 from ditserve.models.common.dit import DiT, Hidden
 from ditserve.models.common.embeddings import MLPEmbedder
+from ditserve.models.common.layers import feed_forward
 from ditserve.models.common.rope import Rotary, apply_rope
 
 ROPE_THETA = 10000.0
@@ -141,8 +142,9 @@ class Attention(nn.Module):
         q = self.norm_q(self.to_q(x).unflatten(-1, (self.heads, -1)))
         k = self.norm_k(self.to_k(x).unflatten(-1, (self.heads, -1)))
         v = self.to_v(x).unflatten(-1, (self.heads, -1))
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if rope is not None:  # one at a time: the unrotated query is gone before the key's float32 copy
+            q = apply_rope(q, rope)
+            k = apply_rope(k, rope)
         return self.to_out(self.attn_op(q, k, v).flatten(2).type_as(x))
 
 
@@ -166,16 +168,22 @@ class CogVideoXBlock(nn.Module):
         dim = cfg.hidden_size
         self.norm1, self.norm2 = ExpertNorm(cfg), ExpertNorm(cfg)
         self.attn = Attention(dim, cfg.num_attention_heads, cfg.attention_bias)
-        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.ff = feed_forward(dim, 4 * dim)
 
     def forward(self, x: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: Rotary | None,
                 *_head_consts) -> tuple[torch.Tensor, torch.Tensor]:
         n = txt.shape[1]
         x_n, txt_n, gate, t_gate = self.norm1(x, txt, temb)
-        attn = self.attn(torch.cat([txt_n, x_n], dim=1), rope)
+        joint = torch.cat([txt_n, x_n], dim=1)
+        del x_n, txt_n  # each tensor goes once nothing below reads it: the feed-forward is the block's peak
+        attn = self.attn(joint, rope)
+        del joint
         x, txt = x + gate * attn[:, n:], txt + t_gate * attn[:, :n]
+        del attn
         x_n, txt_n, gate, t_gate = self.norm2(x, txt, temb)
-        ff = self.ff(torch.cat([txt_n, x_n], dim=1))
+        joint = torch.cat([txt_n, x_n], dim=1)
+        del x_n, txt_n
+        ff = self.ff(joint)
         return x + gate * ff[:, n:], txt + t_gate * ff[:, :n]
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.models.common.attention import sdpa_attention
+from ditserve.models.common.layers import feed_forward
 from ditserve.models.common.rope import Rotary, apply_rope
 
 EPS = 1e-6
@@ -96,8 +97,7 @@ class SelfAttention(nn.Module):
 
 
 def mlp(dim: int, ratio: float) -> nn.Sequential:
-    hidden = int(dim * ratio)
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    return feed_forward(dim, int(dim * ratio))
 
 
 def norm_rope_qkv(parts, rope: Rotary, heads: int):

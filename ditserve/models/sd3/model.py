@@ -79,18 +79,23 @@ class JointBlock(nn.Module):
         qi, ki, vi = self.img_attn.heads_qkv(img_normed * (1 + scale1[:, None]) + shift1[:, None])
         qt, kt, vt = self.txt_attn.heads_qkv(modulate(txt, t_shift1, t_scale1))
         attn = attend(self.attn_op, torch.cat([qi, qt], 1), torch.cat([ki, kt], 1), torch.cat([vi, vt], 1))
+        del qi, ki, vi, qt, kt, vt  # each tensor goes once nothing below reads it: the MLPs are the peak
         img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)
         img = img + gate1[:, None] * self.img_attn.proj(img_attn)
+        if not self.pre_only:
+            txt = txt + t_gate1[:, None] * self.txt_attn.proj(txt_attn)
+        del attn, img_attn, txt_attn
 
         if self.dual:
             shift3, scale3, gate3 = mods[6:]
             q, k, v = self.attn2.heads_qkv(img_normed * (1 + scale3[:, None]) + shift3[:, None])
             img = img + gate3[:, None] * self.attn2.proj(attend(self.attn2_op, q, k, v))
+            del q, k, v
+        del img_normed
 
         img = img + gate2[:, None] * self.img_mlp(modulate(img, shift2, scale2))
         if self.pre_only:
             return img, txt  # the text is spent; returned unchanged so every block maps (img, txt)
-        txt = txt + t_gate1[:, None] * self.txt_attn.proj(txt_attn)
         txt = txt + t_gate2[:, None] * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
         return img, txt
 

@@ -23,6 +23,7 @@ from torch import nn
 from ditserve.models.common.attention import sdpa_attention
 from ditserve.models.common.dit import DiT, Hidden
 from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
+from ditserve.models.common.layers import feed_forward
 from ditserve.models.common.rope import Rotary, apply_rope, rope_tables
 from ditserve.models.wan.config import WanConfig
 from ditserve.models.wan.plan import WAN_PLAN
@@ -105,7 +106,7 @@ class WanBlock(nn.Module):
         self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.eps)
         self.attn2 = Attention(dim, cfg.num_attention_heads, cfg.eps, image_kv=cfg.added_kv_proj_dim is not None)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.eps) if cfg.cross_attn_norm else None
-        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.ffn = feed_forward(dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mod: torch.Tensor, rope: Rotary,
@@ -121,7 +122,7 @@ class WanBlock(nn.Module):
         return (layer_norm32(x, self.eps) * (1 + scale) + shift).type_as(x)
 
     def attn_residual(self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return (x.float() + attn * gate).type_as(x)
+        return (attn * gate).add_(x).type_as(x)  # x + attn·gate in float32 (the gate is), one temporary
 
     def cross_attention(self, x: torch.Tensor, *, context: torch.Tensor) -> torch.Tensor:
         normed = x if self.norm2 is None else layer_norm32(x, self.eps, self.norm2).type_as(x)
@@ -130,7 +131,7 @@ class WanBlock(nn.Module):
     def ffn_residual(self, x: torch.Tensor, c_scale: torch.Tensor, c_shift: torch.Tensor,
                      c_gate: torch.Tensor) -> torch.Tensor:
         ff = self.ffn(self.modulate(x, c_scale, c_shift))
-        return (x.float() + ff.float() * c_gate).type_as(x)
+        return ff.float().mul_(c_gate).add_(x).type_as(x)  # x + ff·gate in float32, one temporary
 
 
 class ImageEmbedder(nn.Module):
