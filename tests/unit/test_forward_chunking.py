@@ -364,3 +364,21 @@ def test_feed_forward_holds_one_hidden_layer():
     with torch.no_grad(), meter:
         ff(x)
     assert meter.peak == 1000 * 4 * (32 + 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_slices_equals_rope_whole(dtype, monkeypatch):
+    """Eager RoPE rotates EAGER_SLICE tokens at a time (its float32 copy one slice long): the same bits as
+    the whole sequence at once, for a non-contiguous input (a strided view of a fused projection) too."""
+    from ditserve.models.common import rope as R
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 300, 3, 3, 16).to(dtype)
+    q = qkv[:, :, 0]  # [B, S, H, D], strided
+    ids = torch.stack([torch.zeros(300), torch.arange(300.0) // 20, torch.arange(300.0) % 20], -1)
+    table = R.rope_tables(ids, (4, 6, 6), 10000.0)
+    whole = R.apply_rope(q, table)
+    monkeypatch.setattr(R, "EAGER_SLICE", 64)  # 300 tokens: four full slices and a short one
+    sliced = R.apply_rope(q, table)
+    assert torch.equal(whole, sliced) and sliced.dtype == dtype
+    assert not torch.equal(sliced, q)
