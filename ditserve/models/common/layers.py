@@ -6,13 +6,18 @@ import torch
 from torch import nn
 
 
+def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(x, approximate="tanh")` written over `x` (a view too): the same values, no second tensor."""
+    return torch._C._nn.gelu_(x, approximate="tanh")
+
+
 class GELUInPlace(nn.Module):
     """`nn.GELU(approximate="tanh")` written over its input: a feed-forward's hidden layer is its widest
     tensor (4x the model width a token), and the GELU's own output would be a second one beside it. For
     inputs nothing else reads, as the hidden layer of `Linear, GELU, Linear`. The same values."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._C._nn.gelu_(x, approximate="tanh")
+        return gelu_tanh_(x)
 
 
 def feed_forward(dim: int, hidden: int) -> nn.Sequential:

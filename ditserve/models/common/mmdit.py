@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.models.common.attention import sdpa_attention
-from ditserve.models.common.layers import feed_forward
+from ditserve.models.common.layers import feed_forward, gelu_tanh_
 from ditserve.models.common.rope import Rotary, apply_rope
 
 EPS = 1e-6
@@ -187,7 +187,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = self.qkv_op([(qkv, self.norm)], rope, self.heads)
         attn = attend(self.attn_op, q, k, v, mask)
         del q, k, v, qkv
-        torch._C._nn.gelu_(hidden, approximate="tanh")  # F.gelu in place: no second MLP-wide tensor
+        gelu_tanh_(hidden)  # in place: no second MLP-wide tensor
         joined = fused[..., 2 * self.dim:]  # [v | MLP]: the attention output takes v's place, no concatenation
         joined[..., : self.dim].copy_(attn)
         del attn, hidden, fused
