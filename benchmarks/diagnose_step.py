@@ -9,7 +9,8 @@ FLUX.1-dev, CogVideoX-5B, SD3.5 Large/Medium).
 Variants: `bf16`, `fp8` (fp8 linears), `attn8` (the fp8 attention backend), `fp8+attn8`; `+rows` with any of
 them: AccelConfig.row_fusion (norms and fp8 quantisers as persistent reductions inside inductor's producer
 kernels, which then count as `inductor_reduction`: compare the step and the reduction/quantiser totals);
-`+fastacc`: AccelConfig.fp8_fast_accum (cuBLASLt's fp8 fast accumulation).
+`+fastacc`: AccelConfig.fp8_fast_accum (cuBLASLt's fp8 fast accumulation; the engine's default since
+2026-12-05, so a variant without it is the promoted-sum baseline).
 Writes <out>/diagnose_<model>.json (after every variant), kernels_<model>_<variant>.txt and the
 profiler traces; prints a short summary last.
 

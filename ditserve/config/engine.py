@@ -141,9 +141,10 @@ class AccelConfig:
     # producing kernels (accel/compile.py `wide_rows`) instead of a separate quantise pass; off until the
     # GPU profile shows it faster (benchmarks/diagnose_step.py's `+rows` variants)
     row_fusion: bool = False
-    # fp8 linears with cuBLASLt's fast accumulation (partial sums not promoted to float32 along K); off
-    # until the GPU profile and the step guard show it (diagnose_step.py's `+fastacc` variants)
-    fp8_fast_accum: bool = False
+    # fp8 linears with cuBLASLt's fast accumulation (partial sums not promoted to float32 along K): on the
+    # H200, SD3.5-Large's fp8 step 100.3 -> 95.6 ms (GEMMs 40.4 -> 35.7) at a step rel L2 of 1.7e-3 against
+    # the promoted sum (benchmarks/results/sd3.5-large_rows_diagnose_h200.json)
+    fp8_fast_accum: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)  # step caching (none by default)
 
     def __post_init__(self):
