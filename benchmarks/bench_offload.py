@@ -214,6 +214,11 @@ def bench(args) -> dict:
 
         torch._dynamo.config.cache_size_limit = DYNAMO_CACHE_SIZE_LIMIT
         apply_compile(ours)
+    else:  # eager as the engine runs it: on CUDA, the fused QK-norm + RoPE (FLUX) and the token kernels (Wan)
+        from ditserve.accel import accelerate_dit
+        from ditserve.config import AccelConfig
+
+        ours = accelerate_dit(ours, AccelConfig(), device)
     weights_gib = nbytes([ours]) / GIB
     ref.to("cpu")  # diffusers' side waits on the host while ours runs (and counts in no peak of ours)
     gc.collect()

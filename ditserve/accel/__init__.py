@@ -36,6 +36,13 @@ def accelerate_dit(dit: nn.Module, accel: AccelConfig, device: torch.device) -> 
             dit = qk_rope.apply_fused_qk_rope(dit, plan.qk_rope_site)
         else:
             log.warning("Triton is not installed: QK-norm + RoPE run unfused")
+    if on_cuda and accel.fused_kernels and not accel.compile and plan.eager_kernels:
+        from ditserve.accel import token_kernels
+
+        if token_kernels.available():
+            dit = token_kernels.apply_eager_kernels(dit, plan.eager_kernels)
+        else:
+            log.warning("Triton is not installed: the per-token float32 pieces run as PyTorch ops")
     if on_cuda and accel.quantization == "fp8":
         from ditserve.accel.fp8 import apply_fp8
 

@@ -82,8 +82,10 @@ def chunked_call(fn: Callable[..., torch.Tensor], chunk: int, dim: int, x: torch
             shape[dim] = length
             fits = _in_place and list(x.shape) == shape and x.dtype == y.dtype and x.is_contiguous()
             out = x if fits else y.new_empty(shape)
-        out.narrow(dim, a, b - a).copy_(y)
-        del y
+        dst = out.narrow(dim, a, b - a)
+        if torch.compiler.is_compiling() or not (y.data_ptr() == dst.data_ptr() and y.stride() == dst.stride()):
+            dst.copy_(y)  # unless fn wrote the chunk in place itself (eager kernels: accel/token_kernels.py)
+        del y, dst
     return out
 
 

@@ -105,6 +105,7 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
     than "auto", the compiled step once more with that backend (fields `attn_`; with fp8 linears
     too, `fp8_attn_`), each with the step's rel L2 against diffusers' bf16 step."""
     from ditserve.accel import accelerate_dit
+    from ditserve.accel.token_kernels import remove_eager_kernels
     from ditserve.config import AccelConfig
 
     dtype = torch.bfloat16
@@ -124,6 +125,7 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
     expected = ref_call(ref, inp)
     eager_reps = max(1, reps // 2)  # 14B at 720p is ~12 s a forward: the caller picks how many
     row["reps"] = reps
+    accelerate_dit(ours, AccelConfig(), torch.device(device))  # eager as the engine runs it (token kernels on CUDA)
     row["ditserve_eager_step_s"] = median_time(lambda: ours(inp), warmup=1, reps=eager_reps)
     row["rel_l2_eager"] = rel_l2(ours(inp), expected)
     if compare:
@@ -132,6 +134,7 @@ def bench_step(model: str = "wan2.1-t2v-1.3b", height: int = 480, width: int = 8
     row["guard_ok"] = max(row["rel_l2_eager"], row["rel_l2_block_update_eager"]) <= GUARD_REL_L2
     if not compiled:
         return row
+    remove_eager_kernels(ours)  # compiled, inductor fuses the same ops
     fast = accelerate_dit(ours, AccelConfig(compile=True), torch.device(device))
     row["ditserve_step_s"] = median_time(lambda f=fast: f(inp), warmup=2, reps=reps)
     row["rel_l2_vs_diffusers"] = rel_l2(fast(inp), expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,3 +25,23 @@ def feed_forward(dim: int, hidden: int) -> nn.Sequential:
     """Linear, tanh GELU (in place), Linear: as diffusers' `FeedForward(activation_fn="gelu-approximate")`,
     with its weights under the same indices (0 and 2)."""
     return nn.Sequential(nn.Linear(dim, hidden), GELUInPlace(), nn.Linear(hidden, dim))
+
+
+# Per-token float32 pieces of a block (Wan's), as op slots: accel/token_kernels.py sets one-pass Triton
+# kernels computing the same in their place when the DiT runs eager on CUDA.
+
+
+def norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm (no affine) over the last dim in float32, then ·(1 + scale) + shift (float32, broadcast
+    over the tokens or per token), back in x's dtype."""
+    return (F.layer_norm(x.float(), x.shape[-1:], None, None, eps) * (1 + scale) + shift).type_as(x)
+
+
+def norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm with its affine weight and bias, in float32, back in x's dtype."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).type_as(x)
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y·gate in float32 (the gate is float32), with one float32 temporary, back in x's dtype."""
+    return (y * gate).add_(x).type_as(x)

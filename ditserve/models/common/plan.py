@@ -108,6 +108,10 @@ class DiTPlan:
       `token_sites_in_place`: those of them whose first argument the caller never uses again and whose
       result has its shape and dtype (a rotary embedding): chunked, each chunk's result is written back
       into it, so no second tensor of that size is made.
+    - `eager_kernels`: (block-relative op slot, kernel name of accel/token_kernels.py) pairs: slots whose
+      per-token float32 ops a one-pass Triton kernel computes when the DiT runs eager on CUDA (compiled,
+      inductor fuses the same ops). A kernel may write over an input its slot's caller drops: `rope_`
+      over its input (a `token_sites_in_place` slot), `gated_add` over its second argument.
     - `sequence`, `tensor`: the sequence- and tensor-parallel layouts (None: not supported).
     """
 
@@ -121,5 +125,6 @@ class DiTPlan:
     teacache: Callable[[Any], TeaCacheFit | None] | None = None
     token_sites: tuple[str, ...] = ()
     token_sites_in_place: tuple[str, ...] = ()
+    eager_kernels: tuple[tuple[str, str], ...] = ()
     sequence: SequenceLayout | None = None
     tensor: TensorLayout | None = None

@@ -23,7 +23,7 @@ from torch import nn
 from ditserve.models.common.attention import sdpa_attention
 from ditserve.models.common.dit import DiT, Hidden
 from ditserve.models.common.embeddings import MLPEmbedder, timestep_embedding
-from ditserve.models.common.layers import feed_forward
+from ditserve.models.common.layers import feed_forward, gated_add, norm_affine, norm_modulate
 from ditserve.models.common.rope import Rotary, apply_rope, rope_tables
 from ditserve.models.wan.config import WanConfig
 from ditserve.models.wan.plan import WAN_PLAN
@@ -108,6 +108,8 @@ class WanBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=cfg.eps) if cfg.cross_attn_norm else None
         self.ffn = feed_forward(dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim))
+        # op slots for the float32 per-token pieces (one-pass kernels when eager on CUDA: plan.eager_kernels)
+        self.modulate_op, self.norm_op, self.residual_op = norm_modulate, norm_affine, gated_add
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mod: torch.Tensor, rope: Rotary,
                 *_head_consts) -> torch.Tensor:
@@ -119,19 +121,18 @@ class WanBlock(nn.Module):
         return self.ffn_residual(x, c_scale, c_shift, c_gate)
 
     def modulate(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        return (layer_norm32(x, self.eps) * (1 + scale) + shift).type_as(x)
+        return self.modulate_op(x, scale, shift, self.eps)  # LayerNorm, ·(1 + scale) + shift, in float32
 
     def attn_residual(self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return (attn * gate).add_(x).type_as(x)  # x + attn·gate in float32 (the gate is), one temporary
+        return self.residual_op(x, attn, gate)  # x + attn·gate in float32 (the gate is)
 
     def cross_attention(self, x: torch.Tensor, *, context: torch.Tensor) -> torch.Tensor:
-        normed = x if self.norm2 is None else layer_norm32(x, self.eps, self.norm2).type_as(x)
+        normed = x if self.norm2 is None else self.norm_op(x, self.norm2.weight, self.norm2.bias, self.eps)
         return x + self.attn2(normed, context)  # ungated, in the model dtype, as the reference
 
     def ffn_residual(self, x: torch.Tensor, c_scale: torch.Tensor, c_shift: torch.Tensor,
                      c_gate: torch.Tensor) -> torch.Tensor:
-        ff = self.ffn(self.modulate(x, c_scale, c_shift))
-        return ff.float().mul_(c_gate).add_(x).type_as(x)  # x + ff·gate in float32, one temporary
+        return self.residual_op(x, self.ffn(self.modulate(x, c_scale, c_shift)), c_gate)
 
 
 class ImageEmbedder(nn.Module):
@@ -162,7 +163,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         shift, scale = modulation(self.scale_shift_table, temb.unsqueeze(-2))
-        return self.proj_out((layer_norm32(x, self.eps) * (1 + scale) + shift).type_as(x))
+        return self.proj_out(norm_modulate(x, scale, shift, self.eps))
 
 
 @dataclass

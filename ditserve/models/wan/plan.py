@@ -55,6 +55,9 @@ WAN_PLAN = DiTPlan(
     # embedding, the gated residuals, the cross-attention (queries per token) and the FFN
     token_sites=("modulate", "attn_residual", "cross_attention", "ffn_residual", "attn1.rope_op"),
     token_sites_in_place=("attn1.rope_op",),  # the unrotated query and key are dropped right after
+    # eager on CUDA: one Triton pass each instead of PyTorch's float32 kernels (inductor fuses them compiled)
+    eager_kernels=(("modulate_op", "norm_modulate"), ("norm_op", "norm_affine"), ("residual_op", "gated_add"),
+                   ("attn1.rope_op", "rope_")),
     # stream (x,); consts (context, mod, rope, temb, grid): mod is per token with TI2V's per-token timesteps
     sequence=SequenceLayout(joint_order=(0,), consts=("same", "per_token", "rope", "same", "same"),
                             self_attention_sites=("attn1.attn_op",), head_streams=(0,)),
