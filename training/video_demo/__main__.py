@@ -71,6 +71,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     e = sub.add_parser("evaluate")
     common_cli.add_evaluate_args(e, SHIPPED_MODEL, "held-out combos to try (default: all 48)")
     e.add_argument("--guidance-scale", type=float, default=None, help="(default: the model's)")
+    e.add_argument("--seen", action="store_true",
+                   help="score training combos instead of the held-out ones (to choose settings on; --count of them, "
+                        "default 48)")
     e.add_argument("--flow-shift", type=float, default=None, help="(default: the model's scheduler)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", type=Path, default=None, help="write the report (accuracies, wrong clips) here")
@@ -132,14 +135,15 @@ def _train(args: argparse.Namespace, export_only: bool) -> Path:
 def _evaluate(args: argparse.Namespace) -> None:
     from ditserve import Generator
 
-    from .evaluate import evaluate, held_out_combos, save_grid
+    from .evaluate import evaluate, held_out_combos, save_grid, seen_combos
 
     logging.getLogger("ditserve").setLevel(logging.WARNING)  # not a line per stage per clip
     gen = Generator.from_pretrained(args.model_path, device=args.device, dtype=torch.float32)
     request = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance_scale),
                                  ("flow_shift", args.flow_shift)) if v is not None}
     start = time.perf_counter()
-    report = evaluate(gen, held_out_combos(args.count), tuple(args.seeds), **request)
+    combos = seen_combos(args.count or 48) if args.seen else held_out_combos(args.count)
+    report = evaluate(gen, combos, tuple(args.seeds), **request)
     elapsed = time.perf_counter() - start
     print(report.summary())
     print(f"{elapsed / len(report.results):.3f} s per clip on {args.device}")

@@ -59,6 +59,14 @@ def held_out_combos(count: int | None = None) -> list[Combo]:
     return split_combos(config.SEED, config.NUM_HELD_OUT)[1][:count]
 
 
+def seen_combos(count: int = 48) -> list[Combo]:
+    """``count`` of the combos the model was trained on (a fixed draw): for choosing sampling settings
+    (the guidance scale) without looking at the held-out prompts the accuracy is reported on."""
+    train = split_combos(config.SEED, config.NUM_HELD_OUT)[0]
+    pick = np.random.default_rng(config.SEED + 7).choice(len(train), size=min(count, len(train)), replace=False)
+    return [train[i] for i in sorted(pick)]
+
+
 def evaluate(generator, combos: list[Combo], seeds: tuple[int, ...] = (0,), **request) -> Report:
     """Generate each combo's caption once per seed with a ditserve ``Generator`` and check the clips."""
     report = Report([], [], [], [])

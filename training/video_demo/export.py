@@ -27,8 +27,8 @@ line across a flat background, from prompts of the form
 - direction: left, right, up, down
 
 It knows nothing else. `ditserve.json` holds the request defaults ditserve uses for it (64x64,
-17 frames, 8 fps, 20 steps, guidance 1, 16 text tokens). With diffusers, pass the same:
-`WanPipeline.from_pretrained(folder)(prompt, height=64, width=64, num_frames=17, guidance_scale=1.0,
+17 frames, 8 fps, 20 steps, guidance 5, 16 text tokens). With diffusers, pass the same:
+`WanPipeline.from_pretrained(folder)(prompt, height=64, width=64, num_frames=17, guidance_scale=5.0,
 max_sequence_length=16, num_inference_steps=20)`.
 """
 
