@@ -88,6 +88,11 @@ VIDEO_CONFIGS = [
     ("dual-block F1B0 0.15 w3 +TS2", dict(method="dual-block", threshold=0.15, warmup_steps=3, taylorseer_order=2)),
     ("dual-block F1B1 0.15 +TS1", dict(method="dual-block", threshold=0.15, bn=1, taylorseer_order=1)),
     ("dual-block F1B1 0.25 +TS1", dict(method="dual-block", threshold=0.25, bn=1, taylorseer_order=1)),
+    # with classifier-free guidance (the demo's default since 2026-12-05) the first block's residual moves more
+    ("first-block 0.20 +TS1", dict(method="first-block", threshold=0.20, taylorseer_order=1)),
+    ("first-block 0.30 +TS1", dict(method="first-block", threshold=0.30, taylorseer_order=1)),
+    ("dual-block F1B1 0.35 +TS1", dict(method="dual-block", threshold=0.35, bn=1, taylorseer_order=1)),
+    ("dual-block F1B1 0.50 +TS1", dict(method="dual-block", threshold=0.50, bn=1, taylorseer_order=1)),
 ]
 FP8 = "fp8 (block linears)"
 FP8_ATTENTION = "fp8 attention (emulated)"
