@@ -40,14 +40,6 @@ def modulation(table: torch.Tensor, mod: torch.Tensor) -> list[torch.Tensor]:
     return list((table + mod).chunk(table.shape[1], dim=-2))
 
 
-def layer_norm32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-    """LayerNorm computed in float32 (affine from `norm` when given), returned in float32."""
-    w = b = None
-    if norm is not None:
-        w, b = norm.weight.float(), norm.bias.float()
-    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps)
-
-
 class Attention(nn.Module):
     """Self- or cross-attention with q/k RMS-normalised across heads. With `image_kv` (Wan 2.1 I2V)
     the cross-attention also attends to the image tokens at the front of the context through their own
@@ -148,8 +140,8 @@ class ImageEmbedder(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:  # [2B, T, C] (first, last per video) -> [B, 2T, C]
             img = img.reshape(-1, 2 * img.shape[1], img.shape[2]) + self.pos_embed
-        h = self.ff(layer_norm32(img, self.norm1.eps, self.norm1).type_as(img))
-        return layer_norm32(h, self.norm2.eps, self.norm2).type_as(h)
+        h = self.ff(norm_affine(img, self.norm1.weight, self.norm1.bias, self.norm1.eps))
+        return norm_affine(h, self.norm2.weight, self.norm2.bias, self.norm2.eps)
 
 
 class Head(nn.Module):
